@@ -1,0 +1,140 @@
+"""Mesh, logical-axis rules and placement: the one place where mesh axis names appear.
+
+Mesh axes are `('data', 'fsdp', 'model')`. `fsdp` shards parameters and optimizer state (ZeRO-3 style),
+`model` is tensor parallelism, batches are split over `('data', 'fsdp')`. Parameters carry logical names
+(`vocab`, `embed`, `mlp`, `heads`, `kv`, `norm`); one rules table maps each logical name to a mesh axis
+(or None = replicated). A dimension that the mesh axis does not divide is replicated instead, so the same
+rules serve 1 CPU, 8 fake CPU devices, a GPU or a TPU slice.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'model')
+BATCH_AXES = ('data', 'fsdp')
+
+# logical name -> mesh axis (or None). Every logical name used by a parameter must appear here.
+DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+    ('batch', BATCH_AXES),
+    ('vocab', 'model'),
+    ('embed', 'fsdp'),
+    ('mlp', 'model'),
+    ('heads', 'model'),
+    ('kv', None),
+    ('norm', None),
+)
+
+
+def make_mesh(shape: dict[str, int] | Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+  """A ('data', 'fsdp', 'model') mesh with Auto axes; one size may be -1 (= the remaining devices)."""
+  if isinstance(shape, dict) or hasattr(shape, 'get'):
+    shape = [int(shape.get(a, 1)) for a in MESH_AXES]
+  shape = [int(s) for s in shape]
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if shape.count(-1) > 1:
+    raise ValueError(f'mesh shape {shape}: at most one axis may be -1')
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if n % known:
+      raise ValueError(f'mesh shape {shape} does not divide the {n} devices')
+    shape[shape.index(-1)] = n // known
+  if int(np.prod(shape)) != n:
+    raise ValueError(f'mesh shape {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, have {n}')
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                    rules=DEFAULT_RULES) -> P:
+  """PartitionSpec for a value of `shape` whose dims have logical names `axes`."""
+  if not axes:
+    return P()
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(axes, shape):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in table:
+      raise KeyError(f'logical axis {name!r} has no sharding rule; rules cover {sorted(table)}')
+    target = table[name]
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    targets = tuple(t for t in targets if t not in used and mesh.shape.get(t, 1) > 1)
+    size = int(np.prod([mesh.shape[t] for t in targets])) if targets else 1
+    if not targets or dim % size:
+      spec.append(None)
+      continue
+    used.update(targets)
+    spec.append(targets[0] if len(targets) == 1 else targets)
+  return P(*spec)
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def shardings_of(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+  """NamedSharding for every leaf of a (possibly abstract) pytree of nnx Variables and arrays.
+
+  Variables with `out_sharding` logical names (parameters, and the optimizer moments optax builds
+  from them, which keep the metadata) follow the rules; everything else (step counters, scalars) is
+  replicated.
+  """
+  def one(x):
+    if _is_var(x):
+      axes = x.get_metadata().get('out_sharding')
+      spec = logical_to_spec(axes, x.shape, mesh, rules) if axes else P()
+      return x.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(one, tree, is_leaf=_is_var)
+
+
+def unmatched_axes(tree: Any, rules=DEFAULT_RULES) -> set[str]:
+  """Logical names used by parameters in `tree` that no rule covers (should be empty)."""
+  names: set[str] = set()
+  for x in jax.tree.leaves(tree, is_leaf=_is_var):
+    if _is_var(x):
+      names.update(a for a in (x.get_metadata().get('out_sharding') or ()) if a is not None)
+  return names - set(dict(rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading (batch) dim over ('data', 'fsdp'), the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def put_batch(batch: Any, mesh: Mesh) -> Any:
+  """Place a host pytree of arrays [B, ...] on the mesh, batch dim split over ('data', 'fsdp').
+
+  Multi-process: every process passes the same *global* batch; each device takes its slice.
+  """
+  def put(x):
+    x = np.asarray(x)
+    sharding = batch_sharding(mesh, x.ndim) if x.ndim else replicated(mesh)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(put, batch)
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  return int(mesh.shape['data'] * mesh.shape['fsdp'])
+
+
+def constrain(x, mesh: Mesh, axes: Sequence[str | None], rules=DEFAULT_RULES):
+  """with_sharding_constraint by logical names (e.g. ('batch', None, 'embed'))."""
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
+
+
+def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+  """Run `init_fn` under jit with the rules' output shardings: no full copy lands on one device."""
+  abstract = jax.eval_shape(init_fn)
+  return jax.jit(init_fn, out_shardings=shardings_of(abstract, mesh, rules))()
