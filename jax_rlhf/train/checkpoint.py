@@ -1,0 +1,102 @@
+"""Checkpoints with orbax: save every N steps and at the end, resume from the latest, read a finished stage.
+
+A checkpoint holds the train state(s) of a stage as a flat dict of arrays keyed by their pytree path
+(`policy.params.blocks.0.attn.q`), so that it is readable with any orbax tool and restores directly into
+the shardings of the live state, plus a JSON `meta` item: the data position, the RNG seed/step, the KL
+controller's beta, and anything else the stage needs to continue exactly where it stopped. Orbax writes
+into a temporary folder and renames it when complete, so a kill during a save leaves the previous
+checkpoint usable.
+
+A stage that has finished writes `W/<stage>/DONE` (JSON) after its last checkpoint and HF export; the
+pipeline skips stages that have it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _key(path) -> str:
+  parts = []
+  for p in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(p, attr):
+        parts.append(str(getattr(p, attr)))
+        break
+    else:
+      parts.append(str(p))
+  return '.'.join(parts)
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+  """{dotted path: leaf} of a pytree (nnx Variables contribute their value)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  out = {}
+  for path, leaf in flat:
+    out[_key(path)] = leaf
+  if len(out) != len(flat):
+    raise ValueError('pytree paths collide when flattened to dotted keys')
+  return out
+
+
+def unflatten(template: Any, flat: dict[str, Any]) -> Any:
+  """Inverse of `flatten` onto the structure of `template`."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+  missing = [_key(p) for p, _ in paths if _key(p) not in flat]
+  if missing:
+    raise KeyError(f'checkpoint lacks {len(missing)} arrays, e.g. {missing[:3]}')
+  return jax.tree_util.tree_unflatten(treedef, [flat[_key(p)] for p, _ in paths])
+
+
+def _abstract(tree: Any) -> dict[str, Any]:
+  def one(x):
+    sharding = getattr(x, 'sharding', None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  return {k: one(v) for k, v in flatten(tree).items()}
+
+
+class Checkpointer:
+  """A stage's checkpoints under `directory` (orbax CheckpointManager, `keep` most recent)."""
+
+  def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    self.manager.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restore into the structure, dtypes and shardings of `template` (a live or abstract state)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore()))
+    return unflatten(template, dict(out['state'])), dict(out['meta'])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def mark_done(stage_dir: str, summary: dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(stage_dir, 'DONE'), 'w') as f:
+      json.dump(summary, f, indent=1, default=float)
+
+
+def is_done(stage_dir: str) -> bool:
+  return os.path.exists(os.path.join(stage_dir, 'DONE'))
