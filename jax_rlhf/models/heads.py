@@ -21,8 +21,8 @@ class ScalarHead(nnx.Module):
     d = cfg.embed_dim
     std = 1.0 / math.sqrt(d + 1)
     self.kernel = nnx.Param((std * nnx.initializers.normal(1.0)(rngs.params(), (d,), jnp.float32)),
-                            sharding_names=('embed',), eager_sharding=False)
-    self.bias = nnx.Param(jnp.zeros((), jnp.float32), sharding_names=(), eager_sharding=False)
+                            out_sharding=('embed',), eager_sharding=False)
+    self.bias = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=(), eager_sharding=False)
     # Affine normalisation applied after training (InstructGPT: demonstrations score mean 0); not trained.
     self.norm_gain = nnx.Variable(jnp.ones((), jnp.float32))
     self.norm_bias = nnx.Variable(jnp.zeros((), jnp.float32))

@@ -119,7 +119,7 @@ def _param(rngs: nnx.Rngs, shape, axes, cfg: TransformerConfig, *, init='normal'
   else:
     std = cfg.initializer_range if std is None else std
     value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-  return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def _dropout(x, rate: float, key):
