@@ -108,9 +108,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Leading (batch) dim over ('data', 'fsdp'), the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dim over ('data', 'fsdp'), the rest replicated (valid for any rank >= 1)."""
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def put_batch(batch: Any, mesh: Mesh) -> Any:
@@ -120,7 +120,7 @@ def put_batch(batch: Any, mesh: Mesh) -> Any:
   """
   def put(x):
     x = np.asarray(x)
-    sharding = batch_sharding(mesh, x.ndim) if x.ndim else replicated(mesh)
+    sharding = batch_sharding(mesh) if x.ndim else replicated(mesh)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
   return jax.tree.map(put, batch)
 

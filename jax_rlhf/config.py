@@ -1,0 +1,198 @@
+"""The one config tree every stage reads, and the `key=value` variants of `get_config(arg)`.
+
+`configs/<stage>.py` call `stage_config(stage, arg)`. Each field says its unit and, where one exists, the
+paper's value (InstructGPT = Ouyang et al. 2022; N+ = Huang et al. 2024; Ziegler = Ziegler et al. 2019).
+Defaults are sized for the embedded task on a 2-core CPU (`make demo` in minutes); `instructgpt` sets the
+paper's hyperparameters; `quick` shrinks everything for tests.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+STAGES = ('pretrain', 'sft', 'rm', 'ppo', 'eval', 'pipeline')
+
+
+def _optimizer(lr, schedule='cosine', warmup=0, eps=1e-8):
+  return ml_collections.ConfigDict(dict(
+      lr=lr,                 # peak learning rate
+      schedule=schedule,     # cosine (to end_lr_frac) | linear (to 0) | constant (after warm-up)
+      end_lr_frac=0.1,       # cosine floor as a fraction of peak (InstructGPT SFT/RM: 10%)
+      warmup_steps=warmup,   # linear warm-up steps
+      b1=0.9,                # Adam beta1 (InstructGPT 0.9)
+      b2=0.95,               # Adam beta2 (InstructGPT 0.95)
+      eps=eps,               # Adam eps (PPO: 1e-5, TF-style, Ziegler/N+)
+      weight_decay=0.0,      # decoupled weight decay
+      grad_clip=1.0,         # global-norm clip; 0 disables
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = 'pipeline'          # pretrain | sft | rm | ppo | eval | pipeline
+  c.seed = 0                    # every random choice of a run derives from it
+  c.log_every = 25              # steps between metric writes
+  c.progress = True             # tqdm bar on stderr
+
+  c.model = ml_collections.ConfigDict(dict(
+      preset='demo',            # tiny | demo | yardstick | gpt2 | gpt2-medium (used when path is empty)
+      path='',                  # a Hugging Face folder to start pretraining/SFT from instead of a random init
+      dtype='float32',          # compute dtype (bfloat16 on TPU/GPU)
+      param_dtype='float32',    # parameter dtype
+      frozen_dtype='float32',   # PPO's frozen reference and reward models may be held in bfloat16
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # device mesh; -1 = the remaining devices
+
+  c.task = ml_collections.ConfigDict(dict(
+      name='instruct_world',    # the embedded task (jax_rlhf/tasks); its files are written to W/data
+      seed=0,                   # the world's seed (entities, facts, prompts)
+      demo_error_rate=0.3,      # fraction of wrong demonstrations, so SFT is imperfect
+      n_pretrain=40000,         # pretraining lines
+      n_sft_train=6000,         # demonstrations for SFT (InstructGPT: ~13k)
+      n_sft_eval=256,
+      n_prompts_train=4000,     # prompts for ranking (RM) and PPO
+      n_prompts_eval=300,       # held-out prompts for the eval stage
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      tokenizer='',             # tokenizer folder; empty: the task's
+      max_prompt_len=32,        # prompt tokens; longer prompts are cut from the left (counted)
+      max_response_len=16,      # response tokens incl. EOS; longer responses are cut from the right (counted)
+      seq_len=64,               # pretraining sequence length
+      on_error='raise',         # raise | skip: what a bad record does
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=200,                # steps between checkpoints (and one at the end)
+      keep=2,                   # checkpoints kept per stage
+      async_save=True,          # orbax writes in the background while training goes on
+  ))
+
+  c.pretrain = ml_collections.ConfigDict(dict(
+      steps=700,                # train steps
+      batch_size=64,            # sequences per step
+      eval_every=350,           # steps between evaluations of held-out LM loss
+      dropout=0.0,
+      optimizer=_optimizer(3e-3, warmup=50),
+  ))
+
+  c.sft = ml_collections.ConfigDict(dict(
+      init='pretrain',          # pretrain: start from W/pretrain; hf: from model.path; scratch: random init
+      steps=800,                # train steps (InstructGPT: 16 epochs of ~13k demonstrations)
+      batch_size=64,            # demonstrations per step (InstructGPT: 32)
+      eval_every=400,
+      dropout=0.0,              # residual dropout (InstructGPT SFT: 0.2)
+      optimizer=_optimizer(1e-3, warmup=20),
+  ))
+
+  c.rm = ml_collections.ConfigDict(dict(
+      num_prompts=2048,         # prompts ranked by the labeler (InstructGPT: ~33k)
+      k_min=4, k_max=9,         # responses per prompt, K uniform in [k_min, k_max] (InstructGPT: 4-9)
+      sample_temperature=1.0,   # temperature of the SFT samples that get ranked
+      data='',                  # a ranking JSONL to train on instead of labelling SFT samples
+      eval_fraction=0.1,        # held-out rankings for pairwise accuracy
+      epochs=1,                 # InstructGPT: 1 (more overfits)
+      batch_size=32,            # prompts per step; all K responses of a prompt in one step (InstructGPT: 64)
+      margin=0.0,               # loss -log sigmoid(r_w - r_l - margin)
+      centering_coef=0.0,       # c * mean((r_w + r_l)^2) (TRL's 0.01)
+      normalize=True,           # bias so that reference demonstrations score mean 0 (InstructGPT)
+      normalize_gain=False,     # also a gain so SFT samples have std 1 (Ziegler, N+ #15)
+      optimizer=_optimizer(1e-3, warmup=5),
+  ))
+
+  c.ppo = ml_collections.ConfigDict(dict(
+      iterations=150,           # experience batches (InstructGPT: 256k episodes / 512)
+      batch_size=64,            # prompts (episodes) per iteration (InstructGPT: 512)
+      ppo_epochs=4,             # passes over each batch (N+/TRL: 4; InstructGPT: 1)
+      num_minibatches=1,        # minibatches per epoch (N+/TRL: 1; InstructGPT: 8)
+      clip=0.2,                 # policy ratio clip
+      vf_clip=0.2,              # value clip
+      vf_coef=0.1,              # value loss coefficient
+      gamma=1.0,                # GAE discount
+      lam=0.95,                 # GAE lambda
+      temperature=1.0,          # sampling temperature; log-probs use logits / T (InstructGPT 1; N+ 0.7)
+      top_k=0, top_p=1.0,       # no filtering (InstructGPT, N+)
+      max_new_tokens=16,        # response tokens
+      apply_missing_eos_penalty=True,  # a response without EOS gets missing_eos_penalty instead of its RM score
+      missing_eos_penalty=-1.0, # score of a response without EOS (N+: -1)
+      whiten_rewards=False,     # whiten rewards without shifting the mean (N+ #24)
+      whiten_advantages=True,   # advantages mean 0, var 1 over valid tokens
+      value_from='rm',          # rm: separate value model from the RM (InstructGPT, N+); sft: from the SFT body
+      kl=ml_collections.ConfigDict(dict(
+          coef=0.05,            # beta (InstructGPT 0.02; N+ 0.05)
+          adaptive=False,       # Ziegler's adaptive controller
+          init=0.15,            # adaptive: initial beta
+          target=6.0,           # adaptive: target KL per episode (nats)
+          horizon=10000,        # adaptive: horizon in episodes
+          estimator='k1',       # k1 (logp - logp_ref) | k3
+      )),
+      ptx=ml_collections.ConfigDict(dict(
+          coef=0.0,             # gamma_ptx; 0 = plain PPO (InstructGPT PPO-ptx: 27.8)
+          batch_size=32,        # pretraining sequences per update
+      )),
+      policy_optimizer=_optimizer(3e-4, schedule='linear', eps=1e-5),
+      value_optimizer=_optimizer(1e-3, schedule='linear', eps=1e-5),
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      temperature=1.0,          # sampling temperature of the compared models
+      batch_size=100,           # prompts per sampling call
+      max_new_tokens=16,
+      n_pretrain_eval=512,      # held-out pretraining lines for the alignment tax
+      models=('sft', 'ppo'),    # stages compared (each a workdir subfolder)
+  ))
+  return c
+
+
+def quick(c: ml_collections.ConfigDict) -> None:
+  """Tiny everything: each stage in well under a minute on a CPU (tests)."""
+  c.model.preset = 'tiny'
+  c.log_every = 5
+  c.progress = False
+  c.checkpoint.every = 10
+  c.task.update(n_pretrain=600, n_sft_train=300, n_sft_eval=32, n_prompts_train=128, n_prompts_eval=32)
+  c.pretrain.update(steps=12, batch_size=16, eval_every=6)
+  c.sft.update(steps=12, batch_size=16, eval_every=6)
+  c.rm.update(num_prompts=48, k_min=2, k_max=4, batch_size=8)
+  c.ppo.update(iterations=4, batch_size=8)
+  c.ppo.ptx.batch_size = 8
+  c.eval.update(batch_size=32, n_pretrain_eval=32)
+
+
+def instructgpt(c: ml_collections.ConfigDict) -> None:
+  """InstructGPT's hyperparameters (Ouyang et al. 2022, appendix C); sizes for a real run."""
+  c.sft.update(batch_size=32, dropout=0.2)
+  c.sft.optimizer.update(lr=9.65e-6, schedule='cosine', end_lr_frac=0.1)
+  c.rm.update(batch_size=64, epochs=1)
+  c.rm.optimizer.update(lr=9e-6, schedule='cosine', end_lr_frac=0.1)
+  c.ppo.update(batch_size=512, ppo_epochs=1, num_minibatches=8, temperature=1.0)
+  c.ppo.kl.update(coef=0.02, adaptive=False)
+  c.ppo.policy_optimizer.update(schedule='constant', warmup_steps=10)
+  c.ppo.value_optimizer.update(lr=9e-6, schedule='constant', warmup_steps=10)
+  c.ppo.ptx.coef = 27.8
+
+
+VARIANTS = {'quick': quick, 'instructgpt': instructgpt}
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """`arg` is a comma list: flags (`quick`) or `key=value` (`model=tiny` sets model.preset, `ptx=27.8`)."""
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if not value and key in VARIANTS:
+      VARIANTS[key](c)
+    elif key == 'model' and value:
+      c.model.preset = value
+    elif key == 'ptx' and value:
+      c.ppo.ptx.coef = float(value)
+    else:
+      known = sorted(VARIANTS) + ['model=<preset>', 'ptx=<coef>']
+      raise ValueError(f'unknown config variant {item!r}; known: {", ".join(known)}')
+  return c
+
+
+def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  if stage not in STAGES:
+    raise ValueError(f'unknown stage {stage!r}; stages: {STAGES}')
+  c = base_config()
+  c.stage = stage
+  return apply_variants(c, arg)

@@ -1,0 +1,179 @@
+"""Tokenise, truncate, pad and batch records; a deterministic epoch loader whose position is checkpointed.
+
+Layouts (what the stages feed the model):
+- demonstrations: `tokens [N, P+R]` right-padded = prompt (cut from the LEFT to `max_prompt_len`) +
+  response + EOS (cut from the RIGHT to `max_response_len`); `loss_mask` is 1 on response tokens and EOS.
+- texts: documents joined with EOS and cut into `seq_len` chunks (packed), every token a target.
+- prompts: `prompt [N, P]` LEFT-padded (so generation continues every row at the same slot).
+- rankings: `tokens [N, K, P+R]` right-padded, `ranking [N, K]` best first, `valid [N, K]`.
+Truncations are counted and reported in the metrics.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Truncation:
+  prompts_cut: int = 0
+  responses_cut: int = 0
+  total: int = 0
+
+  def as_metrics(self, prefix: str) -> dict[str, float]:
+    return {f'{prefix}/prompts_truncated': self.prompts_cut, f'{prefix}/responses_truncated': self.responses_cut}
+
+
+def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+  """Token ids without special tokens."""
+  if not texts:
+    return []
+  return [list(x) for x in tokenizer(list(texts), add_special_tokens=False)['input_ids']]
+
+
+def _cut_prompt(ids: list[int], max_len: int, stats: Truncation) -> list[int]:
+  if len(ids) > max_len:
+    stats.prompts_cut += 1
+    return ids[len(ids) - max_len:]
+  return ids
+
+
+def _cut_response(ids: list[int], max_len: int, eos: int, stats: Truncation) -> list[int]:
+  """Response + EOS, at most max_len tokens; a cut response loses its EOS (so PPO-style rules see it)."""
+  ids = list(ids) + [eos]
+  if len(ids) > max_len:
+    stats.responses_cut += 1
+    return ids[:max_len]
+  return ids
+
+
+def pad_right(rows: Sequence[Sequence[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+  out = np.full((len(rows), length), pad, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
+    mask[i, :len(r)] = 1
+  return out, mask
+
+
+def pad_left(rows: Sequence[Sequence[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+  out = np.full((len(rows), length), pad, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, r in enumerate(rows):
+    if r:
+      out[i, length - len(r):] = r
+      mask[i, length - len(r):] = 1
+  return out, mask
+
+
+def demonstrations(tokenizer, records: Sequence[dict], max_prompt_len: int, max_response_len: int
+                   ) -> tuple[dict[str, np.ndarray], Truncation]:
+  stats = Truncation(total=len(records))
+  prompts = encode(tokenizer, [r['prompt'] for r in records])
+  responses = encode(tokenizer, [r['response'] for r in records])
+  rows, n_prompt = [], []
+  for p, r in zip(prompts, responses):
+    p = _cut_prompt(p, max_prompt_len, stats)
+    rows.append(p + _cut_response(r, max_response_len, tokenizer.eos_token_id, stats))
+    n_prompt.append(len(p))
+  tokens, att = pad_right(rows, max_prompt_len + max_response_len, tokenizer.pad_token_id)
+  loss_mask = att.copy()
+  for i, n in enumerate(n_prompt):
+    loss_mask[i, :n] = 0
+  return {'tokens': tokens, 'attention_mask': att, 'loss_mask': loss_mask}, stats
+
+
+def texts(tokenizer, lines: Iterable[str], seq_len: int) -> dict[str, np.ndarray]:
+  """Pack documents (each followed by EOS) into [N, seq_len] chunks; the remainder is dropped."""
+  stream: list[int] = []
+  for ids in encode(tokenizer, list(lines)):
+    stream.extend(ids)
+    stream.append(tokenizer.eos_token_id)
+  n = len(stream) // seq_len
+  if n == 0:
+    raise ValueError(f'the text source has {len(stream)} tokens, fewer than one sequence of {seq_len}')
+  tokens = np.asarray(stream[:n * seq_len], np.int32).reshape(n, seq_len)
+  ones = np.ones_like(tokens)
+  return {'tokens': tokens, 'attention_mask': ones, 'loss_mask': ones}
+
+
+def prompts(tokenizer, records: Sequence[dict], max_prompt_len: int) -> tuple[dict[str, np.ndarray], Truncation]:
+  stats = Truncation(total=len(records))
+  rows = [_cut_prompt(p, max_prompt_len, stats) for p in encode(tokenizer, [r['prompt'] for r in records])]
+  tokens, mask = pad_left(rows, max_prompt_len, tokenizer.pad_token_id)
+  return {'prompt': tokens, 'prompt_mask': mask, 'index': np.arange(len(records), dtype=np.int32)}, stats
+
+
+def rankings(tokenizer, records: Sequence[dict], max_prompt_len: int, max_response_len: int, k_max: int
+             ) -> tuple[dict[str, np.ndarray], Truncation]:
+  """All K responses of a prompt as K right-padded sequences; ranking/valid padded to k_max."""
+  stats = Truncation(total=len(records))
+  length = max_prompt_len + max_response_len
+  n = len(records)
+  tokens = np.full((n, k_max, length), tokenizer.pad_token_id, np.int32)
+  att = np.zeros((n, k_max, length), np.int32)
+  ranking = np.zeros((n, k_max), np.int32)
+  valid = np.zeros((n, k_max), bool)
+  prompt_ids = encode(tokenizer, [r['prompt'] for r in records])
+  for i, (rec, p) in enumerate(zip(records, prompt_ids)):
+    k = len(rec['responses'])
+    if k > k_max:
+      raise ValueError(f'ranking record {i} has {k} responses, more than rm.k_max={k_max}')
+    p = _cut_prompt(p, max_prompt_len, stats)
+    rows = [p + _cut_response(r, max_response_len, tokenizer.eos_token_id, stats)
+            for r in encode(tokenizer, rec['responses'])]
+    tokens[i, :k], att[i, :k] = pad_right(rows, length, tokenizer.pad_token_id)
+    ranking[i, :k] = rec['ranking']
+    valid[i, :k] = True
+  return {'tokens': tokens, 'attention_mask': att, 'ranking': ranking, 'valid': valid}, stats
+
+
+class Loader:
+  """Batches of a dict of equal-length arrays: shuffled per epoch from the seed, position checkpointable.
+
+  `state()` / `restore(state)` give and take `{'epoch', 'index'}`: a restored loader yields exactly the
+  batches an uninterrupted one would. Incomplete last batches are dropped.
+  """
+
+  def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int, *, shuffle: bool = True):
+    self.arrays = arrays
+    self.n = len(next(iter(arrays.values())))
+    if batch_size > self.n:
+      raise ValueError(f'batch size {batch_size} is larger than the {self.n} records of the source')
+    self.batch_size = batch_size
+    self.seed = seed
+    self.shuffle = shuffle
+    self.epoch = 0
+    self.index = 0
+    self._perm = self._permutation(0)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if not self.shuffle:
+      return np.arange(self.n)
+    return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+  @property
+  def batches_per_epoch(self) -> int:
+    return self.n // self.batch_size
+
+  def state(self) -> dict[str, int]:
+    return {'epoch': int(self.epoch), 'index': int(self.index)}
+
+  def restore(self, state: dict[str, Any]) -> None:
+    self.epoch, self.index = int(state['epoch']), int(state['index'])
+    self._perm = self._permutation(self.epoch)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.index + self.batch_size > self.n:
+      self.epoch += 1
+      self.index = 0
+      self._perm = self._permutation(self.epoch)
+    idx = np.sort(self._perm[self.index:self.index + self.batch_size]) if not self.shuffle else \
+        self._perm[self.index:self.index + self.batch_size]
+    self.index += self.batch_size
+    return {k: v[idx] for k, v in self.arrays.items()}

@@ -1,0 +1,78 @@
+"""jax_rlhf's one entry point.
+
+  python -m jax_rlhf.main --config configs/ppo.py --workdir runs/x --config.ppo.kl.coef=0.05
+  python -m jax_rlhf.main --config configs/pipeline.py:quick --workdir runs/q
+
+`config.stage` picks what runs: pretrain | sft | rm | ppo | eval | pipeline (all of them in order, each
+skipped when its `W/<stage>/DONE` exists). Mistakes a user can make end in one line and exit status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/ppo.py[:variants].',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for everything the run writes (stages chain through it).')
+
+PIPELINE = ('pretrain', 'sft', 'rm', 'ppo', 'eval')
+
+
+def run_stage(config, workdir: str, stage: str):
+  if stage in ('pretrain', 'sft'):
+    from jax_rlhf.train import sft
+    return sft.run(config, workdir, stage)
+  if stage == 'rm':
+    from jax_rlhf.train import rm
+    return rm.run(config, workdir)
+  if stage == 'ppo':
+    from jax_rlhf.train import ppo
+    return ppo.run(config, workdir)
+  if stage == 'eval':
+    from jax_rlhf import evaluate
+    return evaluate.run(config, workdir)
+  raise ValueError(f'unknown stage {stage!r}')
+
+
+def run(config, workdir: str) -> None:
+  from jax_rlhf.config import STAGES
+  if config.stage not in STAGES:
+    raise SystemExit(f'error: config.stage={config.stage!r}; choose one of {", ".join(STAGES)}')
+  stages = PIPELINE if config.stage == 'pipeline' else (config.stage,)
+  for stage in stages:
+    t = time.perf_counter()
+    run_stage(config, workdir, stage)
+    print(f'[{stage}] {time.perf_counter() - t:.1f} s', flush=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _CONFIG.value is None:
+    raise app.UsageError('--config is required, e.g. --config configs/pipeline.py')
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required: the folder the run writes to')
+  logging.set_verbosity(logging.WARNING)  # orbax/jax INFO lines drown the progress bars
+  from jax_rlhf.train.common import UserError
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def entry():
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  try:
+    app.run(main)
+  except KeyError as e:  # ml_collections: a misspelt --config.x override
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  entry()

@@ -1,0 +1,258 @@
+"""Reward model: label SFT samples by ranking, train the K-way ranking loss, normalise, export.
+
+1. Rankings (InstructGPT's labelling step in miniature): for each of `rm.num_prompts` prompts, sample K
+   responses (K uniform in [k_min, k_max]) from the SFT policy and let the task's labeler rank them with
+   noise (~73% inter-labeler agreement). Or read `rm.data`, a ranking JSONL (real labels).
+2. Train a ScalarModel initialised from the SFT body (head N(0, 1/sqrt(d+1)), bias 0) for `rm.epochs`
+   epochs: all K responses of a prompt go through the model once, the loss averages
+   -log sigmoid(r_better - r_worse) over the prompt's C(K,2) pairs, each prompt counting once.
+3. Normalise: a bias so that reference demonstrations score mean 0 (InstructGPT), optionally a gain so the
+   SFT samples' scores have std 1 (Ziegler; N+ #15).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jax_rlhf import losses
+from jax_rlhf import metrics as metrics_lib
+from jax_rlhf import sampling
+from jax_rlhf import sharding as shd
+from jax_rlhf.data import batches, records
+from jax_rlhf.models import hf
+from jax_rlhf.train import checkpoint, common
+from jax_rlhf.train import state as state_lib
+
+
+# ---------------------------------------------------------------------------------------------------- steps
+
+def scores_of(model, tokens, attention_mask):
+  """tokens/attention_mask [B, K, L] -> reward at each sequence's last real token [B, K]."""
+  b, k, length = tokens.shape
+  r = model.score(tokens.reshape(b * k, length), attention_mask.reshape(b * k, length))
+  return r.reshape(b, k)
+
+
+def rm_loss(model, batch, rm_cfg):
+  rewards = scores_of(model, batch['tokens'], batch['attention_mask'])  # [B, K]
+  return losses.ranking_loss(rewards, batch['ranking'], batch['valid'], margin=rm_cfg.margin,
+                             centering_coef=rm_cfg.centering_coef)
+
+
+def rm_train_step(graphdef, tx, rm_cfg, state, batch):
+  def loss_fn(params):
+    loss, m = rm_loss(nnx.merge(graphdef, params, state.rest), batch, rm_cfg)
+    return loss, m
+  (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+          {'loss': loss, 'accuracy': m['accuracy'], 'margin': m['margin_mean'], 'grad_norm': optax.tree.norm(grads)})
+
+
+def rm_eval_step(graphdef, rm_cfg, state, batch):
+  loss, m = rm_loss(nnx.merge(graphdef, state.params, state.rest), batch, rm_cfg)
+  return {'loss': loss, 'accuracy': m['accuracy']}
+
+
+# ---------------------------------------------------------------------------------------------------- labelling
+
+def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+  """Sampled ids [B, N] -> text of each response (up to, not including, EOS; special tokens dropped)."""
+  return [tokenizer.decode([int(t) for t, m in zip(row, mrow) if m], skip_special_tokens=True).strip()
+          for row, mrow in zip(tokens, mask)]
+
+
+def sample_responses(graphdef, state, tokenizer, prompt_arrays, rng, *, batch_size, max_new_tokens,
+                     temperature, top_k=0, top_p=1.0):
+  """Sample one response per prompt row; returns (texts, SampleOutput fields as numpy)."""
+  n = len(prompt_arrays['prompt'])
+  texts, toks, masks = [], [], []
+  for start in range(0, n, batch_size):
+    ids = prompt_arrays['prompt'][start:start + batch_size]
+    m = prompt_arrays['prompt_mask'][start:start + batch_size]
+    pad = batch_size - len(ids)
+    if pad:  # keep one compiled shape
+      ids, m = np.concatenate([ids, ids[:pad]]), np.concatenate([m, m[:pad]])
+    out = sampling.generate((graphdef, state), ids, m, jax.random.fold_in(rng, start),
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    t, mk = np.asarray(out.tokens)[:batch_size - pad], np.asarray(out.mask)[:batch_size - pad]
+    toks.append(t)
+    masks.append(mk)
+    eos = (t == tokenizer.eos_token_id) & (mk > 0)
+    texts += decode_responses(tokenizer, t, mk * ~eos)
+  return texts, np.concatenate(toks), np.concatenate(masks)
+
+
+def label_rankings(config, workdir, tok, out_path):
+  """Sample K SFT responses per prompt and rank them with the task's noisy labeler; writes JSONL."""
+  rc = config.rm
+  files = common.task_files(config, workdir)
+  prompts = common.read(config, files['prompts_train'], 'prompt')[:rc.num_prompts]
+  sft_dir = common.require_stage(workdir, 'sft', 'rm')
+  policy = common.load_lm(os.path.join(sft_dir, 'hf'), config)
+  graphdef, state = nnx.split(policy)
+  rng = np.random.default_rng([config.seed, 1])
+  ks = rng.integers(rc.k_min, rc.k_max + 1, size=len(prompts))
+  rows = [p for p, k in zip(prompts, ks) for _ in range(k)]
+  arrays, _ = batches.prompts(tok, rows, config.data.max_prompt_len)
+  texts, _, _ = sample_responses(graphdef, state, tok, arrays, jax.random.key(config.seed + 1),
+                                 batch_size=256, max_new_tokens=config.data.max_response_len,
+                                 temperature=rc.sample_temperature)
+  world = common.world(config)
+  recs, i = [], 0
+  for p, k in zip(prompts, ks):
+    responses = texts[i:i + k]
+    i += k
+    recs.append({'prompt': p['prompt'], 'responses': responses, 'ranking': world.rank(p['prompt'], responses, rng),
+                 'gold': [world.gold_score(p['prompt'], r) for r in responses]})
+  if jax.process_index() == 0:
+    records.write_jsonl(out_path + '.tmp', recs)
+    os.replace(out_path + '.tmp', out_path)
+  return recs
+
+
+# ---------------------------------------------------------------------------------------------------- stage
+
+def run(config, workdir: str) -> dict:
+  rc = config.rm
+  out = common.stage_dir(workdir, 'rm')
+  if checkpoint.is_done(out):
+    print(f'[rm] already complete in {out}; skipping')
+    return {}
+  os.makedirs(out, exist_ok=True)
+  sft_dir = common.require_stage(workdir, 'sft', 'rm')
+  tok = common.load_tokenizer(config)
+  mesh = common.mesh(config)
+
+  # ---------------------------------------------------------------- rankings
+  t0 = time.perf_counter()
+  if rc.data:
+    recs = common.read(config, rc.data, 'ranking')
+  else:
+    path = os.path.join(out, 'rankings.jsonl')
+    if os.path.exists(path):  # our own labels (SFT samples may be empty strings: no schema check)
+      with open(path) as f:
+        recs = [json.loads(line) for line in f]
+    else:
+      recs = label_rankings(config, workdir, tok, path)
+  label_s = time.perf_counter() - t0
+  k_max = max(len(r['responses']) for r in recs)
+  n_eval = max(int(len(recs) * rc.eval_fraction), 1)
+  train_recs, eval_recs = recs[n_eval:], recs[:n_eval]
+  train_arrays, cut = batches.rankings(tok, train_recs, config.data.max_prompt_len, config.data.max_response_len, k_max)
+  eval_arrays, _ = batches.rankings(tok, eval_recs, config.data.max_prompt_len, config.data.max_response_len, k_max)
+  bs = min(rc.batch_size, len(train_recs))
+  bs -= bs % shd.batch_divisor(mesh)
+  if bs <= 0:
+    raise common.UserError(f'rm: {len(train_recs)} training rankings are fewer than the data x fsdp devices')
+  steps = max(rc.epochs * (len(train_recs) // bs), 1)
+
+  # ---------------------------------------------------------------- model: SFT body + fresh scalar head
+  model = hf.load_pretrained_body(os.path.join(sft_dir, 'hf'), seed=config.seed, dtype=config.model.dtype,
+                                  param_dtype=config.model.param_dtype)
+  tx = state_lib.make_optimizer(rc.optimizer, steps)
+  graphdef, state, shardings = state_lib.place_state(model, tx, mesh)
+  del model
+  batch_sh = shd.batch_sharding(mesh)
+  train_step = jax.jit(lambda s, b: rm_train_step(graphdef, tx, rc, s, b), donate_argnums=0,
+                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, shd.replicated(mesh)))
+  eval_step = jax.jit(lambda s, b: rm_eval_step(graphdef, rc, s, b), in_shardings=(shardings, batch_sh))
+
+  # ---------------------------------------------------------------- resume
+  loader = batches.Loader(train_arrays, bs, config.seed)
+  ckpt = checkpoint.Checkpointer(os.path.join(out, 'checkpoints'), keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(state)
+    loader.restore(meta['loader'])
+    start = int(meta['step'])
+
+  def evaluate(state) -> dict[str, float]:
+    ev = batches.Loader(eval_arrays, min(bs, len(eval_recs)), 0, shuffle=False)
+    accs, ls = [], []
+    for _ in range(ev.batches_per_epoch):
+      m = jax.device_get(eval_step(state, shd.put_batch(next(ev), mesh)))
+      accs.append(float(m['accuracy']))
+      ls.append(float(m['loss']))
+    return {'accuracy': float(np.mean(accs)), 'loss': float(np.mean(ls))}
+
+  # ---------------------------------------------------------------- train
+  writer = metrics_lib.MetricsWriter(out, total_steps=steps, desc='rm', initial_step=start,
+                                     show=('loss', 'accuracy', 'eval_accuracy'), progress=config.progress)
+  if start == 0:
+    gold_acc = _labeler_accuracy(recs)
+    writer.write(0, {'rankings': len(recs), 'label_seconds': label_s, 'label_vs_gold_accuracy': gold_acc,
+                     **cut.as_metrics('data')}, split='info')
+  for step in range(start + 1, steps + 1):
+    state, m = train_step(state, shd.put_batch(next(loader), mesh))
+    writer.advance()
+    if step % config.log_every == 0 or step == steps:
+      writer.write(step, m)
+    if step % config.checkpoint.every == 0 or step == steps:
+      ckpt.save(step, state, {'step': step, 'loader': loader.state()})
+  ckpt.close()
+  ev = evaluate(state)
+  writer.write(steps, {'eval_accuracy': ev['accuracy'], 'eval_loss': ev['loss']}, split='eval')
+
+  # ---------------------------------------------------------------- normalise and export
+  model = nnx.merge(graphdef, state.params, state.rest)
+  norm = normalise(model, config, workdir, tok, train_arrays)
+  writer.write(steps, norm, split='eval')
+  writer.close()
+  hf.save_pretrained(model, os.path.join(out, 'hf'), tokenizer=tok)
+  summary = {'stage': 'rm', 'steps': steps, 'eval_accuracy': ev['accuracy'], 'eval_loss': ev['loss'], **norm}
+  checkpoint.mark_done(out, summary)
+  print(f'[rm] done: held-out pairwise accuracy {ev["accuracy"]:.3f} on {len(eval_recs)} prompts; '
+        f'exported {os.path.join(out, "hf")}')
+  return summary
+
+
+def _labeler_accuracy(recs) -> float:
+  """How often the (noisy) ranking orders a pair as the gold score does (pairs with distinct gold)."""
+  agree = total = 0
+  for r in recs:
+    gold = r.get('gold')
+    if not gold:
+      return float('nan')
+    pos = {idx: rank for rank, idx in enumerate(r['ranking'])}
+    for i in range(len(gold)):
+      for j in range(i + 1, len(gold)):
+        if gold[i] != gold[j]:
+          total += 1
+          agree += (gold[i] > gold[j]) == (pos[i] < pos[j])
+  return agree / max(total, 1)
+
+
+def normalise(model, config, workdir, tok, train_arrays) -> dict[str, float]:
+  """Set the head's gain/bias: demonstrations score mean 0 (and, optionally, SFT samples std 1)."""
+  rc = config.rm
+  score = jax.jit(lambda m, t, a: m.score(t, a))
+  out = {}
+  gain = 1.0
+  if rc.normalize_gain:  # std of the scores of the ranked SFT samples
+    t = train_arrays['tokens'][train_arrays['valid']][:512]
+    a = train_arrays['attention_mask'][train_arrays['valid']][:512]
+    s = np.asarray(score(model, t, a))
+    gain = 1.0 / max(float(s.std()), 1e-6)
+  model.head.norm_gain.set_value(jnp.asarray(gain, jnp.float32))
+  if rc.normalize:
+    files = common.task_files(config, workdir) if not rc.data else {}
+    demos = common.read(config, files['sft_train'], 'demonstration')[:512] if files else []
+    if demos:
+      arr, _ = batches.demonstrations(tok, demos, config.data.max_prompt_len, config.data.max_response_len)
+      s = np.asarray(score(model, arr['tokens'], arr['attention_mask']))  # already includes the gain
+      model.head.norm_bias.set_value(jnp.asarray(-float(s.mean()), jnp.float32))
+      out['demo_score_mean_before'] = float(s.mean())
+  out['norm_gain'] = gain
+  out['norm_bias'] = float(model.head.norm_bias[...])
+  return out

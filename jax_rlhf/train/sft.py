@@ -1,0 +1,133 @@
+"""Pretraining and supervised fine-tuning: the same LM step, different data and masks.
+
+pretrain: packed text, every token a target, from a random init (or `model.path`).
+sft:      demonstrations (prompt + response + EOS), loss on response tokens only (prompt masked), from the
+          pretrain stage (or `model.path`); cosine decay to 10% of the peak; held-out demonstration loss.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jax_rlhf import metrics as metrics_lib
+from jax_rlhf import sharding as shd
+from jax_rlhf.data import batches
+from jax_rlhf.models import hf
+from jax_rlhf.models.transformer import Transformer
+from jax_rlhf.train import checkpoint, common, lm
+from jax_rlhf.train import state as state_lib
+
+
+def _data(config, workdir, stage, tok):
+  files = common.task_files(config, workdir) if config.task.name else {}
+  d = config.data
+  if stage == 'pretrain':
+    train = batches.texts(tok, [r['text'] for r in common.read(config, files['pretrain_train'], 'text')], d.seq_len)
+    held = batches.texts(tok, [r['text'] for r in common.read(config, files['pretrain_eval'], 'text')], d.seq_len)
+    return train, held, {}
+  train, cut = batches.demonstrations(tok, common.read(config, files['sft_train'], 'demonstration'),
+                                      d.max_prompt_len, d.max_response_len)
+  held, _ = batches.demonstrations(tok, common.read(config, files['sft_eval'], 'demonstration'),
+                                   d.max_prompt_len, d.max_response_len)
+  return train, held, cut.as_metrics('data')
+
+
+def _initial_model(config, workdir, stage, tok, sc):
+  """The model this stage starts from: random init, a HF folder, or the previous stage's export."""
+  init = 'scratch' if stage == 'pretrain' else sc.init
+  if config.model.path and init in ('scratch', 'hf', 'pretrain') and (stage == 'pretrain' or init == 'hf'):
+    return common.load_lm(config.model.path, config, dropout_rate=sc.dropout)
+  if init == 'pretrain':
+    prev = common.require_stage(workdir, 'pretrain', stage)
+    return common.load_lm(os.path.join(prev, 'hf'), config, dropout_rate=sc.dropout)
+  if init == 'hf':
+    raise common.UserError(f'{stage}.init=hf needs model.path (a Hugging Face folder)')
+  if init != 'scratch':
+    raise common.UserError(f'{stage}.init must be pretrain | hf | scratch, got {init!r}')
+  cfg = common.model_config(config, tok, dropout_rate=sc.dropout)
+  return Transformer(cfg, rngs=nnx.Rngs(config.seed))
+
+
+def evaluate_lm(eval_fn, state, arrays, batch_size: int, mesh) -> float:
+  """Exact mean token loss over every full batch of `arrays`."""
+  loader = batches.Loader(arrays, min(batch_size, len(arrays['tokens'])), 0, shuffle=False)
+  total, count = 0.0, 0.0
+  for _ in range(loader.batches_per_epoch):
+    out = jax.device_get(eval_fn(state, shd.put_batch(next(loader), mesh)))
+    total += float(out['loss_sum'])
+    count += float(out['tokens'])
+  return total / max(count, 1.0)
+
+
+def run(config, workdir: str, stage: str) -> dict:
+  sc = config[stage]
+  out = common.stage_dir(workdir, stage)
+  if checkpoint.is_done(out):
+    print(f'[{stage}] already complete in {out}; skipping')
+    return {}
+
+  # ---------------------------------------------------------------- data
+  tok = common.load_tokenizer(config)
+  train_arrays, eval_arrays, data_metrics = _data(config, workdir, stage, tok)
+  mesh = common.mesh(config)
+  bs = sc.batch_size
+  if bs % shd.batch_divisor(mesh):
+    raise common.UserError(f'{stage}.batch_size={bs} must be divisible by the data x fsdp devices '
+                           f'({shd.batch_divisor(mesh)})')
+
+  # ---------------------------------------------------------------- model, optimizer, sharded state
+  model = _initial_model(config, workdir, stage, tok, sc)
+  tx = state_lib.make_optimizer(sc.optimizer, sc.steps)
+  graphdef, state, shardings = state_lib.place_state(model, tx, mesh)
+  del model
+  train_step = lm.jit_lm_step(graphdef, tx, shardings, mesh)
+  eval_step = lm.jit_lm_eval(graphdef, shardings, mesh)
+
+  # ---------------------------------------------------------------- resume
+  loader = batches.Loader(train_arrays, bs, config.seed)
+  ckpt = checkpoint.Checkpointer(os.path.join(out, 'checkpoints'), keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(state)
+    loader.restore(meta['loader'])
+    start = int(meta['step'])
+    print(f'[{stage}] resumed from step {start}')
+  rng = jax.random.key(config.seed)
+
+  # ---------------------------------------------------------------- train
+  writer = metrics_lib.MetricsWriter(out, total_steps=sc.steps, desc=stage, initial_step=start,
+                                     show=('loss', 'eval_loss', 'tokens/s'), progress=config.progress)
+  if start == 0:
+    writer.write(0, {**data_metrics, 'params': state_lib.num_params(state.params),
+                     'train_sequences': len(train_arrays['tokens'])}, split='info')
+  t0, tokens_seen = time.perf_counter(), 0
+  m = {}
+  for step in range(start + 1, sc.steps + 1):
+    batch = next(loader)
+    state, m = train_step(state, shd.put_batch(batch, mesh), rng)
+    tokens_seen += int(batch['attention_mask'].sum())
+    writer.advance()
+    if step % config.log_every == 0 or step == sc.steps:
+      dt = time.perf_counter() - t0
+      writer.write(step, {**m, 'tokens/s': tokens_seen / max(dt, 1e-9), 'epoch': loader.epoch})
+      t0, tokens_seen = time.perf_counter(), 0
+    if step % sc.eval_every == 0 or step == sc.steps:
+      writer.write(step, {'eval_loss': evaluate_lm(eval_step, state, eval_arrays, bs, mesh)}, split='eval')
+    if step % config.checkpoint.every == 0 or step == sc.steps:
+      ckpt.save(step, state, {'step': step, 'loader': loader.state(), 'seed': config.seed})
+
+  # ---------------------------------------------------------------- export
+  ckpt.close()
+  final_eval = evaluate_lm(eval_step, state, eval_arrays, bs, mesh)
+  writer.close()
+  hf.save_pretrained(nnx.merge(graphdef, state.params, state.rest), os.path.join(out, 'hf'), tokenizer=tok)
+  summary = {'stage': stage, 'steps': sc.steps, 'eval_loss': final_eval,
+             'train_loss': float(np.asarray(m['loss'])) if m else None}
+  checkpoint.mark_done(out, summary)
+  print(f'[{stage}] done: eval loss {final_eval:.4f}; exported {os.path.join(out, "hf")}')
+  return summary
