@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from padding import garbage_at_pads, right_padded_mask
 
 from jax_rlhf import losses
 
@@ -18,19 +19,6 @@ token_cross_entropy = jax.jit(losses.token_cross_entropy)
 ranking_loss = jax.jit(losses.ranking_loss)
 clipped_policy_loss = jax.jit(losses.clipped_policy_loss)
 clipped_value_loss = jax.jit(losses.clipped_value_loss)
-
-
-def right_padded_mask(rng, b, n):
-  """[B, N] bool, each row some real tokens then pads; row 0 is full and, when B > 1, the last row empty."""
-  lengths = rng.integers(0, n + 1, size=b)
-  lengths[0] = n
-  if b > 1:
-    lengths[-1] = 0
-  return np.arange(n)[None, :] < lengths[:, None]
-
-
-def garbage_at_pads(rng, x, mask):
-  return np.where(mask, x, rng.normal(size=x.shape) * 1e3)
 
 
 def log_sigmoid(x):

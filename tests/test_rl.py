@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from padding import garbage_at_pads, right_padded_mask
 
 from jax_rlhf import rl
 
@@ -16,20 +17,6 @@ SHAPES = [(1, 1), (3, 7), (6, 16)]
 masked_whiten = jax.jit(rl.masked_whiten, static_argnames=('shift_mean',))
 gae = jax.jit(rl.gae)
 kl_shaped_rewards = jax.jit(rl.kl_shaped_rewards, static_argnames=('estimator',))
-
-
-def right_padded_mask(rng, b, n):
-  """[B, N] bool, each row some real tokens then pads; row 0 is full and, when B > 1, the last row empty."""
-  lengths = rng.integers(0, n + 1, size=b)
-  lengths[0] = n
-  if b > 1:
-    lengths[-1] = 0
-  return np.arange(n)[None, :] < lengths[:, None]
-
-
-def garbage_at_pads(rng, x, mask):
-  """x with large junk where the mask is False, so that a result leaking pads shows."""
-  return np.where(mask, x, rng.normal(size=x.shape) * 1e3)
 
 
 # ---------------------------------------------------------------------------------------------------------

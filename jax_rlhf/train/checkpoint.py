@@ -84,12 +84,29 @@ class Checkpointer:
         state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore()))
     return unflatten(template, dict(out['state'])), dict(out['meta'])
 
+  def resume(self, template: Any, **loaders) -> tuple[Any, dict[str, Any]]:
+    """Restore the latest checkpoint (state, meta) and put each named loader at its saved position;
+    `(template, {})` when there is none. Loaders are saved in meta under the same names."""
+    if self.latest_step() is None:
+      return template, {}
+    state, meta = self.restore(template)
+    for name, loader in loaders.items():
+      if loader is not None and meta.get(name) is not None:
+        loader.restore(meta[name])
+    return state, meta
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def for_stage(stage_dir: str, config) -> Checkpointer:
+  """The checkpointer of a stage, `W/<stage>/checkpoints`, as config.checkpoint says."""
+  return Checkpointer(os.path.join(stage_dir, 'checkpoints'), keep=config.checkpoint.keep,
+                      async_save=config.checkpoint.async_save)
 
 
 def mark_done(stage_dir: str, summary: dict[str, Any]) -> None:

@@ -244,17 +244,13 @@ def run(config, workdir: str) -> dict:
     ptx_loader = batches.Loader(texts, pc.ptx.batch_size * n_ptx, config.seed + 7)
 
   # ---------------------------------------------------------------- resume
-  ckpt = checkpoint.Checkpointer(os.path.join(out, 'checkpoints'), keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
-  beta = pc.kl.init if pc.kl.adaptive else pc.kl.coef
-  start = 0
-  if ckpt.latest_step() is not None:
-    restored, meta = ckpt.restore({'policy': trainer.states['policy'], 'value': trainer.states['value']})
-    trainer.states.update(restored)
-    prompts.restore(meta['prompts'])
-    if ptx_loader is not None and meta.get('ptx'):
-      ptx_loader.restore(meta['ptx'])
-    beta, start = float(meta['beta']), int(meta['step'])
+  ckpt = checkpoint.for_stage(out, config)
+  trained = {'policy': trainer.states['policy'], 'value': trainer.states['value']}
+  trained, meta = ckpt.resume(trained, prompts=prompts, ptx=ptx_loader)
+  trainer.states.update(trained)
+  beta = float(meta.get('beta', pc.kl.init if pc.kl.adaptive else pc.kl.coef))
+  start = int(meta.get('step', 0))
+  if start:
     print(f'[ppo] resumed from iteration {start}')
   rng = jax.random.key(config.seed + 3)
 
@@ -263,7 +259,7 @@ def run(config, workdir: str) -> dict:
                                      show=('score', 'kl', 'beta', 'clipfrac', 'episodes/s'), progress=config.progress)
   if start == 0:
     writer.write(0, cut.as_metrics('data'), split='info')
-  t0 = time.perf_counter()
+  t0, last_logged = time.perf_counter(), start
   for it in range(start + 1, pc.iterations + 1):
     batch = next(prompts)
     ptx = _ptx_batch(ptx_loader, n_ptx, pc.ptx.batch_size, mesh)
@@ -273,9 +269,10 @@ def run(config, workdir: str) -> dict:
       beta = float(rl.adaptive_kl_update(beta, float(m['kl']), pc.batch_size, pc.kl.target, pc.kl.horizon))
     writer.advance()
     if it % config.log_every == 0 or it == pc.iterations or it == 1:
+      m = metrics_lib.to_host(m)  # waits for the iteration: the timing is compute, not dispatch
       dt = time.perf_counter() - t0
-      writer.write(it, {**m, 'episodes/s': pc.batch_size * (config.log_every if it > 1 else 1) / max(dt, 1e-9)})
-      t0 = time.perf_counter()
+      writer.write(it, {**m, 'episodes/s': pc.batch_size * (it - last_logged) / max(dt, 1e-9)})
+      t0, last_logged = time.perf_counter(), it
     if it % config.checkpoint.every == 0 or it == pc.iterations:
       ckpt.save(it, {'policy': trainer.states['policy'], 'value': trainer.states['value']},
                 {'step': it, 'beta': beta, 'prompts': prompts.state(),

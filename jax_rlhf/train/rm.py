@@ -169,13 +169,11 @@ def run(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- resume
   loader = batches.Loader(train_arrays, bs, config.seed)
-  ckpt = checkpoint.Checkpointer(os.path.join(out, 'checkpoints'), keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
-    loader.restore(meta['loader'])
-    start = int(meta['step'])
+  ckpt = checkpoint.for_stage(out, config)
+  state, meta = ckpt.resume(state, loader=loader)
+  start = int(meta.get('step', 0))
+  if start:
+    print(f'[rm] resumed from step {start}')
 
   def evaluate(state) -> dict[str, float]:
     ev = batches.Loader(eval_arrays, min(bs, len(eval_recs)), 0, shuffle=False)

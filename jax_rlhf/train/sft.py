@@ -89,13 +89,10 @@ def run(config, workdir: str, stage: str) -> dict:
 
   # ---------------------------------------------------------------- resume
   loader = batches.Loader(train_arrays, bs, config.seed)
-  ckpt = checkpoint.Checkpointer(os.path.join(out, 'checkpoints'), keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
-    loader.restore(meta['loader'])
-    start = int(meta['step'])
+  ckpt = checkpoint.for_stage(out, config)
+  state, meta = ckpt.resume(state, loader=loader)
+  start = int(meta.get('step', 0))
+  if start:
     print(f'[{stage}] resumed from step {start}')
   rng = jax.random.key(config.seed)
 
@@ -113,6 +110,7 @@ def run(config, workdir: str, stage: str) -> dict:
     tokens_seen += int(batch['attention_mask'].sum())
     writer.advance()
     if step % config.log_every == 0 or step == sc.steps:
+      m = metrics_lib.to_host(m)  # waits for the step: the timing below is compute, not dispatch
       dt = time.perf_counter() - t0
       writer.write(step, {**m, 'tokens/s': tokens_seen / max(dt, 1e-9), 'epoch': loader.epoch})
       t0, tokens_seen = time.perf_counter(), 0
