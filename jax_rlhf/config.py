@@ -55,8 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       tokenizer='',             # tokenizer folder; empty: the task's
-      max_prompt_len=32,        # prompt tokens; longer prompts are cut from the left (counted)
-      max_response_len=16,      # response tokens incl. EOS; longer responses are cut from the right (counted)
+      max_prompt_len=20,        # prompt tokens; longer prompts are cut from the left (counted). instruct_world: <= 20
+      max_response_len=8,       # response tokens incl. EOS; longer ones are cut from the right (counted). world: <= 7
       seq_len=64,               # pretraining sequence length
       on_error='raise',         # raise | skip: what a bad record does
   ))
@@ -111,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
       lam=0.95,                 # GAE lambda
       temperature=1.0,          # sampling temperature; log-probs use logits / T (InstructGPT 1; N+ 0.7)
       top_k=0, top_p=1.0,       # no filtering (InstructGPT, N+)
-      max_new_tokens=16,        # response tokens
+      max_new_tokens=8,         # response tokens sampled (a response without EOS by then gets the penalty)
       apply_missing_eos_penalty=True,  # a response without EOS gets missing_eos_penalty instead of its RM score
       missing_eos_penalty=-1.0, # score of a response without EOS (N+: -1)
       whiten_rewards=False,     # whiten rewards without shifting the mean (N+ #24)
@@ -136,7 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       temperature=1.0,          # sampling temperature of the compared models
       batch_size=100,           # prompts per sampling call
-      max_new_tokens=16,
+      max_new_tokens=8,
       n_pretrain_eval=512,      # held-out pretraining lines for the alignment tax
       models=('sft', 'ppo'),    # stages compared (each a workdir subfolder)
   ))

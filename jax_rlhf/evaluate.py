@@ -23,7 +23,7 @@ from flax import nnx
 from jax_rlhf import rl, sampling
 from jax_rlhf.data import batches
 from jax_rlhf.models import hf
-from jax_rlhf.train import common, lm
+from jax_rlhf.train import checkpoint, common, lm
 from jax_rlhf.train.rm import decode_responses
 
 
@@ -57,6 +57,12 @@ def _lm_loss_fn(graphdef):
 def run(config, workdir: str) -> dict:
   ec = config.eval
   out = common.stage_dir(workdir, 'eval')
+  if checkpoint.is_done(out):
+    print(f'[eval] already complete in {out}; skipping (delete {out} to evaluate again)')
+    with open(os.path.join(out, 'results.json')) as f:
+      done = json.load(f)
+    print(format_table(done['models'], done['categories']))
+    return done['models']
   sft_dir = common.require_stage(workdir, 'sft', 'eval')
   rm_dir = common.require_stage(workdir, 'rm', 'eval')
   model_dirs = {name: common.require_stage(workdir, name, 'eval') for name in ec.models}
@@ -130,6 +136,7 @@ def run(config, workdir: str) -> dict:
       for i, r in enumerate(prompt_recs):
         f.write(json.dumps({'prompt': r['prompt'], 'category': r.get('category'),
                             **{name: samples[name][i] for name in samples}}) + '\n')
+  checkpoint.mark_done(out, {'stage': 'eval', 'models': list(results)})
   print(format_table(results, categories))
   return results
 

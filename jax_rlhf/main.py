@@ -52,26 +52,44 @@ def run(config, workdir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if _CONFIG.value is None:
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.stage  # a config file that failed to load raises here  # pylint: disable=pointless-statement
+  except OSError as e:  # the config file does not exist or does not load
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    print(f'error: --config: {lines[-1] if lines else e}', file=sys.stderr)
+    sys.exit(2)
+  if config is None:
     raise app.UsageError('--config is required, e.g. --config configs/pipeline.py')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required: the folder the run writes to')
   logging.set_verbosity(logging.WARNING)  # orbax/jax INFO lines drown the progress bars
   from jax_rlhf.train.common import UserError
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    run(config, _WORKDIR.value)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
 
+def _parse_flags(argv):
+  """absl flag parsing, with a misspelt `--config.x=y` override (or a bad value) as one line, exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # the last line says what is wrong (ml_collections puts a traceback before it)
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    print(f'error: {lines[0]} {lines[-1]}' if len(lines) > 1 else f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    arg = next((a for a in argv[1:] if a.startswith('--config.')), '')
+    print(f'error: bad config override {arg}: {e}'.replace('\n', ' '), file=sys.stderr)
+    sys.exit(2)
+
+
 def entry():
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  try:
-    app.run(main)
-  except KeyError as e:  # ml_collections: a misspelt --config.x override
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

@@ -130,6 +130,20 @@ def rankings(tokenizer, records: Sequence[dict], max_prompt_len: int, max_respon
   return {'tokens': tokens, 'attention_mask': att, 'ranking': ranking, 'valid': valid}, stats
 
 
+def padded_batches(arrays: dict[str, np.ndarray], batch_size: int, multiple: int = 1):
+  """Every row of `arrays` exactly once, in order, in batches of `batch_size` rounded up to `multiple`
+  (the data x fsdp devices); the last batch is padded with zero rows (attention, loss mask and `valid`
+  are 0/False there, so they count for nothing). Yields (batch, number of real rows)."""
+  n = len(next(iter(arrays.values())))
+  size = -(-min(batch_size, n) // multiple) * multiple
+  for start in range(0, n, size):
+    batch = {k: v[start:start + size] for k, v in arrays.items()}
+    real = len(next(iter(batch.values())))
+    if real < size:
+      batch = {k: np.concatenate([v, np.zeros((size - real, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+    yield batch, real
+
+
 class Loader:
   """Batches of a dict of equal-length arrays: shuffled per epoch from the seed, position checkpointable.
 

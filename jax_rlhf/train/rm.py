@@ -57,9 +57,46 @@ def rm_train_step(graphdef, tx, rm_cfg, state, batch):
           {'loss': loss, 'accuracy': m['accuracy'], 'margin': m['margin_mean'], 'grad_norm': optax.tree.norm(grads)})
 
 
-def rm_eval_step(graphdef, rm_cfg, state, batch):
-  loss, m = rm_loss(nnx.merge(graphdef, state.params, state.rest), batch, rm_cfg)
-  return {'loss': loss, 'accuracy': m['accuracy']}
+def rm_eval_step(graphdef, state, batch):
+  """Scores of every response of a batch of rankings: [B, K]."""
+  return scores_of(nnx.merge(graphdef, state.params, state.rest), batch['tokens'], batch['attention_mask'])
+
+
+def ranking_metrics(rewards: np.ndarray, recs: list[dict], rm_cfg) -> dict[str, float]:
+  """Held-out metrics of the scores [N, K] of ranking records, computed on the host.
+
+  accuracy: pairs ordered as the labels order them, averaged per prompt then over prompts (ties count as
+  wrong, as in the loss); accuracy_distinct: the same over pairs whose two responses differ (identical
+  samples are a coin flip for any RM); gold_accuracy: pairs with different gold scores ordered as the gold
+  labeler orders them (when the records carry gold scores).
+  """
+  k = rewards.shape[1]
+  ranking = np.zeros((len(recs), k), np.int32)
+  valid = np.zeros((len(recs), k), bool)
+  for i, r in enumerate(recs):
+    ranking[i, :len(r['ranking'])] = r['ranking']
+    valid[i, :len(r['ranking'])] = True
+  loss, m = losses.ranking_loss(jnp.asarray(rewards), jnp.asarray(ranking), jnp.asarray(valid),
+                                margin=rm_cfg.margin, centering_coef=rm_cfg.centering_coef)
+  distinct = [0, 0]
+  gold = [0, 0]
+  for r, row in zip(recs, rewards):
+    order = r['ranking']
+    for a in range(len(order)):
+      for b in range(a + 1, len(order)):
+        hi, lo = order[a], order[b]
+        if r['responses'][hi] != r['responses'][lo]:
+          distinct[0] += row[hi] > row[lo]
+          distinct[1] += 1
+        g = r.get('gold')
+        if g and g[hi] != g[lo]:
+          gold[0] += (row[hi] > row[lo]) == (g[hi] > g[lo])
+          gold[1] += 1
+  out = {'loss': float(loss), 'accuracy': float(m['accuracy']),
+         'accuracy_distinct': distinct[0] / max(distinct[1], 1)}
+  if gold[1]:
+    out['gold_accuracy'] = gold[0] / gold[1]
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------- labelling
@@ -165,7 +202,7 @@ def run(config, workdir: str) -> dict:
   batch_sh = shd.batch_sharding(mesh)
   train_step = jax.jit(lambda s, b: rm_train_step(graphdef, tx, rc, s, b), donate_argnums=0,
                        in_shardings=(shardings, batch_sh), out_shardings=(shardings, shd.replicated(mesh)))
-  eval_step = jax.jit(lambda s, b: rm_eval_step(graphdef, rc, s, b), in_shardings=(shardings, batch_sh))
+  eval_step = jax.jit(lambda s, b: rm_eval_step(graphdef, s, b), in_shardings=(shardings, batch_sh))
 
   # ---------------------------------------------------------------- resume
   loader = batches.Loader(train_arrays, bs, config.seed)
@@ -176,13 +213,9 @@ def run(config, workdir: str) -> dict:
     print(f'[rm] resumed from step {start}')
 
   def evaluate(state) -> dict[str, float]:
-    ev = batches.Loader(eval_arrays, min(bs, len(eval_recs)), 0, shuffle=False)
-    accs, ls = [], []
-    for _ in range(ev.batches_per_epoch):
-      m = jax.device_get(eval_step(state, shd.put_batch(next(ev), mesh)))
-      accs.append(float(m['accuracy']))
-      ls.append(float(m['loss']))
-    return {'accuracy': float(np.mean(accs)), 'loss': float(np.mean(ls))}
+    rewards = [np.asarray(eval_step(state, shd.put_batch(b, mesh)))[:n]
+               for b, n in batches.padded_batches(eval_arrays, bs, shd.batch_divisor(mesh))]
+    return ranking_metrics(np.concatenate(rewards), eval_recs, rc)
 
   # ---------------------------------------------------------------- train
   writer = metrics_lib.MetricsWriter(out, total_steps=steps, desc='rm', initial_step=start,
@@ -200,7 +233,7 @@ def run(config, workdir: str) -> dict:
       ckpt.save(step, state, {'step': step, 'loader': loader.state()})
   ckpt.close()
   ev = evaluate(state)
-  writer.write(steps, {'eval_accuracy': ev['accuracy'], 'eval_loss': ev['loss']}, split='eval')
+  writer.write(steps, {f'eval_{k}': v for k, v in ev.items()}, split='eval')
 
   # ---------------------------------------------------------------- normalise and export
   model = nnx.merge(graphdef, state.params, state.rest)
@@ -208,9 +241,10 @@ def run(config, workdir: str) -> dict:
   writer.write(steps, norm, split='eval')
   writer.close()
   hf.save_pretrained(model, os.path.join(out, 'hf'), tokenizer=tok)
-  summary = {'stage': 'rm', 'steps': steps, 'eval_accuracy': ev['accuracy'], 'eval_loss': ev['loss'], **norm}
+  summary = {'stage': 'rm', 'steps': steps, **{f'eval_{k}': v for k, v in ev.items()}, **norm}
   checkpoint.mark_done(out, summary)
-  print(f'[rm] done: held-out pairwise accuracy {ev["accuracy"]:.3f} on {len(eval_recs)} prompts; '
+  print(f'[rm] done: held-out pairwise accuracy {ev["accuracy"]:.3f} ({ev["accuracy_distinct"]:.3f} on distinct '
+        f'responses, {ev.get("gold_accuracy", float("nan")):.3f} against the gold labeler) on {len(eval_recs)} prompts; '
         f'exported {os.path.join(out, "hf")}')
   return summary
 
@@ -237,6 +271,8 @@ def normalise(model, config, workdir, tok, train_arrays) -> dict[str, float]:
   score = jax.jit(lambda m, t, a: m.score(t, a))
   out = {}
   gain = 1.0
+  model.head.norm_gain.set_value(jnp.ones((), jnp.float32))  # measure the raw head
+  model.head.norm_bias.set_value(jnp.zeros((), jnp.float32))
   if rc.normalize_gain:  # std of the scores of the ranked SFT samples
     t = train_arrays['tokens'][train_arrays['valid']][:512]
     a = train_arrays['attention_mask'][train_arrays['valid']][:512]
@@ -251,6 +287,9 @@ def normalise(model, config, workdir, tok, train_arrays) -> dict[str, float]:
       s = np.asarray(score(model, arr['tokens'], arr['attention_mask']))  # already includes the gain
       model.head.norm_bias.set_value(jnp.asarray(-float(s.mean()), jnp.float32))
       out['demo_score_mean_before'] = float(s.mean())
+    else:
+      print('[rm] warning: rm.normalize is on but there are no demonstrations of the task to centre on '
+            '(rm.data is set); the bias is left at 0')
   out['norm_gain'] = gain
   out['norm_bias'] = float(model.head.norm_bias[...])
   return out

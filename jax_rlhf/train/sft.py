@@ -53,11 +53,10 @@ def _initial_model(config, workdir, stage, tok, sc):
 
 
 def evaluate_lm(eval_fn, state, arrays, batch_size: int, mesh) -> float:
-  """Exact mean token loss over every full batch of `arrays`."""
-  loader = batches.Loader(arrays, min(batch_size, len(arrays['tokens'])), 0, shuffle=False)
+  """Exact mean token loss over every row of `arrays`."""
   total, count = 0.0, 0.0
-  for _ in range(loader.batches_per_epoch):
-    out = jax.device_get(eval_fn(state, shd.put_batch(next(loader), mesh)))
+  for batch, _ in batches.padded_batches(arrays, batch_size, shd.batch_divisor(mesh)):
+    out = jax.device_get(eval_fn(state, shd.put_batch(batch, mesh)))
     total += float(out['loss_sum'])
     count += float(out['tokens'])
   return total / max(count, 1.0)

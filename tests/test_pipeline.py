@@ -1,0 +1,171 @@
+"""End to end: `python -m jax_rlhf.main --config configs/pipeline.py:quick` once (module fixture), then what a
+user sees: exit codes, DONE markers, checkpoints, metrics, eval results, HF exports that transformers loads,
+skipping finished stages, one-line errors, and resuming PPO from its last checkpoint.
+
+The subprocesses inherit the test environment (conftest: 8 fake CPU devices), so the default mesh is data=8.
+Checkpoints every 2 steps (instead of quick's 10) so that PPO (4 iterations) can be resumed from the middle.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ('pretrain', 'sft', 'rm', 'ppo')
+QUICK = ('configs/pipeline.py:quick', '--config.checkpoint.every=2')
+EXPECTED_KEYS = {  # split -> keys some record of that split must have
+    'pretrain': {'train': {'loss'}, 'eval': {'eval_loss'}},
+    'sft': {'train': {'loss'}, 'eval': {'eval_loss'}},
+    'rm': {'train': {'loss', 'accuracy'}, 'eval': {'eval_accuracy'}},
+    'ppo': {'train': {'score', 'kl', 'beta', 'clipfrac'}},
+}
+
+
+def main(config, workdir, *overrides, timeout=600):
+  cmd = [sys.executable, '-m', 'jax_rlhf.main', '--config', config, '--workdir', str(workdir), *overrides]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def explain(proc):
+  return f'exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}'
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('pipeline') / 'W'
+  return workdir, main(QUICK[0], workdir, *QUICK[1:])
+
+
+@pytest.fixture(scope='module')
+def workdir(run):
+  w, proc = run
+  assert proc.returncode == 0, explain(proc)
+  return w
+
+
+def read_metrics(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def test_pipeline_exits_zero_and_every_stage_is_done(run):
+  w, proc = run
+  assert proc.returncode == 0, explain(proc)
+  for stage in STAGES:
+    assert (w / stage / 'DONE').is_file(), stage
+    json.loads((w / stage / 'DONE').read_text())  # a JSON summary
+    assert f'[{stage}] done' in proc.stdout, stage
+  assert (w / 'eval' / 'results.json').is_file()
+
+
+@pytest.mark.parametrize('stage', STAGES)
+def test_checkpoints_and_metrics_per_stage(workdir, stage):
+  ckpts = workdir / stage / 'checkpoints'
+  steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert steps, f'no checkpoint in {ckpts}: {list(ckpts.iterdir())}'
+  records = read_metrics(workdir / stage / 'metrics.jsonl')
+  for split, keys in EXPECTED_KEYS[stage].items():
+    seen = set().union(*[r.keys() for r in records if r['split'] == split])
+    assert keys <= seen, (stage, split, keys - seen)
+    for r in records:
+      if r['split'] == split:
+        assert all(np.isfinite(r[k]) for k in keys & r.keys()), r
+  assert any(r['split'] == 'info' for r in records)
+
+
+def test_eval_results_have_every_field(workdir):
+  results = json.loads((workdir / 'eval' / 'results.json').read_text())['models']
+  assert set(results) == {'sft', 'ppo'}
+  for name, r in results.items():
+    for key in ('gold_score', 'rm_score', 'per_category', 'kl_to_ref', 'lm_loss_pretrain'):
+      assert key in r, (name, key)
+    assert set(r['per_category']) == {'helpful', 'honest', 'harmless'}
+    assert 0.0 <= r['gold_score'] <= 1.0
+    assert all(0.0 <= v <= 1.0 for v in r['per_category'].values())
+  assert results['sft']['kl_to_ref'] == pytest.approx(0.0, abs=1e-5)  # the SFT model is the reference
+  ppo = results['ppo']
+  lo, hi = ppo['win_rate_vs_sft_ci95']
+  assert 0.0 <= lo <= ppo['win_rate_vs_sft'] <= hi <= 1.0
+  assert 'win_rate_vs_sft' not in results['sft']
+
+
+def test_hf_exports_load_in_transformers(workdir):
+  import transformers
+  for stage in ('pretrain', 'sft', 'ppo'):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(workdir / stage / 'hf', output_loading_info=True)
+    assert not info['missing_keys'] and not info['unexpected_keys'], (stage, info)
+  rm, info = transformers.AutoModelForSequenceClassification.from_pretrained(workdir / 'rm' / 'hf',
+                                                                             output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys'], info
+  assert rm.config.num_labels == 1
+  tok = transformers.AutoTokenizer.from_pretrained(workdir / 'ppo' / 'hf')
+  assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+
+
+def test_second_run_skips_every_finished_stage(workdir):
+  before = {s: (workdir / s / 'DONE').stat().st_mtime_ns for s in STAGES}
+  proc = main(QUICK[0], workdir, *QUICK[1:])
+  assert proc.returncode == 0, explain(proc)
+  for stage in STAGES:
+    assert f'[{stage}] already complete' in proc.stdout, (stage, explain(proc))
+    assert (workdir / stage / 'DONE').stat().st_mtime_ns == before[stage]
+  assert 'resumed' not in proc.stdout
+
+
+def test_stage_without_its_input_exits_2_with_one_line(tmp_path):
+  proc = main('configs/ppo.py', tmp_path / 'empty')
+  assert proc.returncode == 2, explain(proc)
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, explain(proc)
+  assert 'sft' in lines[0] and 'configs/sft.py' in lines[0], lines[0]
+  assert 'Traceback' not in proc.stderr
+
+
+def test_misspelt_override_fails_naming_the_key(tmp_path):
+  proc = main('configs/pipeline.py:quick', tmp_path / 'W', '--config.ppo.kl_cof=1')
+  assert proc.returncode != 0
+  assert 'kl_cof' in proc.stderr, explain(proc)
+  assert not (tmp_path / 'W').exists()  # nothing ran
+  # main.py's contract: a user's mistake ends in one line and exit status 2, not a traceback.
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, explain(proc)
+
+
+def train_records(path, step):
+  """The numbers logged for `step` (wall-clock figures left out), one dict per time it was logged."""
+  return [{k: v for k, v in r.items() if k not in ('step', 'split', 'time', 'episodes/s')}
+          for r in read_metrics(path) if r['split'] == 'train' and r['step'] == step]
+
+
+def test_ppo_killed_and_resumed_ends_where_the_uninterrupted_run_does(workdir, tmp_path):
+  """A PPO run killed after its iteration-2 checkpoint (drop the later checkpoint, DONE and the export) resumes
+  from iteration 2 and ends with the same weights and the same last metrics as the uninterrupted run."""
+  copy = tmp_path / 'W'
+  shutil.copytree(workdir, copy, symlinks=True)
+  ckpts = copy / 'ppo' / 'checkpoints'
+  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ['2', '4']
+  shutil.rmtree(ckpts / '4')
+  (copy / 'ppo' / 'DONE').unlink()
+  shutil.rmtree(copy / 'ppo' / 'hf')
+  proc = main('configs/ppo.py:quick', copy, *QUICK[1:])
+  assert proc.returncode == 0, explain(proc)
+  assert 'resumed from iteration 2' in proc.stdout, explain(proc)
+  assert (copy / 'ppo' / 'DONE').is_file()
+  from safetensors.numpy import load_file
+  ours = load_file(copy / 'ppo' / 'hf' / 'model.safetensors')
+  theirs = load_file(workdir / 'ppo' / 'hf' / 'model.safetensors')
+  assert ours.keys() == theirs.keys()
+  for k in ours:
+    np.testing.assert_allclose(ours[k], theirs[k], rtol=0, atol=1e-6, err_msg=k)
+  (uninterrupted,) = train_records(workdir / 'ppo' / 'metrics.jsonl', 4)
+  first, resumed = train_records(copy / 'ppo' / 'metrics.jsonl', 4)  # the copy's log gets a second step 4
+  assert first == uninterrupted
+  assert resumed.keys() == uninterrupted.keys()
+  for k in uninterrupted:
+    np.testing.assert_allclose(resumed[k], uninterrupted[k], rtol=1e-5, atol=1e-6, err_msg=k)
