@@ -68,9 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.pretrain = ml_collections.ConfigDict(dict(
-      steps=700,                # train steps
+      steps=300,                # train steps (~3.6 epochs of the demo corpus; held-out loss rises after ~350)
       batch_size=64,            # sequences per step
-      eval_every=350,           # steps between evaluations of held-out LM loss
+      eval_every=150,           # steps between evaluations of held-out LM loss
       dropout=0.0,
       optimizer=_optimizer(3e-3, warmup=50),
   ))
@@ -90,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
       sample_temperature=1.0,   # temperature of the SFT samples that get ranked
       data='',                  # a ranking JSONL to train on instead of labelling SFT samples
       eval_fraction=0.1,        # held-out rankings for pairwise accuracy
-      epochs=1,                 # InstructGPT: 1 (more overfits)
+      epochs=4,                 # InstructGPT: 1 (more overfits on 33k prompts). On instruct_world's 2k prompts one
+                                # epoch gives 0.60 held-out agreement with the gold labeler, four give 0.72
       batch_size=32,            # prompts per step; all K responses of a prompt in one step (InstructGPT: 64)
       margin=0.0,               # loss -log sigmoid(r_w - r_l - margin)
       centering_coef=0.0,       # c * mean((r_w + r_l)^2) (TRL's 0.01)
@@ -118,7 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
       whiten_advantages=True,   # advantages mean 0, var 1 over valid tokens
       value_from='rm',          # rm: separate value model from the RM (InstructGPT, N+); sft: from the SFT body
       kl=ml_collections.ConfigDict(dict(
-          coef=0.05,            # beta (InstructGPT 0.02; N+ 0.05)
+          coef=0.2,             # beta (InstructGPT 0.02; N+ 0.05). The demo's 1M-parameter RM is easy to exploit:
+                                # at 0.05 PPO drifts to KL ~10 nats and gold falls 0.63 -> 0.47; at 0.2, KL ~1.8
           adaptive=False,       # Ziegler's adaptive controller
           init=0.15,            # adaptive: initial beta
           target=6.0,           # adaptive: target KL per episode (nats)
