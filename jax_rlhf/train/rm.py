@@ -80,6 +80,7 @@ def ranking_metrics(rewards: np.ndarray, recs: list[dict], rm_cfg) -> dict[str, 
                                 margin=rm_cfg.margin, centering_coef=rm_cfg.centering_coef)
   distinct = [0, 0]
   gold = [0, 0]
+  by_category: dict[str, list[int]] = {}
   for r, row in zip(recs, rewards):
     order = r['ranking']
     for a in range(len(order)):
@@ -90,12 +91,19 @@ def ranking_metrics(rewards: np.ndarray, recs: list[dict], rm_cfg) -> dict[str, 
           distinct[1] += 1
         g = r.get('gold')
         if g and g[hi] != g[lo]:
-          gold[0] += (row[hi] > row[lo]) == (g[hi] > g[lo])
+          right = int((row[hi] > row[lo]) == (g[hi] > g[lo]))
+          gold[0] += right
           gold[1] += 1
+          if r.get('category'):
+            c = by_category.setdefault(r['category'], [0, 0])
+            c[0] += right
+            c[1] += 1
   out = {'loss': float(loss), 'accuracy': float(m['accuracy']),
-         'accuracy_distinct': distinct[0] / max(distinct[1], 1)}
+         'accuracy_distinct': float(distinct[0] / max(distinct[1], 1))}
   if gold[1]:
     out['gold_accuracy'] = gold[0] / gold[1]
+  for c, (right, total) in sorted(by_category.items()):
+    out[f'gold_accuracy/{c}'] = right / total
   return out
 
 
@@ -150,7 +158,7 @@ def label_rankings(config, workdir, tok, out_path):
     responses = texts[i:i + k]
     i += k
     recs.append({'prompt': p['prompt'], 'responses': responses, 'ranking': world.rank(p['prompt'], responses, rng),
-                 'gold': [world.gold_score(p['prompt'], r) for r in responses]})
+                 'gold': [world.gold_score(p['prompt'], r) for r in responses], 'category': world.category(p['prompt'])})
   if jax.process_index() == 0:
     records.write_jsonl(out_path + '.tmp', recs)
     os.replace(out_path + '.tmp', out_path)
