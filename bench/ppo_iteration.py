@@ -1,0 +1,204 @@
+"""One PPO iteration on the yardstick workload (the peer's peer_ppo_trl.py fp32 and peer_ppo_manual.py).
+
+Four yardstick-shaped models (GPT-2 layout, 4/4/256, vocab 4096), fp32, random init: policy and reference
+(same weights), value and reward (`ScalarModel`, own seeds). Batch 16 prompts of 64 random tokens (no EOS,
+no padding), 64 sampled new tokens (T=1, no top-k/top-p), k1 KL penalty beta=0.05, GAE (gamma 1, lam 0.95),
+whitened advantages, then 4 epochs x 1 minibatch of clipped policy + value loss with AdamW on both.
+EOS = 0 as the peer's; with random weights a row seldom samples it and the loop never stops early (checked:
+every row is computed for all 64 steps either way), so the work matches the peer's `min_new_tokens=64`.
+
+Phases, each timed with `jax.block_until_ready` (median of 5 after 1 warm-up = compile):
+  iteration   `PPOTrainer.step` (experience + update), the figure compared with TRL
+  experience  `trainer.experience`: rollout + scoring (policy, ref, value, reward forwards) + GAE, one jit
+  update      `trainer.update`: 4 epochs x 1 minibatch in one `lax.scan` (policy and value states donated)
+  rollout     `sampling.generate` on the policy alone (same sampler, own jit): compare with the peer's rollout
+  scoring     the experience step's forwards + GAE alone, jitted here from the library's functions
+              (`ppo.response_logprobs`, `ppo.response_values`, `ScalarModel.score`, `rl.*`) on a fixed
+              rollout: compare with the peer's scoring
+
+  .venv/bin/python -m bench.ppo_iteration [--peer]
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bench import common
+from jax_rlhf import rl, sampling
+from jax_rlhf import sharding as shd
+from jax_rlhf.config import stage_config
+from jax_rlhf.models.heads import ScalarModel
+from jax_rlhf.models.transformer import Transformer, preset
+from jax_rlhf.train import ppo
+
+B, P, NEW, EPOCHS, RUNS = 16, 64, 64, 4, 5
+EOS, PAD = 0, 1
+
+
+def config():
+  c = stage_config('ppo')
+  c.model.preset = 'yardstick'
+  c.model.update(dtype='float32', param_dtype='float32', frozen_dtype='float32')
+  c.data.max_prompt_len = P
+  c.ppo.update(batch_size=B, max_new_tokens=NEW, ppo_epochs=EPOCHS, num_minibatches=1, iterations=100,
+               temperature=1.0, top_k=0, top_p=1.0)
+  c.ppo.ptx.coef = 0.0
+  c.ppo.kl.update(coef=0.05, adaptive=False)
+  return c
+
+
+def scoring_fn(trainer):
+  """The experience step's scoring half (4 forwards, KL-shaped rewards, GAE, whitening) as its own jit."""
+  g, pc = trainer.graphdefs, trainer.pc
+
+  def score(policy, value, ref, reward, seq, att, mask, beta):
+    p = seq.shape[1] - mask.shape[1]
+    logp, _ = ppo.response_logprobs(ppo._merge(g['policy'], policy), seq, att, p, 1.0)
+    ref_logp, _ = ppo.response_logprobs(ppo._merge(g['ref'], ref), seq, att, p, 1.0)
+    values = ppo.response_values(ppo._merge(g['value'], value), seq, att, p)
+    s = ppo._merge(g['reward'], reward).score(seq, att)
+    rewards, _ = rl.kl_shaped_rewards(logp, ref_logp, s, mask, beta, pc.kl.estimator)
+    adv, ret = rl.gae(rewards, values, mask, pc.gamma, pc.lam)
+    return rl.masked_whiten(adv, mask), ret, logp
+
+  return jax.jit(score)
+
+
+def main():
+  args = common.parser(__doc__).parse_args()
+  c = config()
+  cfg = preset('yardstick')
+  mesh = shd.make_mesh((1, 1, 1))
+  policy = Transformer(cfg, rngs=nnx.Rngs(0))
+  ref = Transformer(cfg, rngs=nnx.Rngs(0))  # the same weights as the policy
+  value = ScalarModel(cfg, rngs=nnx.Rngs(1))
+  reward = ScalarModel(cfg, rngs=nnx.Rngs(2))
+  trainer = ppo.PPOTrainer(c, mesh, policy, value, ref, reward, (EOS, PAD))
+  st = trainer.states
+  prompts_np = common.random_tokens((B, P))
+  prompts = shd.put_batch({'prompt': prompts_np, 'prompt_mask': np.ones_like(prompts_np)}, mesh)
+  beta = jnp.float32(c.ppo.kl.coef)
+  key = jax.random.key(0)
+  n_params = cfg.num_params()
+
+  # ---------------------------------------------------------------- whole iteration: trainer.step
+  compile_s = {}
+
+  def iteration(i):
+    m = trainer.step(prompts, None, jax.random.fold_in(key, 1000 + i), beta)
+    jax.block_until_ready((m, st['policy'], st['value']))
+    return m
+
+  t = time.perf_counter()
+  m0 = iteration(-1)
+  compile_s['step'] = time.perf_counter() - t
+  common.wait_quiet(args.quiet, args.quiet_wait)
+  load_before = common.load1()
+  t_iter = common.time_runs(iteration, RUNS, warmup=0)
+
+  # ---------------------------------------------------------------- the two jitted phases alone
+  exp_holder = {}
+
+  def experience(i):
+    exp, em = trainer.experience(st['policy'], st['value'], st['ref'], st['reward'], prompts,
+                                 jax.random.fold_in(key, 2000 + i), beta)
+    jax.block_until_ready((exp, em))
+    exp_holder['exp'], exp_holder['metrics'] = exp, em
+
+  def update(i):
+    st['policy'], st['value'], um = trainer.update(st['policy'], st['value'], exp_holder['exp'], None,
+                                                   jax.random.fold_in(key, 3000 + i))
+    jax.block_until_ready((st['policy'], st['value'], um))
+
+  t_exp = common.time_runs(experience, RUNS, warmup=1)
+  t_upd = common.time_runs(update, RUNS, warmup=1)
+  exp = exp_holder['exp']
+  assert exp['mask'].shape == (B, NEW)
+
+  # ---------------------------------------------------------------- rollout alone, scoring alone
+  gen_model = (trainer.graphdefs['policy'], nnx.merge_state(st['policy'].params, st['policy'].rest))
+  outs = []
+
+  def rollout(i):
+    out = sampling.generate(gen_model, prompts['prompt'], prompts['prompt_mask'], jax.random.fold_in(key, 4000 + i),
+                            max_new_tokens=NEW, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=EOS,
+                            pad_token_id=PAD)
+    jax.block_until_ready(out)
+    outs.append(out)
+
+  t = time.perf_counter()
+  rollout(-1)
+  compile_s['generate'] = time.perf_counter() - t
+  t_roll = common.time_runs(rollout, RUNS, warmup=0)
+  assert all(int(o.num_steps) == NEW for o in outs), [int(o.num_steps) for o in outs]
+
+  score = scoring_fn(trainer)
+
+  def scoring(i):
+    jax.block_until_ready(score(st['policy'], st['value'], st['ref'], st['reward'], exp['seq'], exp['att'],
+                                exp['mask'], beta))
+
+  t_score = common.time_runs(scoring, RUNS, warmup=1)
+
+  # ---------------------------------------------------------------- report
+  mach = common.machine()
+  S = {k: common.stats(v) for k, v in dict(iteration=t_iter, experience=t_exp, update=t_upd, rollout=t_roll,
+                                           scoring=t_score).items()}
+  print(f'jax_rlhf PPO iteration fp32 B={B} P={P} new={NEW} epochs={EPOCHS} minibatches=1 params/model~{n_params} '
+        f'jax {jax.__version__} ({mach["backend"]}, load {mach["load"]})')
+  work = {'iteration': B * (P + NEW), 'experience': B * (P + NEW), 'update': B * (P + NEW) * EPOCHS,
+          'rollout': B * NEW, 'scoring': B * (P + NEW)}
+  for k, s in S.items():
+    print(f'  {k}: {common.fmt(s, work[k], "tok/s")}')
+  print(f'  update per epoch (update / {EPOCHS}): {S["update"]["median"] / EPOCHS * 1e3:.1f} ms; experience '
+        f'{S["experience"]["median"] * 1e3:.0f} ms vs rollout + scoring {(S["rollout"]["median"] + S["scoring"]["median"]) * 1e3:.0f} ms '
+        f'(separate jits, timed at other moments: compare loosely)')
+  print(f'  compile: step {compile_s["step"]:.1f}s, generate {compile_s["generate"]:.1f}s; '
+        f'first iteration kl {float(m0["kl"]):.3f}, response_length {float(m0["response_length"]):.1f}, '
+        f'eos_fraction {float(m0["eos_fraction"]):.2f}')
+
+  result = {'bench': 'ppo_iteration', 'iteration_s': S['iteration']['median'],
+            'experience_s': S['experience']['median'], 'update_s': S['update']['median'],
+            'rollout_s': S['rollout']['median'], 'scoring_s': S['scoring']['median'],
+            'update_epoch_s': S['update']['median'] / EPOCHS,
+            'iteration_min_s': S['iteration']['min'], 'iteration_max_s': S['iteration']['max'], 'runs': RUNS,
+            'compile_step_s': compile_s['step'], 'load': mach['load'], 'load_before': load_before,
+            'date': mach['date']}
+  if args.peer:
+    common.wait_quiet(args.quiet, args.quiet_wait)
+    peer_load = common.load1()
+    _, peer = common.run_peer('ppo')
+    trl = peer['PPO iteration']
+    manual = peer['iteration (rollout+scoring+4 updates)']
+    result.update({
+        'peer_iteration_s': trl['median'], 'peer_manual_iteration_s': manual['median'],
+        'peer_rollout_s': peer['rollout']['median'], 'peer_scoring_s': peer['scoring']['median'],
+        'peer_update_epoch_s': peer['update x1']['median'],
+        'ratio_vs_trl': trl['median'] / result['iteration_s'],
+        'ratio_vs_trl_best': trl['min'] / S['iteration']['min'],
+        'ratio_vs_manual_best': manual['min'] / S['iteration']['min'],
+        'ratio_vs_manual': manual['median'] / result['iteration_s'],
+        'ratio_rollout': peer['rollout']['median'] / result['rollout_s'],
+        'ratio_scoring': peer['scoring']['median'] / result['scoring_s'],
+        'ratio_update_epoch': peer['update x1']['median'] / result['update_epoch_s'],
+        'load_after_peer': common.load_avg()})
+    r = result
+    print(f'speed-up (theirs/ours time): vs TRL {r["ratio_vs_trl"]:.2f}x (target >= 2.5x: '
+          f'{"met" if r["ratio_vs_trl"] >= 2.5 else "MISSED"}), vs hand-written torch {r["ratio_vs_manual"]:.2f}x; '
+          f'rollout {r["ratio_rollout"]:.2f}x, scoring {r["ratio_scoring"]:.2f}x, one update epoch '
+          f'{r["ratio_update_epoch"]:.2f}x; best run vs best run: vs TRL {r["ratio_vs_trl_best"]:.2f}x, '
+          f'vs hand-written {r["ratio_vs_manual_best"]:.2f}x')
+    note = common.contention_note(S['iteration'], trl, max(load_before, peer_load))
+    if note:
+      result['contended'] = True
+      print(note)
+    result['peer_load_before'] = peer_load
+  common.emit(result)
+
+
+if __name__ == '__main__':
+  main()
