@@ -155,6 +155,21 @@ def run_peer(name: str) -> tuple[str, dict[str, dict]]:
   return text, found
 
 
+def compare_with_peer(args, result: dict, ours: dict, run_name: str, label: str) -> tuple[dict, dict]:
+  """Run the peer's `run.sh <run_name>` (after waiting for a quiet minute if asked) and add its rate and
+  ours/theirs to `result` (tokens/s based). Returns (all parsed peer lines, the `label` line)."""
+  wait_quiet(args.quiet, args.quiet_wait)
+  peer_load = load1()
+  _, peer = run_peer(run_name)
+  p = peer[label]
+  result['peer_tokens_per_s'] = p['rate']
+  result['ratio'] = result['tokens_per_s'] / p['rate']
+  result['ratio_best'] = p['min'] / ours['min']
+  result['peer_load_before'] = peer_load
+  result['load_after_peer'] = load_avg()
+  return peer, p
+
+
 def contention_note(ours: dict, theirs: dict, load_before: float) -> str | None:
   """A warning when the run was contended: ratios of medians are then unreliable.
 

@@ -66,19 +66,11 @@ def main():
             'batch': B, 'prompt': P, 'new_tokens': NEW, 'load': m['load'], 'load_before': load_before,
             'date': m['date']}
   if args.peer:
-    common.wait_quiet(args.quiet, args.quiet_wait)
-    peer_load = common.load1()
-    _, peer = common.run_peer('generate')
-    g = peer['generate']
-    result['peer_tokens_per_s'] = g['rate']
+    peer, g = common.compare_with_peer(args, result, s, 'generate', 'generate')
     result['peer_time_ms'] = g['median'] * 1e3
-    result['ratio'] = result['tokens_per_s'] / g['rate']
-    result['ratio_best'] = g['min'] / s['min']
-    result['peer_load_before'] = peer_load
-    result['load_after_peer'] = common.load_avg()
     print(f'ours/theirs (new tok/s): {result["ratio"]:.2f}x median, {result["ratio_best"]:.2f}x best run vs best run  '
           f'(target >= 3x: {"met" if result["ratio"] >= 3 else "MISSED"})')
-    note = common.contention_note(s, g, max(load_before, peer_load))
+    note = common.contention_note(s, g, max(load_before, result['peer_load_before']))
     if note:
       result['contended'] = True
       print(note)

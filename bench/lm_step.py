@@ -98,15 +98,8 @@ def main():
             'xla_flops_per_step': xla, 'mfu_xla_count': (xla / s['median'] / peak) if xla else None,
             'compile_s': compile_s, 'load': m['load'], 'load_before': load_before, 'date': m['date']}
   if args.peer:
-    common.wait_quiet(args.quiet, args.quiet_wait)
-    peer_load = common.load1()
-    _, peer = common.run_peer('sft')
-    p32 = peer['SFT step fp32']
-    result['peer_tokens_per_s'] = p32['rate']
+    peer, p32 = common.compare_with_peer(args, result, s, 'sft', 'SFT step fp32')
     result['peer_step_ms'] = p32['median'] * 1e3
-    result['ratio'] = result['tokens_per_s'] / p32['rate']
-    result['ratio_best'] = p32['min'] / s['min']
-    result['peer_load_before'] = peer_load
     if 'SFT step bf16' in peer:
       result['peer_bf16_tokens_per_s'] = peer['SFT step bf16']['rate']
       result['ratio_vs_bf16'] = result['tokens_per_s'] / peer['SFT step bf16']['rate']
@@ -116,7 +109,7 @@ def main():
           + f'; best vs best {result["ratio_best"]:.2f}x'
           + (f'; vs their bf16 autocast: {result["ratio_vs_bf16"]:.2f}x (this CPU has no native bf16: torch '
              f'emulates it, so that figure is no yardstick)' if 'ratio_vs_bf16' in result else ''))
-    note = common.contention_note(s, p32, max(load_before, peer_load))
+    note = common.contention_note(s, p32, max(load_before, result['peer_load_before']))
     if note:
       result['contended'] = True
       print(note)
