@@ -23,6 +23,10 @@ PIPELINE = ('pretrain', 'sft', 'rm', 'ppo', 'eval')
 
 
 def run_stage(config, workdir: str, stage: str):
+  from jax_rlhf.train import checkpoint, common
+  if stage != 'eval' and checkpoint.is_done(common.stage_dir(workdir, stage)):
+    print(f'[{stage}] already complete in {common.stage_dir(workdir, stage)}; skipping')
+    return {}
   if stage in ('pretrain', 'sft'):
     from jax_rlhf.train import sft
     return sft.run(config, workdir, stage)

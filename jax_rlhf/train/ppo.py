@@ -217,9 +217,6 @@ def load_models(config, workdir: str):
 def run(config, workdir: str) -> dict:
   pc = config.ppo
   out = common.stage_dir(workdir, 'ppo')
-  if checkpoint.is_done(out):
-    print(f'[ppo] already complete in {out}; skipping')
-    return {}
 
   # ---------------------------------------------------------------- models (fails fast if sft/rm are missing)
   policy, value, ref, reward = load_models(config, workdir)

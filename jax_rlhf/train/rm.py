@@ -170,9 +170,6 @@ def label_rankings(config, workdir, tok, out_path):
 def run(config, workdir: str) -> dict:
   rc = config.rm
   out = common.stage_dir(workdir, 'rm')
-  if checkpoint.is_done(out):
-    print(f'[rm] already complete in {out}; skipping')
-    return {}
   os.makedirs(out, exist_ok=True)
   sft_dir = common.require_stage(workdir, 'sft', 'rm')
   tok = common.load_tokenizer(config)

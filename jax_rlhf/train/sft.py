@@ -65,9 +65,6 @@ def evaluate_lm(eval_fn, state, arrays, batch_size: int, mesh) -> float:
 def run(config, workdir: str, stage: str) -> dict:
   sc = config[stage]
   out = common.stage_dir(workdir, stage)
-  if checkpoint.is_done(out):
-    print(f'[{stage}] already complete in {out}; skipping')
-    return {}
 
   # ---------------------------------------------------------------- data
   tok = common.load_tokenizer(config)
