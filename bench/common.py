@@ -188,6 +188,14 @@ def contention_note(ours: dict, theirs: dict, load_before: float) -> str | None:
 # Command line and output
 # ----------------------------------------------------------------------------------------------------
 
+def flag_contention(result: dict, ours: dict, theirs: dict, load: float) -> None:
+  """Mark `result` as contended and print why, when the load or the spread of either side says so."""
+  note = contention_note(ours, theirs, load)
+  if note:
+    result['contended'] = True
+    print(note)
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--peer', action='store_true', help='also run the PyTorch yardstick and print ours/theirs')

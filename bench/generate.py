@@ -70,10 +70,7 @@ def main():
     result['peer_time_ms'] = g['median'] * 1e3
     print(f'ours/theirs (new tok/s): {result["ratio"]:.2f}x median, {result["ratio_best"]:.2f}x best run vs best run  '
           f'(target >= 3x: {"met" if result["ratio"] >= 3 else "MISSED"})')
-    note = common.contention_note(s, g, max(load_before, result['peer_load_before']))
-    if note:
-      result['contended'] = True
-      print(note)
+    common.flag_contention(result, s, g, max(load_before, result['peer_load_before']))
   common.emit(result)
 
 

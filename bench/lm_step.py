@@ -109,10 +109,7 @@ def main():
           + f'; best vs best {result["ratio_best"]:.2f}x'
           + (f'; vs their bf16 autocast: {result["ratio_vs_bf16"]:.2f}x (this CPU has no native bf16: torch '
              f'emulates it, so that figure is no yardstick)' if 'ratio_vs_bf16' in result else ''))
-    note = common.contention_note(s, p32, max(load_before, result['peer_load_before']))
-    if note:
-      result['contended'] = True
-      print(note)
+    common.flag_contention(result, s, p32, max(load_before, result['peer_load_before']))
   common.emit(result)
 
 

@@ -192,10 +192,7 @@ def main():
           f'rollout {r["ratio_rollout"]:.2f}x, scoring {r["ratio_scoring"]:.2f}x, one update epoch '
           f'{r["ratio_update_epoch"]:.2f}x; best run vs best run: vs TRL {r["ratio_vs_trl_best"]:.2f}x, '
           f'vs hand-written {r["ratio_vs_manual_best"]:.2f}x')
-    note = common.contention_note(S['iteration'], trl, max(load_before, peer_load))
-    if note:
-      result['contended'] = True
-      print(note)
+    common.flag_contention(result, S['iteration'], trl, max(load_before, peer_load))
     result['peer_load_before'] = peer_load
   common.emit(result)
 

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_rlhf import rl, sampling
+from jax_rlhf import rl
 from jax_rlhf.data import batches
 from jax_rlhf.models import hf
 from jax_rlhf.train import checkpoint, common, lm
-from jax_rlhf.train.rm import decode_responses
+from jax_rlhf.train.rm import sample_responses
 
 
 def win_rate(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
@@ -142,7 +142,6 @@ def run(config, workdir: str) -> dict:
 
 
 def _sample(graphdef, state, tok, prompt_arrays, ec, seed):
-  from jax_rlhf.train.rm import sample_responses
   return sample_responses(graphdef, state, tok, prompt_arrays, jax.random.key(seed + 11),
                           batch_size=ec.batch_size, max_new_tokens=ec.max_new_tokens, temperature=ec.temperature)
 

@@ -5,10 +5,7 @@ Batch layout (right-padded): `tokens [B, T]`, `attention_mask [B, T]` (1 = real 
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
