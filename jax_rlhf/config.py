@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
       name='instruct_world',    # the embedded task (jax_rlhf/tasks); its files are written to W/data
       seed=0,                   # the world's seed (entities, facts, prompts)
       demo_error_rate=0.3,      # fraction of wrong demonstrations, so SFT is imperfect
+      min_items=3, max_items=6, # operand lengths of the helpful tasks
       n_pretrain=40000,         # pretraining lines
       n_sft_train=6000,         # demonstrations for SFT (InstructGPT: ~13k)
       n_sft_eval=256,
@@ -142,6 +143,8 @@ def base_config() -> ml_collections.ConfigDict:
       max_new_tokens=8,
       n_pretrain_eval=512,      # held-out pretraining lines for the alignment tax
       models=('sft', 'ppo'),    # stages compared (each a workdir subfolder)
+      best_of_n=(1, 2, 4, 8, 16),  # best-of-n of SFT samples picked by the RM (the RM's ceiling, Gao et al.);
+                                # () skips it. Costs max(n) samples per eval prompt
   ))
   return c
 
@@ -158,7 +161,7 @@ def quick(c: ml_collections.ConfigDict) -> None:
   c.rm.update(num_prompts=48, k_min=2, k_max=4, batch_size=8)
   c.ppo.update(iterations=4, batch_size=8)
   c.ppo.ptx.batch_size = 8
-  c.eval.update(batch_size=32, n_pretrain_eval=32)
+  c.eval.update(batch_size=32, n_pretrain_eval=32, best_of_n=(1, 2))
 
 
 def instructgpt(c: ml_collections.ConfigDict) -> None:

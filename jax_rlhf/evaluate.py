@@ -7,7 +7,10 @@ For each compared model (`eval.models`, workdir subfolders with an HF export) on
   kl_to_ref         sum over response tokens of log pi(y_t) - log pi_ref(y_t), mean over prompts (nats)
   lm_loss_pretrain  token loss on held-out pretraining text (the alignment tax when it rises)
   win_rate_vs_sft   P(gold(model) > gold(SFT)) per prompt, ties counting half, with a 95% interval
-Writes W/eval/results.json and W/eval/samples.jsonl, and prints the table.
+and `best_of_n`: the reward model picks the best of n SFT samples (`eval.best_of_n`). It is the RM's ceiling:
+what optimising it buys without any policy training, at KL <= log n - (n-1)/n, against the oracle (the best
+gold among the n). When best-of-n gold stops rising (or falls) with n, the RM is the bottleneck, not PPO.
+Writes W/eval/results.json and W/eval/samples.jsonl, and prints the tables.
 """
 from __future__ import annotations
 
@@ -34,6 +37,40 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
   rate = float(outcome.mean())
   half = 1.96 * float(outcome.std(ddof=1)) / math.sqrt(n) if n > 1 else float('nan')
   return rate, max(rate - half, 0.0), min(rate + half, 1.0)
+
+
+def best_of_n(rm_scores: np.ndarray, gold: np.ndarray, sft_gold: np.ndarray, ns, categories=None) -> dict:
+  """Best-of-n among the first n of N samples per prompt, picked by the reward model.
+
+  rm_scores, gold: [P, N] for N independent SFT samples per prompt; sft_gold: [P], the gold of the one SFT
+  sample the models are compared with. Per n: the gold and RM score of the RM's pick (first index on ties),
+  per-category gold (when `categories` [P] is given), the oracle's gold (best of the n), the win rate vs SFT
+  (ties half, 95% interval), and `kl_bound` = log n - (n-1)/n, the KL of best-of-n to the sampling policy
+  (exact when the n samples are distinct; Stiennon et al. 2020).
+  """
+  rows = np.arange(len(gold))
+  out = {}
+  for n in ns:
+    pick = np.argmax(rm_scores[:, :n], axis=1)
+    g = gold[rows, pick]
+    rate, lo, hi = win_rate(g, sft_gold)
+    out[str(n)] = {'gold_score': float(g.mean()), 'rm_score': float(rm_scores[rows, pick].mean()),
+                   'oracle_gold': float(gold[:, :n].max(1).mean()), 'win_rate_vs_sft': rate,
+                   'win_rate_vs_sft_ci95': [lo, hi], 'kl_bound': math.log(n) - (n - 1) / n}
+    if categories is not None:
+      cats = np.asarray(categories)
+      out[str(n)]['per_category'] = {c: float(g[cats == c].mean()) for c in sorted(set(categories))}
+  return out
+
+
+def format_best_of_n(table: dict) -> str:
+  lines = ['best-of-n of SFT samples by the RM | gold  | oracle | win vs SFT (95% CI)  | RM score | KL bound',
+           '-----------------------------------|-------|--------|----------------------|----------|---------']
+  for n, r in table.items():
+    lo, hi = r['win_rate_vs_sft_ci95']
+    lines.append(f'n = {n:<30} | {r["gold_score"]:.3f} | {r["oracle_gold"]:.3f}  | '
+                 f'{r["win_rate_vs_sft"]:.3f} [{lo:.3f}, {hi:.3f}] | {r["rm_score"]:+.3f}   | {r["kl_bound"]:.3f}')
+  return '\n'.join(lines)
 
 
 def _kl_fn(graphdef):
@@ -66,6 +103,8 @@ def run(config, workdir: str) -> dict:
   sft_dir = common.require_stage(workdir, 'sft', 'eval')
   rm_dir = common.require_stage(workdir, 'rm', 'eval')
   model_dirs = {name: common.require_stage(workdir, name, 'eval') for name in ec.models}
+  if any(int(n) < 1 for n in ec.best_of_n):
+    raise common.UserError(f'eval.best_of_n must hold positive sample counts, got {tuple(ec.best_of_n)}')
   tok = common.load_tokenizer(config)
   files = common.task_files(config, workdir)
   world = common.world(config)
@@ -128,9 +167,15 @@ def run(config, workdir: str) -> dict:
   if 'sft' in results:
     for name in results:
       results[name]['alignment_tax'] = results[name]['lm_loss_pretrain'] - results['sft']['lm_loss_pretrain']
+  extra = {}
+  if ec.best_of_n and 'sft' in golds:
+    bon_scores, bon_gold = _best_of_n_samples(graphdef, ref_state, reward, score_fn, world, tok, prompt_recs,
+                                              prompt_arrays, ec, max(int(n) for n in ec.best_of_n), config.seed)
+    cats = [r.get('category') or world.category(r['prompt']) for r in prompt_recs]
+    extra['best_of_n'] = best_of_n(bon_scores, bon_gold, golds['sft'], [int(n) for n in ec.best_of_n], cats)
 
   common.write_json(os.path.join(out, 'results.json'), {'models': results, 'temperature': ec.temperature,
-                                                        'categories': categories})
+                                                        'categories': categories, **extra})
   if jax.process_index() == 0:
     with open(os.path.join(out, 'samples.jsonl'), 'w') as f:
       for i, r in enumerate(prompt_recs):
@@ -138,7 +183,24 @@ def run(config, workdir: str) -> dict:
                             **{name: samples[name][i] for name in samples}}) + '\n')
   checkpoint.mark_done(out, {'stage': 'eval', 'models': list(results)})
   print(format_table(results, categories))
+  if extra:
+    print(format_best_of_n(extra['best_of_n']))
   return results
+
+
+def _best_of_n_samples(graphdef, sft_state, reward, score_fn, world, tok, prompt_recs, prompt_arrays, ec, n, seed):
+  """n fresh SFT samples per prompt (keys apart from the compared samples'): RM scores and gold, [P, n] each."""
+  rep = {k: np.repeat(v, n, axis=0) for k, v in prompt_arrays.items()}
+  texts, toks, masks = sample_responses(graphdef, sft_state, tok, rep, jax.random.key(seed + 13),
+                                        batch_size=ec.batch_size, max_new_tokens=ec.max_new_tokens,
+                                        temperature=ec.temperature)
+  seq = np.concatenate([rep['prompt'], toks], 1)
+  att = np.concatenate([rep['prompt_mask'], masks], 1)
+  scores = np.concatenate([np.asarray(score_fn(reward, seq[s:s + ec.batch_size], att[s:s + ec.batch_size]))
+                           for s in range(0, len(seq), ec.batch_size)])
+  prompts = [r['prompt'] for r in prompt_recs for _ in range(n)]
+  gold = np.array([world.gold_score(p, t) for p, t in zip(prompts, texts)])
+  return scores.reshape(-1, n), gold.reshape(-1, n)
 
 
 def _sample(graphdef, state, tok, prompt_arrays, ec, seed):

@@ -94,6 +94,11 @@ def test_eval_results_have_every_field(workdir):
   lo, hi = ppo['win_rate_vs_sft_ci95']
   assert 0.0 <= lo <= ppo['win_rate_vs_sft'] <= hi <= 1.0
   assert 'win_rate_vs_sft' not in results['sft']
+  bon = json.loads((workdir / 'eval' / 'results.json').read_text())['best_of_n']
+  assert set(bon) == {'1', '2'}  # the quick variant's eval.best_of_n
+  for r in bon.values():
+    assert 0.0 <= r['gold_score'] <= r['oracle_gold'] <= 1.0
+  assert bon['2']['oracle_gold'] >= bon['1']['oracle_gold']
 
 
 def test_hf_exports_load_in_transformers(workdir):

@@ -51,9 +51,12 @@ def load_tokenizer(config: ml_collections.ConfigDict):
 
 
 def world(config: ml_collections.ConfigDict):
+  """The task's world; every `WorldConfig` field that `config.task` names is taken from the config."""
+  import dataclasses
   from jax_rlhf.tasks import instruct_world
   t = config.task
-  return instruct_world.World(instruct_world.WorldConfig(seed=t.seed, demo_error_rate=t.demo_error_rate))
+  fields = {f.name for f in dataclasses.fields(instruct_world.WorldConfig)}
+  return instruct_world.World(instruct_world.WorldConfig(**{k: v for k, v in t.items() if k in fields}))
 
 
 def task_files(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
