@@ -105,6 +105,7 @@ def run(config, workdir: str) -> dict:
     return texts_out, gold, np.concatenate(rm_scores), np.concatenate(kls), toks, masks
 
   results, golds, samples, curves = {}, {}, {name: [] for name in model_dirs}, {}
+  sft_point = None
   for name, d in model_dirs.items():
     model = hf.load_pretrained(os.path.join(d, 'hf'), **kw)
     _, state = nnx.split(model)
@@ -134,10 +135,14 @@ def run(config, workdir: str) -> dict:
       n_snap = min(ec.n_snapshot_prompts, len(prompt_recs))
       points = []
       for it in [0, *snaps]:
+        if it == 0 and sft_point:
+          points.append(sft_point)
+          continue
         st = ref_state if it == 0 else nnx.split(hf.load_pretrained(os.path.join(snap_dir, str(it)), **kw))[1]
         _, g, r, k, _, _ = evaluate(st, n_snap)
         points.append({'iteration': it, 'gold_score': float(g.mean()), 'rm_score': float(r.mean()),
                        'kl_to_ref': float(k.mean())})
+      sft_point = points[0]  # the same for every run
       curves[name] = {'n_prompts': n_snap, 'points': points}
   if 'sft' in golds:
     for name in golds:

@@ -71,3 +71,15 @@ def test_readme_section_is_replaced_and_nothing_else():
   assert readme_results.replace_section(text, 'new') == f'top\n{readme_results.BEGIN}\nnew\n{readme_results.END}\nbottom\n'
   with pytest.raises(ValueError, match='results:begin'):
     readme_results.replace_section('no markers', 'new')
+
+
+def test_report_and_readme_script_without_results_exit_2_with_one_line(tmp_path, capsys):
+  sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+  try:
+    import readme_results  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  assert report.main(['--workdir', str(tmp_path)]) == 2
+  assert readme_results.main(['--workdir', str(tmp_path), '--readme', str(tmp_path / 'README.md')]) == 2
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 2 and all(line.startswith('error: no ') and 'results.json' in line for line in lines)
