@@ -262,8 +262,8 @@ def write(workdir: str, n_samples: int = 20) -> str:
   if plot_overoptimisation(results, over):
     blocks += [('h2', 'Over-optimisation'),
                ('p', 'Gold and RM score against KL to the reference for the policy snapshots kept along each PPO '
-                     'run (Gao et al. 2023): the proxy keeps rising while the gold score rises and then falls '
-                     'when the policy over-optimises.'),
+                     'run (Gao et al. 2023). Over-optimisation shows as a gold score that rises and then falls '
+                     'while the RM score (the proxy PPO optimises) keeps rising.'),
                ('img', 'Gold score and RM score against KL to the reference', over),
                ('table', *fmt_curve_table(results))]
   training = plot_training(workdir, results, plots)
