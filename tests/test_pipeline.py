@@ -237,7 +237,8 @@ def test_report_numbers_are_those_of_results_json(workdir):
   assert [p['iteration'] for p in points] == [0, 2, 4]
   assert points[0]['kl_to_ref'] == pytest.approx(0.0, abs=1e-5)
   header, *rows = tables['Over-optimisation']
-  assert [(r[0], int(r[1])) for r in rows] == [('ppo', p['iteration']) for p in points]
+  rows = [r for r in rows if r[0] == 'ppo']
+  assert [int(r[1]) for r in rows] == [p['iteration'] for p in points]
   for row, p in zip(rows, points):
     for cell, key in zip(row[2:], ('kl_to_ref', 'gold_score', 'rm_score')):
       assert_cell(cell, p[key], 3)
