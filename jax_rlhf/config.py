@@ -135,7 +135,12 @@ def base_config() -> ml_collections.ConfigDict:
       )),
       policy_optimizer=_optimizer(3e-4, schedule='linear', eps=1e-5),
       value_optimizer=_optimizer(1e-3, schedule='linear', eps=1e-5),
+      snapshot_every=15,        # iterations between policy snapshots in W/<run>/snapshots/<iteration> (HF folders,
+                                # ~4 MB each on the demo) that eval scores for the over-optimisation curve; 0: none
   ))
+  # Extra PPO runs from the same SFT and RM: name -> overrides of `ppo` (e.g. ppo_ptx=dict(ptx=dict(coef=1.0))).
+  # Each writes W/<name> after W/ppo in the pipeline; list it in eval.models to compare it. Empty: none.
+  c.ppo_runs = ml_collections.ConfigDict()
 
   c.eval = ml_collections.ConfigDict(dict(
       temperature=1.0,          # sampling temperature of the compared models
@@ -145,6 +150,8 @@ def base_config() -> ml_collections.ConfigDict:
       models=('sft', 'ppo'),    # stages compared (each a workdir subfolder)
       best_of_n=(1, 2, 4, 8, 16),  # best-of-n of SFT samples picked by the RM (the RM's ceiling, Gao et al.);
                                 # () skips it. Costs max(n) samples per eval prompt
+      n_snapshot_prompts=100,   # held-out prompts on which each PPO snapshot is scored (over-optimisation curve)
+      report_samples=20,        # held-out prompts shown in W/eval/report.{md,html} with SFT and PPO responses
   ))
   return c
 
@@ -161,7 +168,8 @@ def quick(c: ml_collections.ConfigDict) -> None:
   c.rm.update(num_prompts=48, k_min=2, k_max=4, batch_size=8)
   c.ppo.update(iterations=4, batch_size=8)
   c.ppo.ptx.batch_size = 8
-  c.eval.update(batch_size=32, n_pretrain_eval=32, best_of_n=(1, 2))
+  c.ppo.snapshot_every = 2
+  c.eval.update(batch_size=32, n_pretrain_eval=32, n_snapshot_prompts=16, best_of_n=(1, 2))
 
 
 def instructgpt(c: ml_collections.ConfigDict) -> None:
@@ -177,7 +185,41 @@ def instructgpt(c: ml_collections.ConfigDict) -> None:
   c.ppo.ptx.coef = 27.8
 
 
-VARIANTS = {'quick': quick, 'instructgpt': instructgpt}
+def ablation(c: ml_collections.ConfigDict) -> None:
+  """PPO, PPO-ptx and a low-beta PPO that over-optimises, from the same SFT and RM; eval compares all four.
+
+  ptx coef 1.0 (not InstructGPT's 27.8, whose scale is that of their loss sums): on the demo the pretraining LM
+  loss (~6 nats/token) already outweighs the whitened policy loss at 1. beta 0.02 is InstructGPT's value, ten
+  times below the demo's default.
+  """
+  c.ppo_runs = ml_collections.ConfigDict(dict(
+      ppo_ptx=dict(ptx=dict(coef=1.0)),
+      ppo_lowbeta=dict(kl=dict(coef=0.02)),
+  ))
+  c.eval.models = ('sft', 'ppo', *c.ppo_runs.keys())
+
+
+VARIANTS = {'quick': quick, 'instructgpt': instructgpt, 'ablation': ablation}
+
+def pipeline_stages(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """What `stage=pipeline` runs, in order: the five stages, with `ppo_runs` after ppo."""
+  for name in c.ppo_runs:
+    if name in STAGES:
+      raise ValueError(f'ppo_runs.{name}: a PPO run may not be named like a stage ({", ".join(STAGES)})')
+  return ('pretrain', 'sft', 'rm', 'ppo', *c.ppo_runs.keys(), 'eval')
+
+
+def ppo_run_config(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The config of the PPO run `name` of `ppo_runs`: `ppo` with its overrides."""
+  import copy
+  run = copy.deepcopy(c)
+  run.lock()  # an override of a field ppo does not have is an error, not a new field
+  try:
+    run.ppo.update(c.ppo_runs[name].to_dict())
+  except (KeyError, AttributeError, TypeError) as e:
+    msg = str(e).strip('\'"').split(' Other fields present')[0]
+    raise ValueError(f'ppo_runs.{name}: bad override of ppo: {msg}') from None
+  return run
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

@@ -10,7 +10,10 @@ For each compared model (`eval.models`, workdir subfolders with an HF export) on
 and `best_of_n`: the reward model picks the best of n SFT samples (`eval.best_of_n`). It is the RM's ceiling:
 what optimising it buys without any policy training, at KL <= log n - (n-1)/n, against the oracle (the best
 gold among the n). When best-of-n gold stops rising (or falls) with n, the RM is the bottleneck, not PPO.
-Writes W/eval/results.json and W/eval/samples.jsonl, and prints the tables.
+The policy snapshots a PPO run kept (W/<run>/snapshots/<iteration>) get gold, RM score and KL on the first
+`eval.n_snapshot_prompts` held-out prompts (the over-optimisation curve; SFT is iteration 0).
+Writes W/eval/results.json and W/eval/samples.jsonl, prints the table, and writes the report
+(W/eval/report.md, report.html, plots/*.png; jax_rlhf/report.py) from those files.
 """
 from __future__ import annotations
 
@@ -99,6 +102,7 @@ def run(config, workdir: str) -> dict:
     with open(os.path.join(out, 'results.json')) as f:
       done = json.load(f)
     print(format_table(done['models'], done['categories']))
+    _write_report(config, workdir)
     return done['models']
   sft_dir = common.require_stage(workdir, 'sft', 'eval')
   rm_dir = common.require_stage(workdir, 'rm', 'eval')
@@ -122,28 +126,34 @@ def run(config, workdir: str) -> dict:
   temperature = ec.temperature if ec.temperature > 0 else 1.0
   n_new = ec.max_new_tokens
   categories = sorted({r.get('category') or world.category(r['prompt']) for r in prompt_recs})
+  cats = [r.get('category') or world.category(r['prompt']) for r in prompt_recs]
 
-  results, golds, samples = {}, {}, {name: [] for name in model_dirs}
+  def evaluate(state, n=None):
+    """One sample per held-out prompt (the first n): texts, gold, RM scores, KL, response tokens and mask."""
+    arrays = {k: v[:n] for k, v in prompt_arrays.items()}
+    # Every model sees the same sampling keys: differences come from the models.
+    texts_out, toks, masks = _sample(graphdef, state, tok, arrays, ec, config.seed)
+    bs = min(ec.batch_size, len(toks))
+    gold = np.array([world.gold_score(r['prompt'], t) for r, t in zip(prompt_recs, texts_out)])
+    seq = np.concatenate([arrays['prompt'], toks], 1)
+    att = np.concatenate([arrays['prompt_mask'], masks], 1)
+    rm_scores, kls = [], []
+    for s in range(0, len(seq), bs):
+      rm_scores.append(np.asarray(score_fn(reward, seq[s:s + bs], att[s:s + bs])))
+      kls.append(np.asarray(kl_fn(state, ref_state, seq[s:s + bs], att[s:s + bs], n_new, temperature)))
+    return texts_out, gold, np.concatenate(rm_scores), np.concatenate(kls), toks, masks
+
+  results, golds, samples, curves = {}, {}, {name: [] for name in model_dirs}, {}
+  sft_point = None
   for name, d in model_dirs.items():
     model = hf.load_pretrained(os.path.join(d, 'hf'), **kw)
     _, state = nnx.split(model)
-    # Every model sees the same sampling keys: differences come from the models.
-    texts_out, toks, masks = _sample(graphdef, state, tok, prompt_arrays, ec, config.seed)
-    gold = np.array([world.gold_score(r['prompt'], t) for r, t in zip(prompt_recs, texts_out)])
-    seq = np.concatenate([prompt_arrays['prompt'], toks], 1)
-    att = np.concatenate([prompt_arrays['prompt_mask'], masks], 1)
-    rm_scores, kls = [], []
-    for s in range(0, len(seq), ec.batch_size):
-      rm_scores.append(np.asarray(score_fn(reward, seq[s:s + ec.batch_size], att[s:s + ec.batch_size])))
-      kls.append(np.asarray(kl_fn(state, ref_state, seq[s:s + ec.batch_size], att[s:s + ec.batch_size],
-                                  n_new, temperature)))
-    rm_scores, kls = np.concatenate(rm_scores), np.concatenate(kls)
+    texts_out, gold, rm_scores, kls, toks, masks = evaluate(state)
     lm_sum = lm_n = 0.0
     for s in range(0, len(pre['tokens']), ec.batch_size):
       loss, n = loss_fn(state, {k: v[s:s + ec.batch_size] for k, v in pre.items()})
       lm_sum += float(loss) * float(n)
       lm_n += float(n)
-    cats = [r.get('category') or world.category(r['prompt']) for r in prompt_recs]
     has_eos = ((toks == tok.eos_token_id) & (masks > 0)).any(1)
     results[name] = {
         'gold_score': float(gold.mean()),
@@ -158,6 +168,21 @@ def run(config, workdir: str) -> dict:
     golds[name] = gold
     samples[name] = [{'response': t, 'gold': float(g), 'rm': float(r)}
                      for t, g, r in zip(texts_out, gold, rm_scores)]
+    snap_dir = os.path.join(d, 'snapshots')
+    snaps = sorted(int(x) for x in os.listdir(snap_dir) if x.isdigit()) if os.path.isdir(snap_dir) else []
+    if snaps:  # the over-optimisation curve: SFT (iteration 0, KL 0) and each snapshot, on the first prompts
+      n_snap = min(ec.n_snapshot_prompts, len(prompt_recs))
+      points = []
+      for it in [0, *snaps]:
+        if it == 0 and sft_point:
+          points.append(sft_point)
+          continue
+        st = ref_state if it == 0 else nnx.split(hf.load_pretrained(os.path.join(snap_dir, str(it)), **kw))[1]
+        _, g, r, k, _, _ = evaluate(st, n_snap)
+        points.append({'iteration': it, 'gold_score': float(g.mean()), 'rm_score': float(r.mean()),
+                       'kl_to_ref': float(k.mean())})
+      sft_point = points[0]  # the same for every run
+      curves[name] = {'n_prompts': n_snap, 'points': points}
   if 'sft' in golds:
     for name in golds:
       if name != 'sft':
@@ -175,7 +200,8 @@ def run(config, workdir: str) -> dict:
     extra['best_of_n'] = best_of_n(bon_scores, bon_gold, golds['sft'], [int(n) for n in ec.best_of_n], cats)
 
   common.write_json(os.path.join(out, 'results.json'), {'models': results, 'temperature': ec.temperature,
-                                                        'categories': categories, **extra})
+                                                        'categories': categories, 'overoptimisation': curves,
+                                                        'machine': _machine(), **extra})
   if jax.process_index() == 0:
     with open(os.path.join(out, 'samples.jsonl'), 'w') as f:
       for i, r in enumerate(prompt_recs):
@@ -185,6 +211,7 @@ def run(config, workdir: str) -> dict:
   print(format_table(results, categories))
   if extra:
     print(format_best_of_n(extra['best_of_n']))
+  _write_report(config, workdir)
   return results
 
 
@@ -203,9 +230,25 @@ def _best_of_n_samples(graphdef, sft_state, reward, score_fn, world, tok, prompt
   return scores.reshape(-1, n), gold.reshape(-1, n)
 
 
+def _write_report(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    from jax_rlhf import report
+    path = report.write(workdir, n_samples=config.eval.report_samples)
+    print(f'[eval] report: {path}')
+
+
+def _machine() -> str:
+  """Where the eval ran, in words: the accelerator (or CPU cores) and the host."""
+  import platform
+  dev = jax.devices()[0]
+  what = f'{os.cpu_count()} CPU cores' if dev.platform == 'cpu' else f'{jax.device_count()} x {dev.device_kind}'
+  return f'{what}, {platform.machine()} {platform.system()}, jax {jax.__version__}'
+
+
 def _sample(graphdef, state, tok, prompt_arrays, ec, seed):
   return sample_responses(graphdef, state, tok, prompt_arrays, jax.random.key(seed + 11),
-                          batch_size=ec.batch_size, max_new_tokens=ec.max_new_tokens, temperature=ec.temperature)
+                          batch_size=min(ec.batch_size, len(prompt_arrays['prompt'])),
+                          max_new_tokens=ec.max_new_tokens, temperature=ec.temperature)
 
 
 def format_table(results: dict, categories: list[str]) -> str:

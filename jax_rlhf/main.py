@@ -3,11 +3,14 @@
   python -m jax_rlhf.main --config configs/ppo.py --workdir runs/x --config.ppo.kl.coef=0.05
   python -m jax_rlhf.main --config configs/pipeline.py:quick --workdir runs/q
 
-`config.stage` picks what runs: pretrain | sft | rm | ppo | eval | pipeline (all of them in order, each
-skipped when its `W/<stage>/DONE` exists). Mistakes a user can make end in one line and exit status 2.
+`config.stage` picks what runs: pretrain | sft | rm | ppo | eval | pipeline (all of them in order, with the
+extra PPO runs of `config.ppo_runs` after ppo, each skipped when its `W/<stage>/DONE` exists; the wall time of
+each stage that ran is appended to `W/wall_times.jsonl`). Mistakes a user can make end in one line and exit
+status 2.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -19,14 +22,20 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. c
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for everything the run writes (stages chain through it).')
 
-PIPELINE = ('pretrain', 'sft', 'rm', 'ppo', 'eval')
-
-
 def run_stage(config, workdir: str, stage: str):
+  """Runs one stage (a name of `config.ppo_runs` is a PPO run); None when it was already complete."""
   from jax_rlhf.train import checkpoint, common
   if stage != 'eval' and checkpoint.is_done(common.stage_dir(workdir, stage)):
     print(f'[{stage}] already complete in {common.stage_dir(workdir, stage)}; skipping')
-    return {}
+    return None
+  if stage in config.ppo_runs:
+    from jax_rlhf.config import ppo_run_config
+    from jax_rlhf.train import ppo
+    try:
+      run_config = ppo_run_config(config, stage)
+    except ValueError as e:
+      raise common.UserError(str(e)) from None
+    return ppo.run(run_config, workdir, name=stage)
   if stage in ('pretrain', 'sft'):
     from jax_rlhf.train import sft
     return sft.run(config, workdir, stage)
@@ -43,14 +52,23 @@ def run_stage(config, workdir: str, stage: str):
 
 
 def run(config, workdir: str) -> None:
-  from jax_rlhf.config import STAGES
+  import jax
+  from jax_rlhf.config import STAGES, pipeline_stages
+  from jax_rlhf.train.common import UserError
   if config.stage not in STAGES:
     raise SystemExit(f'error: config.stage={config.stage!r}; choose one of {", ".join(STAGES)}')
-  stages = PIPELINE if config.stage == 'pipeline' else (config.stage,)
+  try:
+    stages = pipeline_stages(config) if config.stage == 'pipeline' else (config.stage,)
+  except ValueError as e:
+    raise UserError(str(e)) from None
   for stage in stages:
     t = time.perf_counter()
-    run_stage(config, workdir, stage)
-    print(f'[{stage}] {time.perf_counter() - t:.1f} s', flush=True)
+    done = run_stage(config, workdir, stage)
+    dt = time.perf_counter() - t
+    print(f'[{stage}] {dt:.1f} s', flush=True)
+    if done is not None and jax.process_index() == 0:
+      with open(os.path.join(workdir, 'wall_times.jsonl'), 'a') as f:
+        f.write(json.dumps({'stage': stage, 'wall_s': round(dt, 1), 'time': round(time.time(), 1)}) + '\n')
 
 
 def main(argv):

@@ -174,3 +174,122 @@ def test_ppo_killed_and_resumed_ends_where_the_uninterrupted_run_does(workdir, t
   assert resumed.keys() == uninterrupted.keys()
   for k in uninterrupted:
     np.testing.assert_allclose(resumed[k], uninterrupted[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+# ------------------------------------------------------------------ the report (jax_rlhf/report.py) and ablation
+PLOTS = ('training_pretrain', 'training_sft', 'training_rm', 'training_ppo', 'overoptimisation', 'alignment_tax')
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def md_tables(md):
+  """{section title: [rows as lists of cells]} of report.md's tables (header row first)."""
+  tables, title = {}, None
+  for line in md.splitlines():
+    if line.startswith('## '):
+      title = line[3:]
+    elif line.startswith('| ') and title:
+      cells = [c.strip().replace('\\|', '|') for c in line.strip()[2:-2].replace('\\|', '\0').split(' | ')]
+      tables.setdefault(title, []).append([c.replace('\0', '|') for c in cells])
+  return tables
+
+
+def assert_cell(cell, value, decimals):
+  assert abs(float(cell) - value) <= 0.5 * 10 ** -decimals + 1e-12, (cell, value)
+
+
+def check_results_table(rows, results):
+  header, *rows = rows
+  assert [r[0].split(' ')[0] for r in rows] == list(results['models'])
+  for row in rows:
+    r = results['models'][row[0].split(' ')[0]]
+    cell = dict(zip(header, row))
+    assert_cell(cell['gold'], r['gold_score'], 3)
+    for c in results['categories']:
+      assert_cell(cell[c], r['per_category'][c], 3)
+    assert_cell(cell['RM score'], r['rm_score'], 3)
+    assert_cell(cell['KL to ref'], r['kl_to_ref'], 3)
+    assert_cell(cell['LM loss (pretrain)'], r['lm_loss_pretrain'], 4)
+    assert_cell(cell['alignment tax'], r['alignment_tax'], 4)
+    if 'win_rate_vs_sft' in r:
+      rate, ci = cell['win vs SFT [95% CI]'].split(' ', 1)
+      assert_cell(rate, r['win_rate_vs_sft'], 3)
+      for got, want in zip(ci.strip('[]').split(', '), r['win_rate_vs_sft_ci95']):
+        assert_cell(got, want, 3)
+    else:
+      assert cell['win vs SFT [95% CI]'] == '-'
+
+
+def test_report_and_every_plot_are_written(workdir):
+  import base64
+  ev = workdir / 'eval'
+  md = (ev / 'report.md').read_text()
+  page = (ev / 'report.html').read_text()
+  for name in PLOTS:
+    png = (ev / 'plots' / f'{name}.png').read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000, name
+    assert f'](plots/{name}.png)' in md, name
+    assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in page, name  # self-contained
+  assert page.count('<img ') == len(PLOTS)
+
+
+def test_report_numbers_are_those_of_results_json(workdir):
+  ev = workdir / 'eval'
+  results = json.loads((ev / 'results.json').read_text())
+  tables = md_tables((ev / 'report.md').read_text())
+  check_results_table(tables['Results'], results)
+  # The over-optimisation curve: SFT (iteration 0, KL 0) then a snapshot every 2 PPO iterations.
+  points = results['overoptimisation']['ppo']['points']
+  assert [p['iteration'] for p in points] == [0, 2, 4]
+  assert points[0]['kl_to_ref'] == pytest.approx(0.0, abs=1e-5)
+  header, *rows = tables['Over-optimisation']
+  rows = [r for r in rows if r[0] == 'ppo']
+  assert [int(r[1]) for r in rows] == [p['iteration'] for p in points]
+  for row, p in zip(rows, points):
+    for cell, key in zip(row[2:], ('kl_to_ref', 'gold_score', 'rm_score')):
+      assert_cell(cell, p[key], 3)
+  samples = [json.loads(line) for line in (ev / 'samples.jsonl').read_text().splitlines()]
+  header, *rows = tables['20 held-out prompts']
+  assert len(rows) == 20
+  for row, s in zip(rows, samples):
+    assert row[2] == s['prompt'].strip()
+    for j, m in ((3, 'sft'), (6, 'ppo')):
+      assert row[j] == (s[m]['response'].strip() or '')
+      assert_cell(row[j + 1], s[m]['gold'], 2)
+      assert_cell(row[j + 2], s[m]['rm'], 2)
+
+
+def test_ablation_runs_ptx_and_lowbeta_from_the_same_sft_and_rm_and_eval_compares_all(workdir, tmp_path):
+  copy = tmp_path / 'W'
+  shutil.copytree(workdir, copy, symlinks=True)
+  shutil.rmtree(copy / 'eval')
+  proc = main('configs/pipeline.py:quick,ablation', copy, *QUICK[1:], '--config.ppo.iterations=2')
+  assert proc.returncode == 0, explain(proc)
+  for stage in STAGES:  # the same SFT and RM (and the plain PPO run) are reused
+    assert f'[{stage}] already complete' in proc.stdout, (stage, explain(proc))
+  for name, kl, ptx in (('ppo_ptx', 0.2, 1.0), ('ppo_lowbeta', 0.02, 0.0)):
+    done = json.loads((copy / name / 'DONE').read_text())
+    assert (done['kl_coef'], done['ptx_coef']) == (kl, ptx), done
+    records = [r for r in read_metrics(copy / name / 'metrics.jsonl') if r['split'] == 'train']
+    assert all(r['beta'] == pytest.approx(kl) for r in records)
+    assert all(('ptx_loss' in r) == (ptx > 0) for r in records)
+  results = json.loads((copy / 'eval' / 'results.json').read_text())
+  assert list(results['models']) == ['sft', 'ppo', 'ppo_lowbeta', 'ppo_ptx']
+  assert set(results['overoptimisation']) == {'ppo', 'ppo_lowbeta', 'ppo_ptx'}
+  md = (copy / 'eval' / 'report.md').read_text()
+  check_results_table(md_tables(md)['Results'], results)
+  timed = [json.loads(line)['stage'] for line in (copy / 'wall_times.jsonl').read_text().splitlines()]
+  assert timed[-3:] == ['ppo_lowbeta', 'ppo_ptx', 'eval']
+
+  # The README's results section, regenerated from this workdir.
+  readme = tmp_path / 'README.md'
+  readme.write_text('intro\n<!-- results:begin -->\nold\n<!-- results:end -->\nrest\n')
+  proc = subprocess.run([sys.executable, 'scripts/readme_results.py', '--workdir', str(copy), '--readme',
+                         str(readme), '--docs', str(tmp_path / 'docs')], cwd=ROOT, capture_output=True, text=True)
+  assert proc.returncode == 0, explain(proc)
+  text = readme.read_text()
+  assert text.startswith('intro\n<!-- results:begin -->\n') and text.endswith('<!-- results:end -->\nrest\n')
+  assert '\nold\n' not in text and 'Wall time' in text
+  check_results_table(md_tables('## Results\n' + text)['Results'], results)
+  for name in ('overoptimisation', 'alignment_tax'):
+    assert (tmp_path / 'docs' / f'{name}.png').read_bytes().startswith(PNG_MAGIC)
+    assert f'](docs/{name}.png)' in text

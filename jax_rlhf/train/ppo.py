@@ -10,7 +10,8 @@ reference (SFT, frozen). Two compiled functions per iteration:
   update:     epochs x minibatches in one lax.scan: clipped policy loss + vf_coef * clipped value loss
               (+ gamma_ptx * LM loss on pretraining text). Old log-probs and values are frozen per batch,
               so the ratio is 1 on the first minibatch.
-beta is fixed or follows Ziegler's adaptive controller between iterations.
+beta is fixed or follows Ziegler's adaptive controller between iterations. Every `ppo.snapshot_every` iterations
+the policy is exported to W/<run>/snapshots/<iteration> (the eval stage scores them: the over-optimisation curve).
 """
 from __future__ import annotations
 
@@ -213,9 +214,10 @@ def load_models(config, workdir: str):
   return policy, value, ref, reward
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, name: str = 'ppo') -> dict:
+  """Trains the policy into W/<name> (name: 'ppo' or one of `config.ppo_runs`)."""
   pc = config.ppo
-  out = common.stage_dir(workdir, 'ppo')
+  out = common.stage_dir(workdir, name)
 
   # ---------------------------------------------------------------- models (fails fast if sft/rm are missing)
   policy, value, ref, reward = load_models(config, workdir)
@@ -247,11 +249,11 @@ def run(config, workdir: str) -> dict:
   beta = float(meta.get('beta', pc.kl.init if pc.kl.adaptive else pc.kl.coef))
   start = int(meta.get('step', 0))
   if start:
-    print(f'[ppo] resumed from iteration {start}')
+    print(f'[{name}] resumed from iteration {start}')
   rng = jax.random.key(config.seed + 3)
 
   # ---------------------------------------------------------------- train
-  writer = metrics_lib.MetricsWriter(out, total_steps=pc.iterations, desc='ppo', initial_step=start,
+  writer = metrics_lib.MetricsWriter(out, total_steps=pc.iterations, desc=name, initial_step=start,
                                      show=('score', 'kl', 'beta', 'clipfrac', 'episodes/s'), progress=config.progress)
   if start == 0:
     writer.write(0, cut.as_metrics('data'), split='info')
@@ -269,6 +271,10 @@ def run(config, workdir: str) -> dict:
       dt = time.perf_counter() - t0
       writer.write(it, {**m, 'episodes/s': pc.batch_size * (it - last_logged) / max(dt, 1e-9)})
       t0, last_logged = time.perf_counter(), it
+    if pc.snapshot_every and (it % pc.snapshot_every == 0 or it == pc.iterations):
+      st = trainer.states['policy']
+      hf.save_pretrained(nnx.merge(trainer.graphdefs['policy'], st.params, st.rest),
+                         os.path.join(out, 'snapshots', str(it)))
     if it % config.checkpoint.every == 0 or it == pc.iterations:
       ckpt.save(it, {'policy': trainer.states['policy'], 'value': trainer.states['value']},
                 {'step': it, 'beta': beta, 'prompts': prompts.state(),
@@ -280,9 +286,10 @@ def run(config, workdir: str) -> dict:
   st = trainer.states['policy']
   hf.save_pretrained(nnx.merge(trainer.graphdefs['policy'], st.params, st.rest), os.path.join(out, 'hf'),
                      tokenizer=tok)
-  summary = {'stage': 'ppo', 'iterations': pc.iterations, 'final_beta': beta, 'ptx_coef': pc.ptx.coef}
+  summary = {'stage': 'ppo', 'run': name, 'iterations': pc.iterations, 'final_beta': beta, 'ptx_coef': pc.ptx.coef,
+             'kl_coef': pc.kl.coef}
   checkpoint.mark_done(out, summary)
-  print(f'[ppo] done; exported {os.path.join(out, "hf")}')
+  print(f'[{name}] done; exported {os.path.join(out, "hf")}')
   return summary
 
 

@@ -1,0 +1,301 @@
+"""The run's report: W/eval/report.md, a self-contained W/eval/report.html and W/eval/plots/*.png.
+
+Every number comes from W/eval/results.json and W/eval/samples.jsonl (written by the eval stage), the curves
+from W/<stage>/metrics.jsonl. The eval stage calls `write`; to regenerate the report of a finished run:
+
+  python -m jax_rlhf.report --workdir W
+
+Plots (matplotlib, Agg backend):
+  training_<stage>.png  loss / accuracy / PPO score, KL, beta, clip fraction, response length against steps
+                        (the PPO runs of an ablation overlaid in training_ppo.png)
+  overoptimisation.png  gold and RM score against KL to the reference, for the policy snapshots along PPO
+  alignment_tax.png     the rise of held-out pretraining LM loss over SFT, and the gold score, per model
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# (metric key, split, panel title) per kind of stage.
+LM_CURVES = (('loss', 'train', 'train loss'), ('eval_loss', 'eval', 'held-out loss'))
+RM_CURVES = (('loss', 'train', 'ranking loss'), ('accuracy', 'train', 'train pair accuracy'),
+             ('eval_accuracy', 'eval', 'held-out pair accuracy'),
+             ('eval_gold_accuracy', 'eval', 'held-out agreement with the gold labeler'))
+PPO_CURVES = (('score', 'train', 'RM score'), ('kl', 'train', 'KL to reference (nats / episode)'),
+              ('beta', 'train', 'beta (KL coefficient)'), ('clipfrac', 'train', 'clip fraction'),
+              ('response_length', 'train', 'response length (tokens)'), ('ptx_loss', 'train', 'ptx LM loss'))
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _summary(workdir: str, name: str) -> dict:
+  path = os.path.join(workdir, name, 'DONE')
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def ppo_runs(workdir: str, results: dict) -> list[str]:
+  """The compared models that are PPO runs (their DONE says stage ppo), in the results' order."""
+  return [n for n in results['models'] if _summary(workdir, n).get('stage') == 'ppo']
+
+
+def describe(workdir: str, name: str) -> str:
+  s = _summary(workdir, name)
+  if s.get('stage') != 'ppo':
+    return name
+  parts = [f'beta {s["kl_coef"]:g}'] if 'kl_coef' in s else []
+  if s.get('ptx_coef'):
+    parts.append(f'ptx {s["ptx_coef"]:g}')
+  return f'{name} ({", ".join(parts)})' if parts else name
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _curve_figure(runs: dict[str, list[dict]], curves, title: str, path: str) -> bool:
+  """One panel per metric some run logged; a line per run. False (nothing written) without data."""
+  panels = [c for c in curves if any(any(r['split'] == c[1] and c[0] in r for r in recs) for recs in runs.values())]
+  if not panels:
+    return False
+  cols = min(3, len(panels))
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+  for ax, (key, split, label) in zip(axes.flat, panels):
+    for i, (run, recs) in enumerate(runs.items()):  # a run keeps its colour in every panel
+      pts = [(r['step'], r[key]) for r in recs if r['split'] == split and key in r]
+      if pts:
+        ax.plot(*zip(*pts), marker='.' if len(pts) < 30 else None, label=run, color=f'C{i}')
+    ax.set_title(label, fontsize=10)
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+    if len(runs) > 1:
+      ax.legend(fontsize=7)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis('off')
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
+def plot_training(workdir: str, results: dict, out: str) -> dict[str, str]:
+  """training_<stage>.png for pretrain, sft, rm and the PPO runs (one figure): {stage: path}."""
+  made = {}
+  for stage, curves in (('pretrain', LM_CURVES), ('sft', LM_CURVES), ('rm', RM_CURVES)):
+    path = os.path.join(workdir, stage, 'metrics.jsonl')
+    if os.path.exists(path):
+      png = os.path.join(out, f'training_{stage}.png')
+      if _curve_figure({stage: _read_jsonl(path)}, curves, f'{stage} training', png):
+        made[stage] = png
+  runs = {n: _read_jsonl(os.path.join(workdir, n, 'metrics.jsonl')) for n in ppo_runs(workdir, results)
+          if os.path.exists(os.path.join(workdir, n, 'metrics.jsonl'))}
+  png = os.path.join(out, 'training_ppo.png')
+  if runs and _curve_figure(runs, PPO_CURVES, 'PPO training', png):
+    made['ppo'] = png
+  return made
+
+
+def plot_overoptimisation(results: dict, path: str) -> bool:
+  curves = results.get('overoptimisation') or {}
+  if not curves:
+    return False
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for name, c in curves.items():
+    kl = [p['kl_to_ref'] for p in c['points']]
+    for ax, key in zip(axes, ('gold_score', 'rm_score')):
+      ax.plot(kl, [p[key] for p in c['points']], marker='o', ms=3, label=name)
+  for ax, label in zip(axes, ('gold score (labeler)', 'RM score (proxy)')):
+    ax.set_xlabel('KL to reference (nats)')
+    ax.set_title(label, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  n = next(iter(curves.values()))['n_prompts']
+  fig.suptitle(f'Over-optimisation: policy snapshots along PPO, {n} held-out prompts (first point: SFT)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
+def plot_alignment_tax(results: dict, path: str) -> bool:
+  models = results['models']
+  if 'sft' not in models or len(models) < 2:
+    return False
+  names = list(models)
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  colors = ['tab:gray' if n == 'sft' else 'tab:green' if 'ptx' in n else 'tab:blue' for n in names]
+  for ax, key, label in ((axes[0], 'alignment_tax', 'alignment tax: pretraining LM loss - SFT\'s (nats/token)'),
+                         (axes[1], 'gold_score', 'gold score (labeler)')):
+    vals = [models[n][key] for n in names]
+    bars = ax.bar(names, vals, color=colors)
+    ax.bar_label(bars, fmt='%.3f', fontsize=8)
+    ax.set_title(label, fontsize=10)
+    ax.tick_params(axis='x', labelsize=8)
+    ax.grid(alpha=0.3, axis='y')
+  fig.suptitle('The alignment tax, with and without ptx')
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def fmt_results_table(workdir: str, results: dict) -> tuple[list[str], list[list[str]]]:
+  """The results table: one row per model; cells formatted from results.json (tests parse them back)."""
+  cats = results['categories']
+  header = ['model', 'gold', *cats, 'win vs SFT [95% CI]', 'RM score', 'KL to ref', 'LM loss (pretrain)',
+            'alignment tax']
+  rows = []
+  for name, r in results['models'].items():
+    win = '-'
+    if 'win_rate_vs_sft' in r:
+      lo, hi = r['win_rate_vs_sft_ci95']
+      win = f'{r["win_rate_vs_sft"]:.3f} [{lo:.3f}, {hi:.3f}]'
+    tax = f'{r["alignment_tax"]:+.4f}' if 'alignment_tax' in r else '-'
+    rows.append([describe(workdir, name), f'{r["gold_score"]:.3f}', *[f'{r["per_category"][c]:.3f}' for c in cats],
+                 win, f'{r["rm_score"]:+.3f}', f'{r["kl_to_ref"]:.3f}', f'{r["lm_loss_pretrain"]:.4f}', tax])
+  return header, rows
+
+
+def fmt_curve_table(results: dict) -> tuple[list[str], list[list[str]]]:
+  header = ['run', 'iteration', 'KL to ref', 'gold', 'RM score']
+  rows = [[name, str(p['iteration']), f'{p["kl_to_ref"]:.3f}', f'{p["gold_score"]:.3f}', f'{p["rm_score"]:+.3f}']
+          for name, c in (results.get('overoptimisation') or {}).items() for p in c['points']]
+  return header, rows
+
+
+def sample_table(samples: list[dict], models: list[str], n: int) -> tuple[list[str], list[list[str]]]:
+  header = ['#', 'category', 'prompt']
+  for m in models:
+    header += [f'{m} response', 'gold', 'RM']
+  rows = []
+  for i, s in enumerate(samples[:n]):
+    row = [str(i + 1), s.get('category') or '', s['prompt']]
+    for m in models:
+      row += [s[m]['response'], f'{s[m]["gold"]:.2f}', f'{s[m]["rm"]:+.2f}']
+    rows.append(row)
+  return header, rows
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def _md_cell(text: str) -> str:
+  return text.replace('|', '\\|').replace('\n', ' ') or ' '
+
+
+def md_table(header, rows) -> str:
+  lines = ['| ' + ' | '.join(_md_cell(h) for h in header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+  lines += ['| ' + ' | '.join(_md_cell(c) for c in r) + ' |' for r in rows]
+  return '\n'.join(lines)
+
+
+def _html_table(header, rows) -> str:
+  th = ''.join(f'<th>{html.escape(h)}</th>' for h in header)
+  trs = ''.join('<tr>' + ''.join(f'<td>{html.escape(c)}</td>' for c in r) + '</tr>' for r in rows)
+  return f'<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
+
+
+def render(blocks, out_dir: str) -> tuple[str, str]:
+  """blocks: ('h1'|'h2'|'p', text) | ('table', header, rows) | ('img', caption, path). -> (markdown, html)."""
+  md, body = [], []
+  for b in blocks:
+    kind = b[0]
+    if kind in ('h1', 'h2'):
+      md.append(('# ' if kind == 'h1' else '## ') + b[1])
+      body.append(f'<{kind}>{html.escape(b[1])}</{kind}>')
+    elif kind == 'p':
+      md.append(b[1])
+      body.append(f'<p>{html.escape(b[1])}</p>')
+    elif kind == 'table':
+      md.append(md_table(b[1], b[2]))
+      body.append(_html_table(b[1], b[2]))
+    elif kind == 'img':
+      md.append(f'![{b[1]}]({os.path.relpath(b[2], out_dir)})')
+      with open(b[2], 'rb') as f:
+        data = base64.b64encode(f.read()).decode('ascii')
+      body.append(f'<figure><img alt="{html.escape(b[1])}" src="data:image/png;base64,{data}">'
+                  f'<figcaption>{html.escape(b[1])}</figcaption></figure>')
+  style = ('body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}'
+           'table{border-collapse:collapse;margin:1em 0;font-size:13px}'
+           'td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f3f3f3}'
+           'img{max-width:100%}figcaption{font-size:12px;color:#555}')
+  page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>jax_rlhf report</title>'
+          f'<style>{style}</style></head><body>\n' + '\n'.join(body) + '\n</body></html>\n')
+  return '\n\n'.join(md) + '\n', page
+
+
+def write(workdir: str, n_samples: int = 20) -> str:
+  """Writes W/eval/report.md, report.html and plots/*.png from the eval's files; returns report.md's path."""
+  out = os.path.join(workdir, 'eval')
+  with open(os.path.join(out, 'results.json')) as f:
+    results = json.load(f)
+  samples = _read_jsonl(os.path.join(out, 'samples.jsonl'))
+  plots = os.path.join(out, 'plots')
+  os.makedirs(plots, exist_ok=True)
+  models = list(results['models'])
+
+  blocks = [('h1', 'jax_rlhf report'),
+            ('p', f'Workdir {os.path.abspath(workdir)}. {results["models"][models[0]]["n_prompts"]} held-out '
+                  f'prompts, one sample each at temperature {results["temperature"]:g}; gold = the task\'s '
+                  f'labeler (never seen in training), RM score = the reward model PPO optimised, KL = sum over '
+                  f'response tokens of log pi - log pi_SFT (nats), alignment tax = held-out pretraining LM loss '
+                  f'minus SFT\'s (nats/token). Machine: {results.get("machine", "unknown")}.'),
+            ('h2', 'Results'),
+            ('table', *fmt_results_table(workdir, results))]
+  tax = os.path.join(plots, 'alignment_tax.png')
+  if plot_alignment_tax(results, tax):
+    blocks.append(('img', 'The alignment tax with and without ptx, and the gold score it buys', tax))
+  over = os.path.join(plots, 'overoptimisation.png')
+  if plot_overoptimisation(results, over):
+    blocks += [('h2', 'Over-optimisation'),
+               ('p', 'Gold and RM score against KL to the reference for the policy snapshots kept along each PPO '
+                     'run (Gao et al. 2023). Over-optimisation shows as a gold score that rises and then falls '
+                     'while the RM score (the proxy PPO optimises) keeps rising.'),
+               ('img', 'Gold score and RM score against KL to the reference', over),
+               ('table', *fmt_curve_table(results))]
+  training = plot_training(workdir, results, plots)
+  if training:
+    blocks.append(('h2', 'Training curves'))
+    blocks += [('img', f'{stage} training curves', path) for stage, path in training.items()]
+  shown = [m for m in ('sft', 'ppo') if m in models] or models[:2]
+  blocks += [('h2', f'{min(n_samples, len(samples))} held-out prompts'),
+             ('p', 'One sample per model per prompt (the ones scored above); gold = labeler score, '
+                   'RM = reward model score.'),
+             ('table', *sample_table(samples, shown, n_samples))]
+  md, page = render(blocks, out)
+  path = os.path.join(out, 'report.md')
+  with open(path, 'w') as f:
+    f.write(md)
+  with open(os.path.join(out, 'report.html'), 'w') as f:
+    f.write(page)
+  return path
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description='Regenerate W/eval/report.{md,html} and plots of a finished run.')
+  ap.add_argument('--workdir', required=True)
+  ap.add_argument('--samples', type=int, default=20, help='held-out prompts shown side by side')
+  args = ap.parse_args(argv)
+  if not os.path.exists(os.path.join(args.workdir, 'eval', 'results.json')):
+    print(f'error: no {os.path.join(args.workdir, "eval", "results.json")}; run the eval stage first',
+          file=sys.stderr)
+    return 2
+  print(write(args.workdir, args.samples))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
