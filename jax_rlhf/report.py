@@ -111,6 +111,7 @@ def plot_training(workdir: str, results: dict, out: str) -> dict[str, str]:
 
 def plot_overoptimisation(results: dict, path: str) -> bool:
   curves = results.get('overoptimisation') or {}
+  bon = results.get('best_of_n') or {}
   if not curves:
     return False
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -118,6 +119,11 @@ def plot_overoptimisation(results: dict, path: str) -> bool:
     kl = [p['kl_to_ref'] for p in c['points']]
     for ax, key in zip(axes, ('gold_score', 'rm_score')):
       ax.plot(kl, [p[key] for p in c['points']], marker='o', ms=3, label=name)
+  if bon:  # best-of-n of SFT samples by the RM, at its KL bound (on all eval prompts)
+    kl = [r['kl_bound'] for r in bon.values()]
+    for ax, key in zip(axes, ('gold_score', 'rm_score')):
+      ax.plot(kl, [r[key] for r in bon.values()], ls='--', marker='s', ms=3, color='k', label='best-of-n by RM')
+    axes[0].plot(kl, [r['oracle_gold'] for r in bon.values()], ls=':', color='grey', label='best-of-n by gold')
   for ax, label in zip(axes, ('gold score (labeler)', 'RM score (proxy)')):
     ax.set_xlabel('KL to reference (nats)')
     ax.set_title(label, fontsize=10)
@@ -175,6 +181,14 @@ def fmt_curve_table(results: dict) -> tuple[list[str], list[list[str]]]:
   header = ['run', 'iteration', 'KL to ref', 'gold', 'RM score']
   rows = [[name, str(p['iteration']), f'{p["kl_to_ref"]:.3f}', f'{p["gold_score"]:.3f}', f'{p["rm_score"]:+.3f}']
           for name, c in (results.get('overoptimisation') or {}).items() for p in c['points']]
+  return header, rows
+
+
+def fmt_best_of_n_table(results: dict) -> tuple[list[str], list[list[str]]]:
+  header = ['n', 'gold', 'gold of the best (oracle)', 'win vs SFT (95% CI)', 'RM score', 'KL bound (nats)']
+  rows = [[n, f'{r["gold_score"]:.3f}', f'{r["oracle_gold"]:.3f}',
+           f'{r["win_rate_vs_sft"]:.3f} [{r["win_rate_vs_sft_ci95"][0]:.3f}, {r["win_rate_vs_sft_ci95"][1]:.3f}]',
+           f'{r["rm_score"]:+.3f}', f'{r["kl_bound"]:.3f}'] for n, r in (results.get('best_of_n') or {}).items()]
   return header, rows
 
 
@@ -266,6 +280,13 @@ def write(workdir: str, n_samples: int = 20) -> str:
                      'while the RM score (the proxy PPO optimises) keeps rising.'),
                ('img', 'Gold score and RM score against KL to the reference', over),
                ('table', *fmt_curve_table(results))]
+  if results.get('best_of_n'):
+    blocks += [('h2', 'Best-of-n: the reward model\'s ceiling'),
+               ('p', 'The RM picks the best of n fresh SFT samples per held-out prompt, with no policy training, '
+                     'at KL <= log n - (n-1)/n; the oracle picks by gold score. Where the RM\'s pick stops '
+                     'improving with n while the oracle\'s keeps rising, the reward model limits what PPO can '
+                     'reach.'),
+               ('table', *fmt_best_of_n_table(results))]
   training = plot_training(workdir, results, plots)
   if training:
     blocks.append(('h2', 'Training curves'))

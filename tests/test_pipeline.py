@@ -247,6 +247,12 @@ def test_report_numbers_are_those_of_results_json(workdir):
   for row, p in zip(rows, points):
     for cell, key in zip(row[2:], ('kl_to_ref', 'gold_score', 'rm_score')):
       assert_cell(cell, p[key], 3)
+  header, *rows = tables["Best-of-n: the reward model's ceiling"]
+  assert [r[0] for r in rows] == list(results['best_of_n'])
+  for row, r in zip(rows, results['best_of_n'].values()):
+    for cell, key in zip(row[1:3], ('gold_score', 'oracle_gold')):
+      assert_cell(cell, r[key], 3)
+    assert_cell(row[3].split(' ')[0], r['win_rate_vs_sft'], 3)
   samples = [json.loads(line) for line in (ev / 'samples.jsonl').read_text().splitlines()]
   header, *rows = tables['20 held-out prompts']
   assert len(rows) == 20
