@@ -47,6 +47,8 @@ def run(config, workdir: str) -> None:
   if config.stage not in STAGES:
     raise SystemExit(f'error: config.stage={config.stage!r}; choose one of {", ".join(STAGES)}')
   stages = PIPELINE if config.stage == 'pipeline' else (config.stage,)
+  if config.stage == 'pipeline' and config.sft.init != 'pretrain':  # SFT starts from model.path (or scratch)
+    stages = tuple(s for s in stages if s != 'pretrain')
   for stage in stages:
     t = time.perf_counter()
     run_stage(config, workdir, stage)
