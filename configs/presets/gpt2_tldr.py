@@ -2,7 +2,6 @@
 
   python -m jax_rlhf.main --config configs/presets/gpt2_tldr.py[:variants] --workdir W
 
-
 Variants (comma list): stage=<stage>, model_dir=<HF folder>, data_dir=<downloaded files>, quick; see
 jax_rlhf/presets.py for the hyperparameters and where they come from.
 """

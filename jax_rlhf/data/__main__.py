@@ -48,8 +48,9 @@ def _lengths_line(name: str, lengths: list[int], limit: int | None, what: str) -
 
 
 def check(spec: str, kind: str, tok, *, split: str, max_prompt_len: int, max_response_len: int, seq_len: int,
-          chat_template: str, data_dir: str, max_errors: int, out=sys.stdout) -> int:
+          chat_template: str, data_dir: str, max_errors: int, out=None) -> int:
   """Print the report; return the exit status (2 when there are errors)."""
+  out = out or sys.stdout
   try:
     recs = sources.load(spec, kind, split=split, on_error='skip', data_dir=data_dir)
   except (records.RecordError, ValueError) as e:
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
   ap.add_argument('source', help='jsonl:PATH | tfds:NAME[:SPLIT] | hh_rlhf:DIR | tldr_sft:DIR | '
                   'tldr_comparisons:DIR | rankings:DIR')
   ap.add_argument('--kind', required=True, choices=records.KINDS)
-  ap.add_argument('--split', default='train', choices=('train', 'eval'))
+  ap.add_argument('--split', default='all', choices=('all', 'train', 'eval'),
+                  help='all: a whole file, or a dataset\'s train split; train/eval: as a stage splits it')
   ap.add_argument('--config', help='a config file[:variants] for the lengths and the tokenizer')
   ap.add_argument('--tokenizer', help='tokenizer folder (default: data.tokenizer, or the embedded task\'s)')
   ap.add_argument('--max_prompt_len', type=int)

@@ -218,9 +218,6 @@ def builder_class(name: str):
     def _split_generators(self, dl_manager):
       manual = os.fspath(dl_manager.manual_dir)
       splits = files_of(name, manual)
-      if not splits or 'train' not in splits:
-        pats = ', '.join(FORMATS[name][1]['train'])
-        raise records.RecordError(f'{manual}:0: no {name} training files ({pats}) in this folder')
       self.info.metadata.update({'errors': [], 'skipped': 0, 'filtered': 0, 'kind': kind})
       return {split: self._generate_examples(manual, split) for split in splits}
 
@@ -260,6 +257,9 @@ def build(name: str, manual_dir: str, data_dir: str):
     raise ValueError(f'unknown dataset format {name!r}; known: {", ".join(FORMATS)}')
   if not os.path.isdir(manual_dir):
     raise records.RecordError(f'{manual_dir}:0: folder does not exist')
+  if 'train' not in files_of(name, manual_dir):
+    pats = ', '.join(FORMATS[name][1]['train'])
+    raise records.RecordError(f'{manual_dir}:0: no {name} training files ({pats}) in this folder')
   tfds.disable_progress_bar()
   cls = builder_class(name)
   config = tfds.core.BuilderConfig(name=fingerprint(manual_dir))

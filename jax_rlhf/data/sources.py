@@ -157,8 +157,9 @@ def load(spec: str, kind: str, *, split: str = 'train', on_error: str = 'raise',
     import tensorflow_datasets as tfds
     builder = tfds.builder(target, data_dir=data_dir)
     name, hold_out = _tfds_split(builder.info.splits.keys(), asked, split, spec)
-    source = tfds.data_source(target, split=name, data_dir=data_dir)
-    out = _validated(_tfds_rows(source, f'{target}/{name}'), kind, None, on_error)
+    rows = _tfds_rows(tfds.data_source(target, split=name, data_dir=data_dir), f'{target}/{name}')
+    rows.sort(key=lambda r: _origin_key(r[0]))  # file (or index) order, not TFDS's hashed-key order
+    out = _validated(rows, kind, None, on_error)
   else:
     builder = _build(scheme, target, data_dir)
     native = builders.FORMATS[scheme][0]
