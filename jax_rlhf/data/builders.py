@@ -17,7 +17,8 @@
                     schema, or with "ranks" (the rank of each response, 1 = best) instead of "ranking".
 
 A bad raw record never stops the build: it is left out and its `file:line: what is wrong` kept in the
-dataset's metadata, so that reading applies `data.on_error` (raise on the first, or skip and count).
+dataset's metadata (per split), so that reading a split applies `data.on_error` (raise on its first bad
+record, or skip and count them).
 A build is cached under `data_dir`, keyed by a fingerprint of the raw files (path, size, mtime).
 """
 from __future__ import annotations
@@ -218,7 +219,8 @@ def builder_class(name: str):
     def _split_generators(self, dl_manager):
       manual = os.fspath(dl_manager.manual_dir)
       splits = files_of(name, manual)
-      self.info.metadata.update({'errors': [], 'skipped': 0, 'filtered': 0, 'kind': kind})
+      self.info.metadata.update({'kind': kind, **{k: {split: v() for split in splits}
+                                                  for k, v in (('errors', list), ('skipped', int), ('filtered', int))}})
       return {split: self._generate_examples(manual, split) for split in splits}
 
     def _generate_examples(self, manual, split):
@@ -226,12 +228,12 @@ def builder_class(name: str):
       count = 0
       for origin, rec, error in parse(name, manual, split):
         if error is not None:
-          meta['skipped'] += 1
-          if len(meta['errors']) < MAX_KEPT_ERRORS:
-            meta['errors'].append(error)
+          meta['skipped'][split] += 1
+          if len(meta['errors'][split]) < MAX_KEPT_ERRORS:
+            meta['errors'][split].append(error)
           continue
         if rec is None:
-          meta['filtered'] += 1
+          meta['filtered'][split] += 1
           continue
         count += 1
         if kind == 'ranking':

@@ -163,15 +163,15 @@ def load(spec: str, kind: str, *, split: str = 'train', on_error: str = 'raise',
   else:
     builder = _build(scheme, target, data_dir)
     native = builders.FORMATS[scheme][0]
-    meta = dict(builder.info.metadata)
-    if meta.get('errors') and on_error == 'raise':
-      raise records.RecordError(meta['errors'][0])
     name, hold_out = _tfds_split(builder.info.splits.keys(), asked, split, spec)
+    meta = {k: dict(builder.info.metadata[k]).get(name, 0 if k == 'skipped' else []) for k in ('errors', 'skipped')}
+    if meta['errors'] and on_error == 'raise':
+      raise records.RecordError(meta['errors'][0])
     rows = _tfds_rows(builder.as_data_source(split=name), f'{scheme}/{name}')
     rows.sort(key=lambda r: _origin_key(r[0]))  # file order, not TFDS's hashed-key order
     out = _validated(rows, kind, native, on_error)
-    out.skipped += int(meta.get('skipped', 0))
-    out.errors = list(meta.get('errors', [])) + out.errors
+    out.skipped += int(meta['skipped'])
+    out.errors = list(meta['errors']) + out.errors
   if hold_out and split != 'all':
     n_eval = max(int(len(out) * eval_fraction), 1) if len(out) > 1 else 0
     out = out.select(list(range(n_eval)) if split == 'eval' else list(range(n_eval, len(out))))
