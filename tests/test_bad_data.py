@@ -14,6 +14,7 @@ from jax_rlhf.data import __main__ as cli
 from jax_rlhf.data import records, sources
 from jax_rlhf.data import tokenizer as tok_lib
 from jax_rlhf.tasks import instruct_world
+from jax_rlhf.train import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD_DEMO = b'{"prompt": "count: a b\\n", "response": "2"}\n'
@@ -137,3 +138,19 @@ def test_stage_on_bad_data_exits_2_with_one_line_and_writes_no_checkpoint(tmp_pa
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert lines == [f"error: {bad}:41: missing field 'response'"], proc.stderr[-3000:]
   assert not (w / 'sft' / 'checkpoints').exists() and not (w / 'sft' / 'DONE').exists()
+
+
+def test_sequences_longer_than_the_models_positions_stop_the_stage(tmp_path):
+  """A UserError (exit 2 through main, as above) before any checkpoint is written."""
+  from jax_rlhf.config import stage_config
+  from jax_rlhf.train import sft
+  demos = tmp_path / 'sft.jsonl'
+  demos.write_bytes(GOOD_DEMO * 40)
+  c = stage_config('sft', 'quick')
+  c.sft.init = 'scratch'
+  c.data.update(demonstrations=f'jsonl:{demos}', max_prompt_len=100, max_response_len=29)
+  with pytest.raises(common.UserError, match=r"^sft sequences of 129 tokens \(data.max_prompt_len \+ "
+                                             r"data.max_response_len, or data.seq_len\) are longer than the "
+                                             r"model's 128 positions$"):
+    sft.run(c, str(tmp_path / 'W'), 'sft')
+  assert not (tmp_path / 'W' / 'sft' / 'checkpoints').exists()

@@ -90,6 +90,18 @@ def test_preset_data_paths_on_fixtures(name, files):
   assert logits.shape[-1] == model.config.vocab_size and np.isfinite(np.asarray(logits)).all()
 
 
+def test_checker_reads_a_preset_config(files, capsys):
+  from jax_rlhf.data import __main__ as cli
+  cfg = f'configs/presets/gpt2_tldr.py:quick,model_dir={files["gpt2"]},data_dir={files["tldr"]}'
+  status = cli.main([f'tldr_comparisons:{files["tldr"]}', '--kind', 'ranking', '--config', os.path.join(ROOT, cfg),
+                     '--tfds_dir', files['tfds']])
+  out = capsys.readouterr().out
+  assert status == 0, out
+  n = len(fixtures.comparisons_expected('train'))
+  assert f'({"all"} split, ranking records): {n} records, 0 bad' in out
+  assert '| limit 48: ' in out and '| limit 12: ' in out  # the quick preset's context
+
+
 def test_hh_transcripts_become_chat_turns():
   prompt = '\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in water.\n\nHuman: For how long?\n\nAssistant:'
   assert tok_lib.to_messages(prompt) == [{'role': 'user', 'content': 'How do I boil an egg?'},

@@ -82,6 +82,10 @@ def run(config, workdir: str, stage: str) -> dict:
 
   # ---------------------------------------------------------------- model, optimizer, sharded state
   model = _initial_model(config, workdir, stage, tok, sc)
+  context = config.data.seq_len if stage == 'pretrain' else config.data.max_prompt_len + config.data.max_response_len
+  if model.config.layout == 'gpt2' and context > model.config.max_len:  # learned positions end there
+    raise common.UserError(f'{stage} sequences of {context} tokens (data.max_prompt_len + data.max_response_len, '
+                           f'or data.seq_len) are longer than the model\'s {model.config.max_len} positions')
   tx = state_lib.make_optimizer(sc.optimizer, sc.steps)
   graphdef, state, shardings = state_lib.place_state(model, tx, mesh)
   del model
