@@ -235,7 +235,9 @@ class GrainLoader:
       return np.asarray([self._order[start + j] for j in range(self.local)])
 
     batches = grain.MapDataset.range(bpe).repeat().map_with_index(rows)
-    self._dataset = batches.map(self._gather).to_iter_dataset()
+    # A couple of batches read ahead in one thread (grain's default, 16 threads and 500 elements, would hold
+    # hundreds of batches); the iterator's state counts consumed batches, so it stays exact.
+    self._dataset = batches.map(self._gather).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     self._it = iter(self._dataset)
     self._step = 0
 
