@@ -56,10 +56,23 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       tokenizer='',             # tokenizer folder; empty: the task's
+      pad_token='',             # added when the tokenizer has no pad distinct from EOS (GPT-2, Qwen2.5 base); the
+                                # model's embedding grows to fit it (N+ #3: '[PAD]')
       max_prompt_len=20,        # prompt tokens; longer prompts are cut from the left (counted). instruct_world: <= 20
       max_response_len=8,       # response tokens incl. EOS; longer ones are cut from the right (counted). world: <= 7
       seq_len=64,               # pretraining sequence length
-      on_error='raise',         # raise | skip: what a bad record does
+      on_error='raise',         # raise: a bad record stops the run (file:line: what) | skip: skipped and counted
+      # Sources (jax_rlhf/data/sources.py), one string each, the same for every stage: jsonl:PATH,
+      # tfds:NAME[:SPLIT], hh_rlhf:DIR, tldr_sft:DIR, tldr_comparisons:DIR, rankings:DIR. Empty: the task's files.
+      demonstrations='',        # SFT demonstrations (a ranking source gives its best response)
+      rankings='',              # RM rankings; empty: SFT samples ranked by the task's labeler (or rm.data)
+      prompts='',               # PPO and eval prompts (any source with prompts)
+      pretrain='',              # text for pretraining, PPO-ptx and the eval's alignment tax
+      tfds_dir='',              # where builders write array_record and tfds: datasets live; '' = ~/tensorflow_datasets
+      eval_fraction=0.05,       # held out (the first records) of a source without a held-out split
+      chat_template='auto',     # auto: prompts through the tokenizer's chat template when it has one | off
+      cut_prompts=True,         # True: long prompts cut from the left (DESIGN); False: a bad record (file:line)
+      pack_sft=False,           # SFT: pack demonstrations into full rows of max_prompt_len + max_response_len
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
@@ -152,6 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
                                 # () skips it. Costs max(n) samples per eval prompt
       n_snapshot_prompts=100,   # held-out prompts on which each PPO snapshot is scored (over-optimisation curve)
       report_samples=20,        # held-out prompts shown in W/eval/report.{md,html} with SFT and PPO responses
+      max_prompts=0,            # held-out prompts evaluated; 0 = all
   ))
   return c
 

@@ -12,6 +12,8 @@ what optimising it buys without any policy training, at KL <= log n - (n-1)/n, a
 gold among the n). When best-of-n gold stops rising (or falls) with n, the RM is the bottleneck, not PPO.
 The policy snapshots a PPO run kept (W/<run>/snapshots/<iteration>) get gold, RM score and KL on the first
 `eval.n_snapshot_prompts` held-out prompts (the over-optimisation curve; SFT is iteration 0).
+On real data (`data.prompts` set) there is no labeler: the RM judges the win rate, the gold columns are empty,
+and the alignment tax is measured only when `data.pretrain` gives text; best-of-n and the curve need a labeler.
 Writes W/eval/results.json and W/eval/samples.jsonl, prints the table, and writes the report
 (W/eval/report.md, report.html, plots/*.png; jax_rlhf/report.py) from those files.
 """
@@ -110,12 +112,16 @@ def run(config, workdir: str) -> dict:
   if any(int(n) < 1 for n in ec.best_of_n):
     raise common.UserError(f'eval.best_of_n must hold positive sample counts, got {tuple(ec.best_of_n)}')
   tok = common.load_tokenizer(config)
-  files = common.task_files(config, workdir)
-  world = common.world(config)
-  prompt_recs = common.read(config, files['prompts_eval'], 'prompt')
+  # The task's labeler judges (gold score) when the prompts are the task's; on real data the RM judges.
+  world = common.world(config) if not config.data.prompts and config.task.name == 'instruct_world' else None
+  prompt_recs = common.records_for(config, workdir, 'prompts', 'eval', tok)
+  if ec.max_prompts:
+    prompt_recs = prompt_recs[:ec.max_prompts]
   prompt_arrays, _ = batches.prompts(tok, prompt_recs, config.data.max_prompt_len)
-  texts = [r['text'] for r in common.read(config, files['pretrain_eval'], 'text')][:ec.n_pretrain_eval]
-  pre = batches.texts(tok, texts, config.data.seq_len)
+  pre = None
+  if common.has_source(config, 'pretrain'):
+    texts = [r['text'] for r in common.records_for(config, workdir, 'pretrain', 'eval')][:ec.n_pretrain_eval]
+    pre = batches.texts(tok, texts, config.data.seq_len)
   kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
   ref = hf.load_pretrained(os.path.join(sft_dir, 'hf'), **kw)
   graphdef, ref_state = nnx.split(ref)
@@ -125,8 +131,8 @@ def run(config, workdir: str) -> dict:
   loss_fn = _lm_loss_fn(graphdef)
   temperature = ec.temperature if ec.temperature > 0 else 1.0
   n_new = ec.max_new_tokens
-  categories = sorted({r.get('category') or world.category(r['prompt']) for r in prompt_recs})
-  cats = [r.get('category') or world.category(r['prompt']) for r in prompt_recs]
+  categories = sorted({r.get('category') or world.category(r['prompt']) for r in prompt_recs}) if world else []
+  cats = [r.get('category') or world.category(r['prompt']) for r in prompt_recs] if world else []
 
   def evaluate(state, n=None):
     """One sample per held-out prompt (the first n): texts, gold, RM scores, KL, response tokens and mask."""
@@ -134,7 +140,7 @@ def run(config, workdir: str) -> dict:
     # Every model sees the same sampling keys: differences come from the models.
     texts_out, toks, masks = _sample(graphdef, state, tok, arrays, ec, config.seed)
     bs = min(ec.batch_size, len(toks))
-    gold = np.array([world.gold_score(r['prompt'], t) for r, t in zip(prompt_recs, texts_out)])
+    gold = np.array([world.gold_score(r['prompt'], t) for r, t in zip(prompt_recs, texts_out)]) if world else None
     seq = np.concatenate([arrays['prompt'], toks], 1)
     att = np.concatenate([arrays['prompt_mask'], masks], 1)
     rm_scores, kls = [], []
@@ -150,27 +156,27 @@ def run(config, workdir: str) -> dict:
     _, state = nnx.split(model)
     texts_out, gold, rm_scores, kls, toks, masks = evaluate(state)
     lm_sum = lm_n = 0.0
-    for s in range(0, len(pre['tokens']), ec.batch_size):
+    for s in range(0, len(pre['tokens']) if pre else 0, ec.batch_size):
       loss, n = loss_fn(state, {k: v[s:s + ec.batch_size] for k, v in pre.items()})
       lm_sum += float(loss) * float(n)
       lm_n += float(n)
     has_eos = ((toks == tok.eos_token_id) & (masks > 0)).any(1)
     results[name] = {
-        'gold_score': float(gold.mean()),
+        'gold_score': float(gold.mean()) if world else None,
         'rm_score': float(rm_scores.mean()),
         'per_category': {c: float(gold[[x == c for x in cats]].mean()) for c in categories},
         'kl_to_ref': float(kls.mean()),
-        'lm_loss_pretrain': lm_sum / max(lm_n, 1.0),
+        'lm_loss_pretrain': lm_sum / lm_n if lm_n else None,
         'response_length': float(masks.sum(1).mean()),
         'eos_fraction': float(has_eos.mean()),
         'n_prompts': len(prompt_recs),
     }
-    golds[name] = gold
-    samples[name] = [{'response': t, 'gold': float(g), 'rm': float(r)}
-                     for t, g, r in zip(texts_out, gold, rm_scores)]
+    golds[name] = gold if world else rm_scores  # the judge of the win rate
+    samples[name] = [{'response': t, 'gold': float(g) if world else None, 'rm': float(r)}
+                     for t, g, r in zip(texts_out, golds[name], rm_scores)]
     snap_dir = os.path.join(d, 'snapshots')
     snaps = sorted(int(x) for x in os.listdir(snap_dir) if x.isdigit()) if os.path.isdir(snap_dir) else []
-    if snaps:  # the over-optimisation curve: SFT (iteration 0, KL 0) and each snapshot, on the first prompts
+    if snaps and world:  # the over-optimisation curve: SFT (iteration 0, KL 0) and each snapshot, on the first prompts
       n_snap = min(ec.n_snapshot_prompts, len(prompt_recs))
       points = []
       for it in [0, *snaps]:
@@ -189,14 +195,14 @@ def run(config, workdir: str) -> dict:
         rate, lo, hi = win_rate(golds[name], golds['sft'])
         results[name]['win_rate_vs_sft'] = rate
         results[name]['win_rate_vs_sft_ci95'] = [lo, hi]
-  if 'sft' in results:
+        results[name]['win_rate_judge'] = 'gold' if world else 'rm'
+  if 'sft' in results and pre:
     for name in results:
       results[name]['alignment_tax'] = results[name]['lm_loss_pretrain'] - results['sft']['lm_loss_pretrain']
   extra = {}
-  if ec.best_of_n and 'sft' in golds:
+  if ec.best_of_n and 'sft' in golds and world:
     bon_scores, bon_gold = _best_of_n_samples(graphdef, ref_state, reward, score_fn, world, tok, prompt_recs,
                                               prompt_arrays, ec, max(int(n) for n in ec.best_of_n), config.seed)
-    cats = [r.get('category') or world.category(r['prompt']) for r in prompt_recs]
     extra['best_of_n'] = best_of_n(bon_scores, bon_gold, golds['sft'], [int(n) for n in ec.best_of_n], cats)
 
   common.write_json(os.path.join(out, 'results.json'), {'models': results, 'temperature': ec.temperature,
@@ -255,13 +261,15 @@ def format_table(results: dict, categories: list[str]) -> str:
   header = ['model', 'gold', *categories, 'win vs SFT (95% CI)', 'RM score', 'KL to ref', 'LM loss (pretrain)']
   rows = []
   for name, r in results.items():
-    row = [name, f'{r["gold_score"]:.3f}', *[f'{r["per_category"][c]:.3f}' for c in categories]]
+    gold = '-' if r['gold_score'] is None else f'{r["gold_score"]:.3f}'
+    row = [name, gold, *[f'{r["per_category"][c]:.3f}' for c in categories]]
     if 'win_rate_vs_sft' in r:
       lo, hi = r['win_rate_vs_sft_ci95']
       row.append(f'{r["win_rate_vs_sft"]:.3f} [{lo:.3f}, {hi:.3f}]')
     else:
       row.append('-')
-    row += [f'{r["rm_score"]:+.3f}', f'{r["kl_to_ref"]:.3f}', f'{r["lm_loss_pretrain"]:.4f}']
+    lm = '-' if r['lm_loss_pretrain'] is None else f'{r["lm_loss_pretrain"]:.4f}'
+    row += [f'{r["rm_score"]:+.3f}', f'{r["kl_to_ref"]:.3f}', lm]
     rows.append(row)
   widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
   line = lambda cells: '| ' + ' | '.join(c.ljust(w) for c, w in zip(cells, widths)) + ' |'

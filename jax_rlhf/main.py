@@ -61,6 +61,8 @@ def run(config, workdir: str) -> None:
     stages = pipeline_stages(config) if config.stage == 'pipeline' else (config.stage,)
   except ValueError as e:
     raise UserError(str(e)) from None
+  if config.stage == 'pipeline' and config.sft.init != 'pretrain':  # SFT starts from model.path (or scratch)
+    stages = tuple(s for s in stages if s != 'pretrain')
   for stage in stages:
     t = time.perf_counter()
     done = run_stage(config, workdir, stage)

@@ -141,6 +141,8 @@ def plot_alignment_tax(results: dict, path: str) -> bool:
   models = results['models']
   if 'sft' not in models or len(models) < 2:
     return False
+  if any(m.get('alignment_tax') is None or m.get('gold_score') is None for m in models.values()):
+    return False  # real data without a labeler or held-out pretraining text
   names = list(models)
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   colors = ['tab:gray' if n == 'sft' else 'tab:green' if 'ptx' in n else 'tab:blue' for n in names]
@@ -172,8 +174,10 @@ def fmt_results_table(workdir: str, results: dict) -> tuple[list[str], list[list
       lo, hi = r['win_rate_vs_sft_ci95']
       win = f'{r["win_rate_vs_sft"]:.3f} [{lo:.3f}, {hi:.3f}]'
     tax = f'{r["alignment_tax"]:+.4f}' if 'alignment_tax' in r else '-'
-    rows.append([describe(workdir, name), f'{r["gold_score"]:.3f}', *[f'{r["per_category"][c]:.3f}' for c in cats],
-                 win, f'{r["rm_score"]:+.3f}', f'{r["kl_to_ref"]:.3f}', f'{r["lm_loss_pretrain"]:.4f}', tax])
+    gold = '-' if r['gold_score'] is None else f'{r["gold_score"]:.3f}'
+    lm = '-' if r['lm_loss_pretrain'] is None else f'{r["lm_loss_pretrain"]:.4f}'
+    rows.append([describe(workdir, name), gold, *[f'{r["per_category"][c]:.3f}' for c in cats],
+                 win, f'{r["rm_score"]:+.3f}', f'{r["kl_to_ref"]:.3f}', lm, tax])
   return header, rows
 
 

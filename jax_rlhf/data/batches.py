@@ -191,3 +191,18 @@ class Loader:
         self._perm[self.index:self.index + self.batch_size]
     self.index += self.batch_size
     return {k: v[idx] for k, v in self.arrays.items()}
+
+
+def pack(arrays: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+  """SFT packing: the real tokens of every demonstration row (prompt + response + EOS), end to end, cut into
+  rows of `length` with no padding; each token keeps its loss mask (prompts still carry no loss). Attention
+  and positions run across the joins, as in packed pretraining. The incomplete last row is dropped."""
+  real = arrays['attention_mask'].astype(bool)
+  tokens = arrays['tokens'][real]
+  loss = arrays['loss_mask'][real]
+  n = len(tokens) // length
+  if n == 0:
+    raise ValueError(f'the demonstrations have {len(tokens)} tokens, fewer than one packed row of {length}')
+  tokens = tokens[:n * length].reshape(n, length).astype(np.int32)
+  return {'tokens': tokens, 'attention_mask': np.ones_like(tokens),
+          'loss_mask': loss[:n * length].reshape(n, length).astype(np.int32)}

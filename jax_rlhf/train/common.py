@@ -45,8 +45,11 @@ def load_tokenizer(config: ml_collections.ConfigDict):
   if not os.path.isdir(path):
     raise UserError(f'tokenizer folder {path} does not exist (data.tokenizer)')
   tok = AutoTokenizer.from_pretrained(path)
+  if (tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id) and config.data.pad_token:
+    tok.add_special_tokens({'pad_token': config.data.pad_token})  # GPT-2, Qwen2.5 base: N+ detail #3
   if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-    raise UserError(f'the tokenizer in {path} needs a pad token distinct from EOS (N+ detail #3)')
+    raise UserError(f'the tokenizer in {path} needs a pad token distinct from EOS (N+ detail #3): '
+                    f'set data.pad_token (e.g. <|pad|>) to add one')
   return tok
 
 
@@ -115,13 +118,31 @@ def model_config(config: ml_collections.ConfigDict, tokenizer, **overrides) -> t
                      dtype=config.model.dtype, param_dtype=config.model.param_dtype, **overrides)
 
 
-def load_lm(path: str, config: ml_collections.ConfigDict, **overrides):
-  """A causal LM from a Hugging Face folder (our exports or a real checkpoint); overrides: config fields."""
+def load_lm(path: str, config: ml_collections.ConfigDict, tok=None, **overrides):
+  """A causal LM from a Hugging Face folder (our exports or a real checkpoint); overrides: config fields.
+  With `tok`, an embedding smaller than the tokenizer (a pad token was added) grows to fit it."""
   from jax_rlhf.models import hf
   path = os.path.expanduser(path)
   if not os.path.isdir(path):
     raise UserError(f'model folder {path} does not exist')
-  return hf.load_pretrained(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype, **overrides)
+  model = hf.load_pretrained(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype, **overrides)
+  if tok is not None and len(tok) > model.config.vocab_size:
+    resize_vocab(model, len(tok))
+  return model
+
+
+def resize_vocab(model, vocab: int) -> None:
+  """Grow the token embedding (and an untied LM head) to `vocab` rows, new rows the mean of the old ones
+  (as transformers' resize_token_embeddings), so that added tokens (a pad) start as an average token."""
+  import numpy as np
+  old = np.asarray(model.wte[...])
+  extra = vocab - old.shape[0]
+  model.wte.set_value(jax.numpy.asarray(np.concatenate([old, np.repeat(old.mean(0, keepdims=True), extra, 0)])))
+  if getattr(model, 'has_lm_head', False):
+    head = np.asarray(model.lm_head[...])
+    model.lm_head.set_value(jax.numpy.asarray(
+        np.concatenate([head, np.repeat(head.mean(1, keepdims=True), extra, 1)], 1)))
+  model.config = model.config.replace(vocab_size=vocab)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -130,3 +151,54 @@ def write_json(path: str, obj: Any) -> None:
     with open(path + '.tmp', 'w') as f:
       json.dump(obj, f, indent=1, default=float)
     os.replace(path + '.tmp', path)
+
+
+# Which of the task's files stands for a data role and split when `data.<role>` is empty.
+_TASK_FILES = {('demonstrations', 'train'): 'sft_train', ('demonstrations', 'eval'): 'sft_eval',
+               ('prompts', 'train'): 'prompts_train', ('prompts', 'eval'): 'prompts_eval',
+               ('pretrain', 'train'): 'pretrain_train', ('pretrain', 'eval'): 'pretrain_eval'}
+
+
+def has_source(config: ml_collections.ConfigDict, role: str) -> bool:
+  """Whether `role` can be read: from `data.<role>`, or from the embedded task's files."""
+  return bool(config.data[role]) or (config.task.name == 'instruct_world' and role != 'rankings')
+
+
+def records_for(config: ml_collections.ConfigDict, workdir: str, role: str, split: str = 'train', tok=None,
+                counts: dict | None = None) -> list[dict[str, Any]]:
+  """The records of a data role (demonstrations | rankings | prompts | pretrain) and split (train | eval), from
+  `data.<role>` or the task's files; prompts formatted by the tokenizer's chat template when `tok` is given,
+  and, with `data.cut_prompts=False`, checked against `data.max_prompt_len`. A bad record is a UserError
+  (`file:line: what`) or, with `data.on_error=skip`, skipped and counted in `counts['data/skipped/<role>']`."""
+  from jax_rlhf.data import sources
+  from jax_rlhf.data import tokenizer as tok_lib
+  d = config.data
+  kind = sources.KIND_OF[role]
+  spec = d[role]
+  if not spec:
+    if (role, split) not in _TASK_FILES or config.task.name != 'instruct_world':
+      raise UserError(f'data.{role} is empty and the task gives no {role}: set data.{role} to a source '
+                      f'(jsonl:PATH, tfds:NAME, hh_rlhf:DIR, tldr_sft:DIR, tldr_comparisons:DIR, rankings:DIR)')
+    spec = 'jsonl:' + task_files(config, workdir)[_TASK_FILES[role, split]]
+  read_split = split if d[role] else 'all'  # the task's files are split already
+  try:
+    recs = sources.load(spec, kind, split=read_split, on_error=d.on_error, data_dir=d.tfds_dir,
+                        eval_fraction=d.eval_fraction)
+    items = recs.items
+    if tok is not None and kind != 'text':
+      items = tok_lib.format_records(tok, items, d.chat_template)
+      if not d.cut_prompts:
+        keep, errors = tok_lib.check_prompt_lengths(tok, items, recs.origins, d.max_prompt_len, d.on_error)
+        items = [items[i] for i in keep]
+        recs.skipped += len(errors)
+        recs.errors += errors
+  except (records.RecordError, ValueError) as e:
+    raise UserError(str(e)) from None
+  if recs.skipped:
+    print(f'[data] {role} ({split}): skipped {recs.skipped} bad records (data.on_error=skip); first: {recs.errors[0]}',
+          flush=True)
+  if counts is not None:
+    counts[f'data/skipped/{role}'] = counts.get(f'data/skipped/{role}', 0) + recs.skipped
+  if not items:
+    raise UserError(f'{spec}: no {kind} records in its {split} split')
+  return items

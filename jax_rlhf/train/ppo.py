@@ -26,7 +26,7 @@ from flax import nnx
 from jax_rlhf import losses, rl, sampling
 from jax_rlhf import metrics as metrics_lib
 from jax_rlhf import sharding as shd
-from jax_rlhf.data import batches
+from jax_rlhf.data import batches, sources
 from jax_rlhf.models import hf
 from jax_rlhf.train import checkpoint, common, lm
 from jax_rlhf.train import state as state_lib
@@ -230,16 +230,16 @@ def run(config, workdir: str, name: str = 'ppo') -> dict:
   del policy, value, ref, reward
 
   # ---------------------------------------------------------------- data: prompts, pretraining text for ptx
-  files = common.task_files(config, workdir)
-  prompt_arrays, cut = batches.prompts(tok, common.read(config, files['prompts_train'], 'prompt'),
+  info = {}
+  prompt_arrays, cut = batches.prompts(tok, common.records_for(config, workdir, 'prompts', 'train', tok, info),
                                        config.data.max_prompt_len)
-  prompts = batches.Loader(prompt_arrays, pc.batch_size, config.seed)
+  prompts = sources.GrainLoader(prompt_arrays, pc.batch_size, config.seed)
   n_ptx = pc.ppo_epochs * pc.num_minibatches
   ptx_loader = None
   if pc.ptx.coef > 0:
-    texts = batches.texts(tok, [r['text'] for r in common.read(config, files['pretrain_train'], 'text')],
-                          config.data.seq_len)
-    ptx_loader = batches.Loader(texts, pc.ptx.batch_size * n_ptx, config.seed + 7)
+    texts = batches.texts(tok, [r['text'] for r in common.records_for(config, workdir, 'pretrain', 'train',
+                                                                      counts=info)], config.data.seq_len)
+    ptx_loader = sources.GrainLoader(texts, pc.ptx.batch_size * n_ptx, config.seed + 7)
 
   # ---------------------------------------------------------------- resume
   ckpt = checkpoint.for_stage(out, config)
@@ -256,12 +256,12 @@ def run(config, workdir: str, name: str = 'ppo') -> dict:
   writer = metrics_lib.MetricsWriter(out, total_steps=pc.iterations, desc=name, initial_step=start,
                                      show=('score', 'kl', 'beta', 'clipfrac', 'episodes/s'), progress=config.progress)
   if start == 0:
-    writer.write(0, cut.as_metrics('data'), split='info')
+    writer.write(0, {**cut.as_metrics('data'), **info}, split='info')
   t0, last_logged = time.perf_counter(), start
   for it in range(start + 1, pc.iterations + 1):
     batch = next(prompts)
     ptx = _ptx_batch(ptx_loader, n_ptx, pc.ptx.batch_size, mesh)
-    m = trainer.step(shd.put_batch({'prompt': batch['prompt'], 'prompt_mask': batch['prompt_mask']}, mesh),
+    m = trainer.step(sources.put_local_batch({'prompt': batch['prompt'], 'prompt_mask': batch['prompt_mask']}, mesh),
                      ptx, jax.random.fold_in(rng, it), beta)
     if pc.kl.adaptive:  # host scalar: one small transfer per iteration
       beta = float(rl.adaptive_kl_update(beta, float(m['kl']), pc.batch_size, pc.kl.target, pc.kl.horizon))
@@ -287,7 +287,7 @@ def run(config, workdir: str, name: str = 'ppo') -> dict:
   hf.save_pretrained(nnx.merge(trainer.graphdefs['policy'], st.params, st.rest), os.path.join(out, 'hf'),
                      tokenizer=tok)
   summary = {'stage': 'ppo', 'run': name, 'iterations': pc.iterations, 'final_beta': beta, 'ptx_coef': pc.ptx.coef,
-             'kl_coef': pc.kl.coef}
+             'kl_coef': pc.kl.coef, **info}
   checkpoint.mark_done(out, summary)
   print(f'[{name}] done; exported {os.path.join(out, "hf")}')
   return summary
@@ -298,6 +298,5 @@ def _ptx_batch(loader, n: int, b: int, mesh):
   if loader is None:
     return None
   arr = next(loader)
-  arr = {k: v.reshape(n, b, *v.shape[1:]) for k, v in arr.items()}
-  sh = shd.NamedSharding(mesh, shd.P(None, shd.BATCH_AXES))
-  return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sh, lambda i: x[i]), arr)
+  arr = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in arr.items()}  # this host's share of the rows, as n batches
+  return sources.put_local_batch(arr, mesh, shd.NamedSharding(mesh, shd.P(None, shd.BATCH_AXES)))

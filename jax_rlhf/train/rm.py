@@ -25,7 +25,7 @@ from jax_rlhf import losses
 from jax_rlhf import metrics as metrics_lib
 from jax_rlhf import sampling
 from jax_rlhf import sharding as shd
-from jax_rlhf.data import batches, records
+from jax_rlhf.data import batches, records, sources
 from jax_rlhf.models import hf
 from jax_rlhf.train import checkpoint, common
 from jax_rlhf.train import state as state_lib
@@ -177,7 +177,12 @@ def run(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- rankings
   t0 = time.perf_counter()
-  if rc.data:
+  info = {}
+  eval_recs = None
+  if config.data.rankings:  # a ranking source: its held-out split (or the first data.eval_fraction) for eval
+    recs = common.records_for(config, workdir, 'rankings', 'train', tok, info)
+    eval_recs = common.records_for(config, workdir, 'rankings', 'eval', tok, info)
+  elif rc.data:
     recs = common.read(config, rc.data, 'ranking')
   else:
     path = os.path.join(out, 'rankings.jsonl')
@@ -187,9 +192,12 @@ def run(config, workdir: str) -> dict:
     else:
       recs = label_rankings(config, workdir, tok, path)
   label_s = time.perf_counter() - t0
-  k_max = max(len(r['responses']) for r in recs)
-  n_eval = max(int(len(recs) * rc.eval_fraction), 1)
-  train_recs, eval_recs = recs[n_eval:], recs[:n_eval]
+  if eval_recs is None:
+    n_eval = max(int(len(recs) * rc.eval_fraction), 1)
+    train_recs, eval_recs = recs[n_eval:], recs[:n_eval]
+  else:
+    train_recs = recs
+  k_max = max(len(r['responses']) for r in train_recs + eval_recs)
   train_arrays, cut = batches.rankings(tok, train_recs, config.data.max_prompt_len, config.data.max_response_len, k_max)
   eval_arrays, _ = batches.rankings(tok, eval_recs, config.data.max_prompt_len, config.data.max_response_len, k_max)
   bs = min(rc.batch_size, len(train_recs))
@@ -210,7 +218,7 @@ def run(config, workdir: str) -> dict:
   eval_step = jax.jit(lambda s, b: rm_eval_step(graphdef, s, b), in_shardings=(shardings, batch_sh))
 
   # ---------------------------------------------------------------- resume
-  loader = batches.Loader(train_arrays, bs, config.seed)
+  loader = sources.GrainLoader(train_arrays, bs, config.seed)
   ckpt = checkpoint.for_stage(out, config)
   state, meta = ckpt.resume(state, loader=loader)
   start = int(meta.get('step', 0))
@@ -228,9 +236,9 @@ def run(config, workdir: str) -> dict:
   if start == 0:
     gold_acc = _labeler_accuracy(recs)
     writer.write(0, {'rankings': len(recs), 'label_seconds': label_s, 'label_vs_gold_accuracy': gold_acc,
-                     **cut.as_metrics('data')}, split='info')
+                     **cut.as_metrics('data'), **info}, split='info')
   for step in range(start + 1, steps + 1):
-    state, m = train_step(state, shd.put_batch(next(loader), mesh))
+    state, m = train_step(state, sources.put_local_batch(next(loader), mesh))
     writer.advance()
     if step % config.log_every == 0 or step == steps:
       writer.write(step, m)
@@ -246,7 +254,7 @@ def run(config, workdir: str) -> dict:
   writer.write(steps, norm, split='eval')
   writer.close()
   hf.save_pretrained(model, os.path.join(out, 'hf'), tokenizer=tok)
-  summary = {'stage': 'rm', 'steps': steps, **{f'eval_{k}': v for k, v in ev.items()}, **norm}
+  summary = {'stage': 'rm', 'steps': steps, **{f'eval_{k}': v for k, v in ev.items()}, **norm, **info}
   checkpoint.mark_done(out, summary)
   print(f'[rm] done: held-out pairwise accuracy {ev["accuracy"]:.3f} ({ev["accuracy_distinct"]:.3f} on distinct '
         f'responses, {ev.get("gold_accuracy", float("nan")):.3f} against the gold labeler) on {len(eval_recs)} prompts; '
@@ -285,8 +293,9 @@ def normalise(model, config, workdir, tok, train_arrays) -> dict[str, float]:
     gain = 1.0 / max(float(s.std()), 1e-6)
   model.head.norm_gain.set_value(jnp.asarray(gain, jnp.float32))
   if rc.normalize:
-    files = common.task_files(config, workdir) if not rc.data else {}
-    demos = common.read(config, files['sft_train'], 'demonstration')[:512] if files else []
+    demos = []
+    if config.data.demonstrations or not (rc.data or config.data.rankings):
+      demos = common.records_for(config, workdir, 'demonstrations', 'train', tok)[:512]
     if demos:
       arr, _ = batches.demonstrations(tok, demos, config.data.max_prompt_len, config.data.max_response_len)
       s = np.asarray(score(model, arr['tokens'], arr['attention_mask']))  # already includes the gain

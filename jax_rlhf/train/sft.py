@@ -15,7 +15,7 @@ from flax import nnx
 
 from jax_rlhf import metrics as metrics_lib
 from jax_rlhf import sharding as shd
-from jax_rlhf.data import batches
+from jax_rlhf.data import batches, sources
 from jax_rlhf.models import hf
 from jax_rlhf.models.transformer import Transformer
 from jax_rlhf.train import checkpoint, common, lm
@@ -23,24 +23,29 @@ from jax_rlhf.train import state as state_lib
 
 
 def _data(config, workdir, stage, tok):
-  files = common.task_files(config, workdir) if config.task.name else {}
+  """(train arrays, held-out arrays, info metrics) from data.pretrain / data.demonstrations or the task."""
   d = config.data
+  info = {}
   if stage == 'pretrain':
-    train = batches.texts(tok, [r['text'] for r in common.read(config, files['pretrain_train'], 'text')], d.seq_len)
-    held = batches.texts(tok, [r['text'] for r in common.read(config, files['pretrain_eval'], 'text')], d.seq_len)
-    return train, held, {}
-  train, cut = batches.demonstrations(tok, common.read(config, files['sft_train'], 'demonstration'),
+    train = batches.texts(tok, [r['text'] for r in common.records_for(config, workdir, 'pretrain', 'train',
+                                                                      counts=info)], d.seq_len)
+    held = batches.texts(tok, [r['text'] for r in common.records_for(config, workdir, 'pretrain', 'eval',
+                                                                     counts=info)], d.seq_len)
+    return train, held, info
+  train, cut = batches.demonstrations(tok, common.records_for(config, workdir, 'demonstrations', 'train', tok, info),
                                       d.max_prompt_len, d.max_response_len)
-  held, _ = batches.demonstrations(tok, common.read(config, files['sft_eval'], 'demonstration'),
+  held, _ = batches.demonstrations(tok, common.records_for(config, workdir, 'demonstrations', 'eval', tok, info),
                                    d.max_prompt_len, d.max_response_len)
-  return train, held, cut.as_metrics('data')
+  if d.pack_sft:
+    train = batches.pack(train, d.max_prompt_len + d.max_response_len)
+  return train, held, {**cut.as_metrics('data'), **info}
 
 
 def _initial_model(config, workdir, stage, tok, sc):
   """The model this stage starts from: random init, a HF folder, or the previous stage's export."""
   init = 'scratch' if stage == 'pretrain' else sc.init
   if config.model.path and init in ('scratch', 'hf', 'pretrain') and (stage == 'pretrain' or init == 'hf'):
-    return common.load_lm(config.model.path, config, dropout_rate=sc.dropout)
+    return common.load_lm(config.model.path, config, tok, dropout_rate=sc.dropout)
   if init == 'pretrain':
     prev = common.require_stage(workdir, 'pretrain', stage)
     return common.load_lm(os.path.join(prev, 'hf'), config, dropout_rate=sc.dropout)
@@ -77,6 +82,10 @@ def run(config, workdir: str, stage: str) -> dict:
 
   # ---------------------------------------------------------------- model, optimizer, sharded state
   model = _initial_model(config, workdir, stage, tok, sc)
+  context = config.data.seq_len if stage == 'pretrain' else config.data.max_prompt_len + config.data.max_response_len
+  if model.config.layout == 'gpt2' and context > model.config.max_len:  # learned positions end there
+    raise common.UserError(f'{stage} sequences of {context} tokens (data.max_prompt_len + data.max_response_len, '
+                           f'or data.seq_len) are longer than the model\'s {model.config.max_len} positions')
   tx = state_lib.make_optimizer(sc.optimizer, sc.steps)
   graphdef, state, shardings = state_lib.place_state(model, tx, mesh)
   del model
@@ -84,7 +93,7 @@ def run(config, workdir: str, stage: str) -> dict:
   eval_step = lm.jit_lm_eval(graphdef, shardings, mesh)
 
   # ---------------------------------------------------------------- resume
-  loader = batches.Loader(train_arrays, bs, config.seed)
+  loader = sources.GrainLoader(train_arrays, bs, config.seed)
   ckpt = checkpoint.for_stage(out, config)
   state, meta = ckpt.resume(state, loader=loader)
   start = int(meta.get('step', 0))
@@ -102,7 +111,7 @@ def run(config, workdir: str, stage: str) -> dict:
   m = {}
   for step in range(start + 1, sc.steps + 1):
     batch = next(loader)
-    state, m = train_step(state, shd.put_batch(batch, mesh), rng)
+    state, m = train_step(state, sources.put_local_batch(batch, mesh), rng)
     tokens_seen += int(batch['attention_mask'].sum())
     writer.advance()
     if step % config.log_every == 0 or step == sc.steps:
@@ -120,8 +129,13 @@ def run(config, workdir: str, stage: str) -> dict:
   final_eval = evaluate_lm(eval_step, state, eval_arrays, bs, mesh)
   writer.close()
   hf.save_pretrained(nnx.merge(graphdef, state.params, state.rest), os.path.join(out, 'hf'), tokenizer=tok)
-  summary = {'stage': stage, 'steps': sc.steps, 'eval_loss': final_eval,
+  summary = {'stage': stage, 'steps': sc.steps, 'eval_loss': final_eval, **_skipped(data_metrics),
              'train_loss': float(np.asarray(m['loss'])) if m else None}
   checkpoint.mark_done(out, summary)
   print(f'[{stage}] done: eval loss {final_eval:.4f}; exported {os.path.join(out, "hf")}')
   return summary
+
+
+def _skipped(info: dict) -> dict:
+  """The bad records a run skipped (data.on_error=skip), for the stage's summary."""
+  return {k: v for k, v in info.items() if k.startswith('data/skipped/')}

@@ -1,0 +1,102 @@
+"""Presets for real models on real preference data: GPT-2 (124M) and Qwen2.5-0.5B, with Anthropic HH-RLHF or
+OpenAI's TL;DR (summarize-from-feedback), read from files the user downloaded. `configs/presets/*.py` call
+`preset_config(model, data, arg)`; `arg` is a comma list:
+
+  stage=<stage>      pretrain | sft | rm | ppo | eval | pipeline (default: pipeline; pretrain is skipped, SFT
+                     starts from the model folder)
+  model_dir=<dir>    the Hugging Face folder of the model (config.json, model.safetensors, tokenizer files)
+  data_dir=<dir>     the downloaded dataset (for tldr, a folder with tldr_3_filtered/ and comparisons/)
+  quick              tiny step counts and lengths (tests, smoke runs on fixtures)
+and the variants of jax_rlhf/config.py (instructgpt, ptx=<coef>).
+
+Hyperparameters: N+ (Huang et al. 2024, Pythia 1B-6.9B on TL;DR: SFT/RM/PPO lr 3e-6, SFT batch 128 for one
+epoch, RM batch 64 for one epoch, PPO 512 episodes per batch, 4 epochs of 4 minibatches, beta 0.05,
+temperature 0.7, 53 response tokens, missing-EOS penalty -1) and InstructGPT (RM lr 9e-6, PPO-ptx off here).
+Scaled to smaller models: the learning rates are raised (GPT-2 124M: 1e-5 SFT and RM, 3e-6 PPO; Qwen2.5-0.5B:
+5e-6 SFT and RM, 1e-6 PPO) and the batches sized for one GPU or a TPU v4-8 (gradient accumulation is not
+needed at these sizes). The default step counts are about one epoch of each dataset.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from jax_rlhf.config import STAGES, apply_variants, stage_config
+
+MODELS = {
+    'gpt2': dict(dir='~/models/gpt2', dtype='bfloat16', sft_lr=1e-5, rm_lr=1e-5, ppo_lr=3e-6, mesh=dict(data=-1, fsdp=1)),
+    'qwen2.5-0.5b': dict(dir='~/models/Qwen2.5-0.5B', dtype='bfloat16', sft_lr=5e-6, rm_lr=5e-6, ppo_lr=1e-6,
+                         mesh=dict(data=1, fsdp=-1)),  # ZeRO-3 style: parameters and Adam state sharded
+}
+DATA = {
+    # HH-RLHF: SFT on the chosen responses (a ranking source gives its best response), RM on the pairs, PPO
+    # on the prompts. Transcripts are long: the prompt keeps its last 256 tokens (cut from the left).
+    'hh': dict(dir='~/data/hh-rlhf', demonstrations='hh_rlhf:{d}', rankings='hh_rlhf:{d}', prompts='hh_rlhf:{d}',
+               max_prompt_len=256, max_response_len=128, sft_steps=1250, rm_epochs=1, ppo_iterations=300),
+    # TL;DR: N+'s 512-token queries, 53-token responses; SFT on tldr_3_filtered (116k), RM on the 93k
+    # comparisons, PPO on the SFT set's queries.
+    'tldr': dict(dir='~/data/tldr', demonstrations='tldr_sft:{d}/tldr_3_filtered',
+                 rankings='tldr_comparisons:{d}', prompts='tldr_sft:{d}/tldr_3_filtered',
+                 max_prompt_len=512, max_response_len=53, sft_steps=900, rm_epochs=1, ppo_iterations=900),
+}
+
+
+def preset_config(model: str, data: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  m, d = MODELS[model], DATA[data]
+  stage, model_dir, data_dir, rest = 'pipeline', m['dir'], d['dir'], []
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if key == 'stage' and value:
+      stage = value
+    elif key == 'model_dir' and value:
+      model_dir = value
+    elif key == 'data_dir' and value:
+      data_dir = value
+    else:
+      rest.append(item)
+  if stage not in STAGES:
+    raise ValueError(f'unknown stage {stage!r}; stages: {STAGES}')
+  c = stage_config(stage)
+  c.task.name = ''  # no embedded task: every source comes from data.*
+  c.model.path = model_dir
+  c.model.dtype = m['dtype']
+  c.mesh.update(m['mesh'])
+  c.data.update(tokenizer=model_dir, pad_token='<|pad|>', max_prompt_len=d['max_prompt_len'],
+                max_response_len=d['max_response_len'], seq_len=d['max_prompt_len'] + d['max_response_len'],
+                tfds_dir=os.path.join('~', 'tensorflow_datasets'), chat_template='auto')
+  for role in ('demonstrations', 'rankings', 'prompts'):
+    c.data[role] = d[role].format(d=data_dir.rstrip('/'))
+  c.log_every = 10
+  c.checkpoint.every = 100
+
+  c.sft.update(init='hf', steps=d['sft_steps'], batch_size=128, eval_every=250, dropout=0.0)
+  c.sft.optimizer.update(lr=m['sft_lr'], schedule='cosine', end_lr_frac=0.1, warmup_steps=20)
+  c.rm.update(epochs=d['rm_epochs'], batch_size=64, normalize=True, normalize_gain=False)
+  c.rm.optimizer.update(lr=m['rm_lr'], schedule='cosine', end_lr_frac=0.1, warmup_steps=20)
+  c.ppo.update(iterations=d['ppo_iterations'], batch_size=512, ppo_epochs=4, num_minibatches=4, temperature=0.7,
+               max_new_tokens=d['max_response_len'], missing_eos_penalty=-1.0)
+  c.ppo.kl.update(coef=0.05, adaptive=False)
+  c.ppo.policy_optimizer.update(lr=m['ppo_lr'], schedule='linear')
+  c.ppo.value_optimizer.update(lr=m['ppo_lr'], schedule='linear')
+  c.eval.update(temperature=0.7, max_new_tokens=d['max_response_len'], batch_size=64, max_prompts=1024)
+  if 'quick' in rest:
+    rest.remove('quick')
+    _quick(c)
+  return apply_variants(c, ','.join(rest))
+
+
+def _quick(c: ml_collections.ConfigDict) -> None:
+  """Tiny runs on fixture files with a tiny random model (tests): every path of the preset, in seconds."""
+  c.progress = False
+  c.log_every = 2
+  c.checkpoint.update(every=2, async_save=False)
+  c.mesh.update(data=-1, fsdp=1)
+  c.model.dtype = 'float32'
+  c.data.update(max_prompt_len=48, max_response_len=12, seq_len=60, eval_fraction=0.25)
+  c.sft.update(steps=4, batch_size=8, eval_every=2)
+  c.sft.optimizer.lr = c.rm.optimizer.lr = 1e-3  # so that a few steps visibly move a tiny random model
+  c.ppo.policy_optimizer.lr = c.ppo.value_optimizer.lr = 1e-3
+  c.rm.update(epochs=2, batch_size=8)
+  c.ppo.update(iterations=2, batch_size=8, num_minibatches=1, max_new_tokens=12)
+  c.eval.update(batch_size=8, max_new_tokens=12, max_prompts=8)
