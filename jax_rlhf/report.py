@@ -204,7 +204,8 @@ def sample_table(samples: list[dict], models: list[str], n: int) -> tuple[list[s
   for i, s in enumerate(samples[:n]):
     row = [str(i + 1), s.get('category') or '', s['prompt']]
     for m in models:
-      row += [s[m]['response'], f'{s[m]["gold"]:.2f}', f'{s[m]["rm"]:+.2f}']
+      gold = '-' if s[m]['gold'] is None else f'{s[m]["gold"]:.2f}'  # no labeler on real data
+      row += [s[m]['response'], gold, f'{s[m]["rm"]:+.2f}']
     rows.append(row)
   return header, rows
 

@@ -161,6 +161,8 @@ def test_pipeline_on_hh_rlhf_with_a_tiny_gpt2_completes_every_stage(files):
   results = json.loads((w / 'eval' / 'results.json').read_text())['models']
   assert results['ppo']['win_rate_judge'] == 'rm' and results['ppo']['gold_score'] is None
   assert np.isfinite(results['ppo']['rm_score']) and np.isfinite(results['ppo']['kl_to_ref'])
+  report = (w / 'eval' / 'report.md').read_text()  # written without a labeler: gold cells are '-'
+  assert '## Results' in report and 'Best-of-n' not in report
   import transformers
   model = transformers.AutoModelForCausalLM.from_pretrained(w / 'ppo' / 'hf')
   tok = transformers.AutoTokenizer.from_pretrained(w / 'ppo' / 'hf')
