@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ('configs/pipeline.py:quick', '--config.checkpoint.every=2')
 
 
-def run_main(config, workdir, *overrides, timeout=600, env=None):
+def run_main(config, workdir, *overrides, timeout=1800, env=None):
   cmd = [sys.executable, '-m', 'jax_rlhf.main', '--config', config, '--workdir', str(workdir), *overrides]
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                         env=None if env is None else {**os.environ, **env})

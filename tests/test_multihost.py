@@ -20,7 +20,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two_processes(config, workdir, *overrides, timeout=600):
+def run_two_processes(config, workdir, *overrides, timeout=1800):
   port = free_port()
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
   procs = [subprocess.Popen([sys.executable, '-m', 'jax_rlhf.main', '--config', config, '--workdir', str(workdir),
