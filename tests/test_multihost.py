@@ -60,7 +60,8 @@ def test_two_processes_equal_one_process_with_8_devices(quick_pipeline, tmp_path
     shutil.copytree(ref / d, w / d, symlinks=True)
   outs = run_two_processes(f'configs/{stage}.py:quick', w, *QUICK[1:])
   assert all(rc == 0 for rc, _, _ in outs), explain(outs)
-  assert f'[{stage}] done' in outs[0][1] and outs[1][1] == '', explain(outs)  # one voice: process 0's
+  # one voice: process 0's (gloo's own C++ lines reach both stdouts)
+  assert f'[{stage}] done' in outs[0][1] and f'[{stage}]' not in outs[1][1], explain(outs)
   assert (w / stage / 'DONE').is_file()
   assert len((w / stage / 'metrics.jsonl').read_text().splitlines()) == \
       len((ref / stage / 'metrics.jsonl').read_text().splitlines())  # written once, not once per process

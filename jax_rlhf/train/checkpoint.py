@@ -28,6 +28,9 @@ from jax_rlhf.train import preempt
 from jax_rlhf.train import state as state_lib
 
 
+_whole_replica_writes = False  # set once the multi-process array handler is registered
+
+
 class Diverged(Exception):
   """Too many non-finite updates in a row: main prints the one line and exits 1."""
 
@@ -79,6 +82,14 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.stage_dir = os.path.dirname(self.directory)
     self.every, self.check_every, self.max_nonfinite = every, check_every, max_nonfinite_in_row
+    global _whole_replica_writes
+    if jax.process_count() > 1 and not _whole_replica_writes:
+      _whole_replica_writes = True
+      # orbax's replica-parallel save slices replicated arrays on each process's own devices; those small
+      # programs compiled at different moments on different processes hang the CPU (gloo) client. Each
+      # replicated array is written whole from its first replica instead.
+      ocp.type_handlers.register_type_handler(
+          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
