@@ -151,8 +151,10 @@ def test_killed_at_random_steps_of_every_stage_resumes_bitwise(quick_pipeline, t
   faults = [(s, rng.randint(1, n[s]), 'kill') for s in STAGES]
   if faults[1][1] == save_kill:
     faults[1] = ('sft', save_kill + 1, 'kill')
-  faults += [('sft', save_kill, 'kill-in-save'), ('rm', rng.randint(1, n['rm']), 'term'),
-             ('ppo', rng.randint(1, n['ppo']), 'term')]
+  kill_at = dict((s, k) for s, k, _ in faults)
+  for s in ('rm', 'ppo'):  # a SIGTERM at another step than the SIGKILL of the same stage
+    faults.append((s, rng.choice([k for k in range(1, n[s] + 1) if k != kill_at[s]]), 'term'))
+  faults.append(('sft', save_kill, 'kill-in-save'))
   spec = ','.join(f'{s}:{k}:{m}' for s, k, m in faults)
   why = f'faults {spec} (seed {seed})'
   w = tmp_path / 'W'
