@@ -80,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
       keep=2,                   # checkpoints kept per stage
       async_save=True,          # orbax writes in the background while training goes on
   ))
+  c.guards = ml_collections.ConfigDict(dict(
+      max_nonfinite_in_row=10,  # a NaN/Inf gradient skips its update (counted); this many in a row stop the run
+                                # (checked at log and checkpoint steps), leaving the last good checkpoint
+  ))
 
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=300,                # train steps (~3.6 epochs of the demo corpus; held-out loss rises after ~350)
@@ -132,6 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
       missing_eos_penalty=-1.0, # score of a response without EOS (N+: -1)
       whiten_rewards=False,     # whiten rewards without shifting the mean (N+ #24)
       whiten_advantages=True,   # advantages mean 0, var 1 over valid tokens
+      ratio_threshold=10.0,     # skip a minibatch whose mean ratio pi/pi_old exceeds this (TRL's ratio_threshold)
       value_from='rm',          # rm: separate value model from the RM (InstructGPT, N+); sft: from the SFT body
       kl=ml_collections.ConfigDict(dict(
           coef=0.2,             # beta (InstructGPT 0.02; N+ 0.05). The demo's 1M-parameter RM is easy to exploit:

@@ -7,6 +7,14 @@
 extra PPO runs of `config.ppo_runs` after ppo, each skipped when its `W/<stage>/DONE` exists; the wall time of
 each stage that ran is appended to `W/wall_times.jsonl`). Mistakes a user can make end in one line and exit
 status 2.
+
+Several processes (a TPU slice's hosts, GPU hosts): every process runs the same command; with
+`--coordinator=HOST:PORT --num_processes=N --process_id=I` (or `--distributed` to let JAX find the cluster
+itself: TPU VMs, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) `jax.distributed.initialize` joins them first.
+Only process 0 prints and writes logs and exports; every process writes its part of each checkpoint.
+
+Exit status: 0 done (or preempted by SIGTERM after saving a checkpoint: run it again to resume), 1 stopped by
+the non-finite guard, 2 a mistake of the user's.
 """
 from __future__ import annotations
 
@@ -21,6 +29,11 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/ppo.py[:variants].',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for everything the run writes (stages chain through it).')
+_COORDINATOR = flags.DEFINE_string('coordinator', None, 'Multi-process: HOST:PORT of process 0 (jax.distributed).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: how many processes in all.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this process (0 .. num_processes-1).')
+_DISTRIBUTED = flags.DEFINE_boolean('distributed', False, 'Call jax.distributed.initialize() with no arguments '
+                                    '(TPU VM slices, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS set).')
 
 def run_stage(config, workdir: str, stage: str):
   """Runs one stage (a name of `config.ppo_runs` is a PPO run); None when it was already complete."""
@@ -73,6 +86,26 @@ def run(config, workdir: str) -> None:
         f.write(json.dumps({'stage': stage, 'wall_s': round(dt, 1), 'time': round(time.time(), 1)}) + '\n')
 
 
+def init_distributed() -> None:
+  """jax.distributed.initialize when the flags (or --distributed) say there are several processes."""
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if not any(v is not None for v in explicit) and not _DISTRIBUTED.value:
+    return
+  from jax_rlhf.train.common import UserError
+  if any(v is not None for v in explicit) and any(v is None for v in explicit):
+    raise UserError('--coordinator, --num_processes and --process_id go together (or use --distributed)')
+  import jax
+  # CPU processes talk through gloo (harmless on GPU/TPU, whose collectives are their own)
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if _COORDINATOR.value is not None:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  else:
+    jax.distributed.initialize()
+  if jax.process_index() != 0:  # one voice: process 0 prints; errors still reach stderr
+    sys.stdout = open(os.devnull, 'w')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -89,12 +122,22 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required: the folder the run writes to')
   logging.set_verbosity(logging.WARNING)  # orbax/jax INFO lines drown the progress bars
+  from jax_rlhf.train.checkpoint import Diverged
   from jax_rlhf.train.common import UserError
+  from jax_rlhf.train import preempt
   try:
+    init_distributed()
+    preempt.install()
     run(config, _WORKDIR.value)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except Diverged as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except preempt.Preempted:
+    sys.stdout.flush()
+    sys.exit(0)
 
 
 def _parse_flags(argv):

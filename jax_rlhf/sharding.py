@@ -113,15 +113,31 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def put_batch(batch: Any, mesh: Mesh) -> Any:
+def process_rows(mesh: Mesh, global_rows: int) -> slice:
+  """The rows of a global batch [global_rows, ...] that this process's devices hold (a contiguous block)."""
+  idx = batch_sharding(mesh).addressable_devices_indices_map((global_rows,)).values()
+  starts = sorted({i[0].indices(global_rows)[:2] for i in idx})
+  lo, hi = starts[0][0], starts[-1][1]
+  if sum(b - a for a, b in starts) != hi - lo:
+    raise ValueError(f'this process holds non-contiguous rows of the batch: {starts}')
+  return slice(lo, hi)
+
+
+def put_batch(batch: Any, mesh: Mesh, *, local: bool = False) -> Any:
   """Place a host pytree of arrays [B, ...] on the mesh, batch dim split over ('data', 'fsdp').
 
-  Multi-process: every process passes the same *global* batch; each device takes its slice.
+  Each process feeds only its own rows (`jax.make_array_from_process_local_data`): by default every process
+  passes the same global batch and keeps `process_rows` of it; with `local=True` it passes just those rows
+  (a loader that reads only its shard). Scalars are replicated.
   """
   def put(x):
     x = np.asarray(x)
-    sharding = batch_sharding(mesh) if x.ndim else replicated(mesh)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    if not x.ndim:
+      return jax.make_array_from_callback(x.shape, replicated(mesh), lambda idx: x[idx])
+    sharding = batch_sharding(mesh)
+    if local:
+      return jax.make_array_from_process_local_data(sharding, x)
+    return jax.make_array_from_process_local_data(sharding, x[process_rows(mesh, x.shape[0])], x.shape)
   return jax.tree.map(put, batch)
 
 

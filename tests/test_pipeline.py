@@ -38,9 +38,8 @@ def explain(proc):
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('pipeline') / 'W'
-  return workdir, main(QUICK[0], workdir, *QUICK[1:])
+def run(quick_pipeline):  # conftest: one run shared with the other end-to-end tests
+  return quick_pipeline
 
 
 @pytest.fixture(scope='module')

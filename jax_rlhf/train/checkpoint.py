@@ -7,6 +7,10 @@ controller's beta, and anything else the stage needs to continue exactly where i
 into a temporary folder and renames it when complete, so a kill during a save leaves the previous
 checkpoint usable.
 
+Every stage's loop ends each step with `Checkpointer.step_end`, which saves every `checkpoint.every` steps
+and at the last, saves and stops on SIGTERM (preempt.py), and stops a run whose updates have been non-finite
+`guards.max_nonfinite_in_row` times in a row without writing over the last good checkpoint.
+
 A stage that has finished writes `W/<stage>/DONE` (JSON) after its last checkpoint and HF export; the
 pipeline skips stages that have it.
 """
@@ -14,10 +18,21 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from jax_rlhf.train import preempt
+from jax_rlhf.train import state as state_lib
+
+
+_whole_replica_writes = False  # set once the multi-process array handler is registered
+
+
+class Diverged(Exception):
+  """Too many non-finite updates in a row: main prints the one line and exits 1."""
 
 
 def _key(path) -> str:
@@ -62,8 +77,19 @@ def _abstract(tree: Any) -> dict[str, Any]:
 class Checkpointer:
   """A stage's checkpoints under `directory` (orbax CheckpointManager, `keep` most recent)."""
 
-  def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True, every: int = 0,
+               check_every: int = 0, max_nonfinite_in_row: int = 0):
     self.directory = os.path.abspath(directory)
+    self.stage_dir = os.path.dirname(self.directory)
+    self.every, self.check_every, self.max_nonfinite = every, check_every, max_nonfinite_in_row
+    global _whole_replica_writes
+    if jax.process_count() > 1 and not _whole_replica_writes:
+      _whole_replica_writes = True
+      # orbax's replica-parallel save slices replicated arrays on each process's own devices; those small
+      # programs compiled at different moments on different processes hang the CPU (gloo) client. Each
+      # replicated array is written whole from its first replica instead.
+      ocp.type_handlers.register_type_handler(
+          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
@@ -95,6 +121,54 @@ class Checkpointer:
         loader.restore(meta[name])
     return state, meta
 
+  def step_end(self, step: int, total: int, state: Any, meta: dict[str, Any]) -> None:
+    """After train step `step` of `total`: the periodic/last save, preemption, the non-finite guard.
+
+    The guard reads the skip counters (one device scalar) only at checkpoint and check steps, so it adds no
+    host round trip to the other steps; a checkpoint is written only when the last update was applied, so a
+    run of skipped steps never replaces the last good checkpoint.
+    """
+    modes = preempt.faults(self.stage_dir, step)
+    if 'kill' in modes:
+      preempt.kill_self()
+    if 'term' in modes:
+      preempt.kill_self(preempt.signal.SIGTERM)
+    stop = preempt.requested(step)
+    periodic = (self.every > 0 and step % self.every == 0) or step == total or 'kill-in-save' in modes
+    if periodic or stop or (self.check_every > 0 and step % self.check_every == 0):
+      in_row, skipped = (int(x) for x in jax.device_get(state_lib.nonfinite_counts(state)))
+      if self.max_nonfinite and in_row >= self.max_nonfinite:
+        self.wait()
+        latest = self.latest_step()
+        raise Diverged(f'{os.path.basename(self.stage_dir)}: the last {in_row} updates (to step {step}) had a '
+                       f'non-finite loss or gradient and were skipped ({skipped} in all); stopping. The last good '
+                       f'checkpoint is step {latest} in {self.directory}' if latest is not None else
+                       f'{os.path.basename(self.stage_dir)}: the last {in_row} updates (to step {step}) had a '
+                       f'non-finite loss or gradient and were skipped; stopping with no checkpoint written')
+      if in_row and not stop:
+        periodic = False  # the last update was skipped: keep the last good checkpoint
+    if periodic or stop:
+      if self.latest_step() != step:
+        self.save(step, state, meta)
+    if 'kill-in-save' in modes:
+      self._kill_while_writing(step)
+    if stop:
+      self.wait()
+      if jax.process_index() == 0:
+        print(f'[{os.path.basename(self.stage_dir)}] preempted (SIGTERM): saved step {step} in {self.directory}; '
+              f'run the same command again to resume', flush=True)
+      raise preempt.Preempted(step)
+
+  def _kill_while_writing(self, step: int) -> None:
+    """Test hook: SIGKILL while orbax writes step's checkpoint (its temporary folder exists, the final not)."""
+    final = os.path.join(self.directory, str(step))
+    for _ in range(20000):
+      tmp = [n for n in os.listdir(self.directory) if n.startswith(f'{step}.') and 'tmp' in n]
+      if tmp or os.path.exists(final):
+        break
+      time.sleep(0.0005)
+    preempt.kill_self()
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
@@ -106,7 +180,8 @@ class Checkpointer:
 def for_stage(stage_dir: str, config) -> Checkpointer:
   """The checkpointer of a stage, `W/<stage>/checkpoints`, as config.checkpoint says."""
   return Checkpointer(os.path.join(stage_dir, 'checkpoints'), keep=config.checkpoint.keep,
-                      async_save=config.checkpoint.async_save)
+                      async_save=config.checkpoint.async_save, every=config.checkpoint.every,
+                      check_every=config.log_every, max_nonfinite_in_row=config.guards.max_nonfinite_in_row)
 
 
 def mark_done(stage_dir: str, summary: dict[str, Any]) -> None:

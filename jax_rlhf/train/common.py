@@ -66,13 +66,10 @@ def task_files(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
   """The task's JSONL files under W/data, written once (deterministic from task.seed)."""
   d = stage_dir(workdir, 'data')
   index = os.path.join(d, 'files.json')
-  if os.path.exists(index):
-    with open(index) as f:
-      return json.load(f)
-  if config.task.name != 'instruct_world':
+  if config.task.name != 'instruct_world' and not os.path.exists(index):
     raise UserError(f'unknown task {config.task.name!r}; the embedded task is instruct_world')
   t = config.task
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and not os.path.exists(index):
     os.makedirs(d, exist_ok=True)
     paths = world(config).write(d, n_pretrain=t.n_pretrain, n_sft_train=t.n_sft_train, n_sft_eval=t.n_sft_eval,
                                 n_prompts_train=t.n_prompts_train, n_prompts_eval=t.n_prompts_eval)
@@ -80,7 +77,7 @@ def task_files(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
     with open(index + '.tmp', 'w') as f:
       json.dump(paths, f, indent=1)
     os.replace(index + '.tmp', index)
-  else:  # pragma: no cover - multi-host: wait for process 0
+  if jax.process_count() > 1:  # the others wait until process 0 has written them
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('task_files')
   with open(index) as f:

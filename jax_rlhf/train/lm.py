@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from jax_rlhf import losses
 from jax_rlhf import sharding as shd
+from jax_rlhf.train import state as state_lib
 from jax_rlhf.train.state import TrainState
 
 
@@ -23,7 +24,8 @@ def lm_loss(model, batch: dict[str, jax.Array], dropout_key=None):
 
 
 def lm_train_step(graphdef, tx: optax.GradientTransformation, state: TrainState, batch, rng):
-  """One AdamW step on the LM loss (pure; jit it with `jit_lm_step`)."""
+  """One AdamW step on the LM loss (pure; jit it with `jit_lm_step`). A non-finite gradient skips the update
+  (the optimizer's guard, see state.make_optimizer); `nonfinite_skipped` counts such steps so far."""
   key = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params):
@@ -34,7 +36,8 @@ def lm_train_step(graphdef, tx: optax.GradientTransformation, state: TrainState,
   (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {'loss': loss, 'tokens': n, 'grad_norm': optax.tree.norm(grads)}
+  metrics = {'loss': loss, 'tokens': n, 'grad_norm': optax.tree.norm(grads),
+             'nonfinite_skipped': state_lib.nonfinite_counts(opt_state)[1]}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

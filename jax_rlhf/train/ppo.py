@@ -140,14 +140,20 @@ def update(g, pc, tx_policy, tx_value, policy, value, exp, ptx, rng):
     (_, m), (gp, gv) = grad_fn(policy.params, value.params)
     up, po = tx_policy.update(gp, policy.opt_state, policy.params)
     uv, vo = tx_value.update(gv, value.opt_state, value.params)
-    policy = policy.replace(step=policy.step + 1, params=optax.apply_updates(policy.params, up), opt_state=po)
-    value = value.replace(step=value.step + 1, params=optax.apply_updates(value.params, uv), opt_state=vo)
+    new = (policy.replace(step=policy.step + 1, params=optax.apply_updates(policy.params, up), opt_state=po),
+           value.replace(step=value.step + 1, params=optax.apply_updates(value.params, uv), opt_state=vo))
+    # TRL's ratio_threshold: a minibatch whose mean ratio has run away would make a loss spike; skip it whole
+    skip = m['ratio_mean'] > pc.ratio_threshold
+    policy, value = jax.tree.map(lambda old, upd: jnp.where(skip, old, upd), (policy, value), new)
+    m['ratio_skipped'] = skip.astype(jnp.float32)
     m['policy_grad_norm'] = optax.tree.norm(gp)
     m['value_grad_norm'] = optax.tree.norm(gv)
     return (policy, value), m
 
   (policy, value), ms = jax.lax.scan(one, (policy, value), (idx, ptx))
   metrics = jax.tree.map(jnp.mean, ms)
+  metrics['ratio_skipped'] = jnp.sum(ms['ratio_skipped'])  # minibatches skipped in this iteration
+  metrics['nonfinite_skipped'] = state_lib.nonfinite_counts((policy, value))[1]  # updates skipped so far
   metrics['first_ratio_mean'] = ms['ratio_mean'][0]
   metrics['first_clipfrac'] = ms['clipfrac'][0]
   return policy, value, metrics
@@ -275,10 +281,9 @@ def run(config, workdir: str, name: str = 'ppo') -> dict:
       st = trainer.states['policy']
       hf.save_pretrained(nnx.merge(trainer.graphdefs['policy'], st.params, st.rest),
                          os.path.join(out, 'snapshots', str(it)))
-    if it % config.checkpoint.every == 0 or it == pc.iterations:
-      ckpt.save(it, {'policy': trainer.states['policy'], 'value': trainer.states['value']},
-                {'step': it, 'beta': beta, 'prompts': prompts.state(),
-                 'ptx': ptx_loader.state() if ptx_loader is not None else None})
+    ckpt.step_end(it, pc.iterations, {'policy': trainer.states['policy'], 'value': trainer.states['value']},
+                  {'step': it, 'beta': beta, 'prompts': prompts.state(),
+                   'ptx': ptx_loader.state() if ptx_loader is not None else None})
   ckpt.close()
   writer.close()
 

@@ -54,7 +54,8 @@ def rm_train_step(graphdef, tx, rm_cfg, state, batch):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
-          {'loss': loss, 'accuracy': m['accuracy'], 'margin': m['margin_mean'], 'grad_norm': optax.tree.norm(grads)})
+          {'loss': loss, 'accuracy': m['accuracy'], 'margin': m['margin_mean'], 'grad_norm': optax.tree.norm(grads),
+           'nonfinite_skipped': state_lib.nonfinite_counts(opt_state)[1]})
 
 
 def rm_eval_step(graphdef, state, batch):
@@ -242,8 +243,7 @@ def run(config, workdir: str) -> dict:
     writer.advance()
     if step % config.log_every == 0 or step == steps:
       writer.write(step, m)
-    if step % config.checkpoint.every == 0 or step == steps:
-      ckpt.save(step, state, {'step': step, 'loader': loader.state()})
+    ckpt.step_end(step, steps, state, {'step': step, 'loader': loader.state()})
   ckpt.close()
   ev = evaluate(state)
   writer.write(steps, {f'eval_{k}': v for k, v in ev.items()}, split='eval')

@@ -121,8 +121,7 @@ def run(config, workdir: str, stage: str) -> dict:
       t0, tokens_seen = time.perf_counter(), 0
     if step % sc.eval_every == 0 or step == sc.steps:
       writer.write(step, {'eval_loss': evaluate_lm(eval_step, state, eval_arrays, bs, mesh)}, split='eval')
-    if step % config.checkpoint.every == 0 or step == sc.steps:
-      ckpt.save(step, state, {'step': step, 'loader': loader.state(), 'seed': config.seed})
+    ckpt.step_end(step, sc.steps, state, {'step': step, 'loader': loader.state(), 'seed': config.seed})
 
   # ---------------------------------------------------------------- export
   ckpt.close()

@@ -45,14 +45,39 @@ def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+# apply_if_finite lets an update through after this many non-finite ones in a row; the run stops long before
+# (guards.max_nonfinite_in_row, checked by the host), so in effect it never does.
+_NEVER = 2**31 - 1
+
+
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
-  """AdamW (decoupled weight decay) with global-norm clipping; hyperparameters from the config."""
+  """AdamW (decoupled weight decay) with global-norm clipping; hyperparameters from the config.
+
+  Wrapped in `optax.apply_if_finite`: a step whose gradient has a NaN or Inf anywhere (which a non-finite
+  loss always gives) changes nothing (zero update, moments and schedule count untouched), decided inside the
+  jitted step; the state counts such steps, in a row and in total (`nonfinite_counts`).
+  """
   parts = []
   if opt_cfg.get('grad_clip', 0.0):
     parts.append(optax.clip_by_global_norm(float(opt_cfg.grad_clip)))
   parts.append(optax.adamw(schedule(opt_cfg, total_steps), b1=float(opt_cfg.b1), b2=float(opt_cfg.b2),
                            eps=float(opt_cfg.eps), weight_decay=float(opt_cfg.weight_decay)))
-  return optax.chain(*parts)
+  return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=_NEVER)
+
+
+def _finite_guards(tree) -> list:
+  is_guard = lambda x: isinstance(x, optax.ApplyIfFiniteState)  # noqa: E731
+  return [x for x in jax.tree.leaves(tree, is_leaf=is_guard) if is_guard(x)]
+
+
+def nonfinite_counts(tree) -> tuple[jax.Array, jax.Array]:
+  """(longest current run of skipped non-finite steps, total skipped) over every optimizer state in `tree`
+  (a TrainState or a dict of them); device scalars, (0, 0) when there is no optimizer."""
+  guards = _finite_guards(tree)
+  if not guards:
+    return jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+  return (jnp.max(jnp.stack([g.notfinite_count for g in guards])),
+          jnp.sum(jnp.stack([g.total_notfinite for g in guards])))
 
 
 def split_model(model: nnx.Module):
