@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Cache = list  # one {'k': [B, S, Hkv, Dh], 'v': [B, S, Hkv, Dh]} per layer
+Cache = list  # one {'k': [B, Hkv, Dh, S], 'v': [B, Hkv, S, Dh]} per layer (the layouts the attention dots read)
 
 LAYOUTS = ('gpt2', 'llama')
 
@@ -191,16 +191,39 @@ class Attention(nnx.Module):
       q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
     if cfg.layout == 'llama':
       q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-    if layer_cache is not None:
-      k = jax.lax.dynamic_update_slice(layer_cache['k'], k.astype(layer_cache['k'].dtype), (0, cache_index, 0, 0))
-      v = jax.lax.dynamic_update_slice(layer_cache['v'], v.astype(layer_cache['v'].dtype), (0, cache_index, 0, 0))
+    if layer_cache is None:
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, Dh]; GQA when Hkv < H
+    else:
+      k = jax.lax.dynamic_update_slice(layer_cache['k'], k.transpose(0, 2, 3, 1).astype(layer_cache['k'].dtype),
+                                       (0, 0, 0, cache_index))  # [B, Hkv, Dh, S]
+      v = jax.lax.dynamic_update_slice(layer_cache['v'], v.transpose(0, 2, 1, 3).astype(layer_cache['v'].dtype),
+                                       (0, 0, cache_index, 0))  # [B, Hkv, S, Dh]
       layer_cache = {'k': k, 'v': v}
-      k, v = k.astype(dt), v.astype(dt)
-    y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, Dh]; GQA when Hkv < H
+      y = attend(q, k.astype(dt), v.astype(dt), mask)  # [B, T, H, Dh]
     y = jnp.einsum('bthk,hkd->btd', y, self.o[...].astype(dt))
     if cfg.layout == 'gpt2':
       y = y + self.o_bias[...].astype(dt)
     return _dropout(y, cfg.dropout_rate, dropout_key), layer_cache
+
+
+def attend(q, k, v, mask):
+  """Scaled dot-product attention with grouped-query heads, softmax in float32.
+
+  q: [B, T, H, Dh]; k: [B, Hkv, Dh, S] (keys transposed); v: [B, Hkv, S, Dh]; mask: [B, 1, T, S] bool.
+  Returns [B, T, H, Dh]. The KV cache keeps keys and values head-major (keys transposed) so that both dots
+  read it in place: on XLA:CPU the [B, S, H, Dh] layout cost a transposed copy of the whole cache at every
+  decode step. Same math as `jax.nn.dot_product_attention`, which the cache-free forward uses.
+  """
+  b, t, h, dh = q.shape
+  hkv = k.shape[1]
+  g = h // hkv
+  q = q.reshape(b, t, hkv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, dh)  # [B, Hkv, G*T, Dh]
+  scores = jnp.einsum('bhqd,bhds->bhqs', q, k, preferred_element_type=jnp.float32)  # [B, Hkv, G*T, S]
+  scores = scores.reshape(b, hkv, g, t, -1) * (1.0 / math.sqrt(dh))
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, hkv, g * t, -1)
+  y = jnp.einsum('bhqs,bhsd->bhqd', probs, v)  # [B, Hkv, G*T, Dh]
+  return y.reshape(b, hkv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
 class MLP(nnx.Module):
@@ -268,10 +291,38 @@ def positions_from_mask(attention_mask):
 
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> Cache:
-  """A zero KV cache of `length` slots for every layer: [{'k','v': [B, S, Hkv, Dh]}]."""
+  """A zero KV cache of `length` slots for every layer: [{'k': [B, Hkv, Dh, S], 'v': [B, Hkv, S, Dh]}]."""
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (batch, length, cfg.kv_heads, cfg.hdim)
-  return [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+  k_shape = (batch, cfg.kv_heads, cfg.hdim, length)
+  v_shape = (batch, cfg.kv_heads, length, cfg.hdim)
+  return [{'k': jnp.zeros(k_shape, dtype), 'v': jnp.zeros(v_shape, dtype)} for _ in range(cfg.num_layers)]
+
+
+@jax.custom_vjp
+def tied_logits(h, wte):
+  """h [..., D] @ wte[V, D]^T -> float32 logits [..., V] (the tied LM head).
+
+  Its own VJP only to choose the weight gradient's form: autodiff yields dlogits^T h, for which XLA:CPU
+  first materialises the transposed dlogits [V, N] (the largest tensor of a training step); here it is
+  (h^T dlogits)^T, which transposes h [N, D] and the [D, V] result instead. Same math, same values.
+  """
+  return jnp.einsum('...d,vd->...v', h, wte, preferred_element_type=jnp.float32)
+
+
+def _tied_logits_fwd(h, wte):
+  return tied_logits(h, wte), (h, wte)
+
+
+def _tied_logits_bwd(res, g):
+  h, wte = res
+  dh = jnp.einsum('...v,vd->...d', g.astype(wte.dtype), wte, preferred_element_type=jnp.float32)
+  h2 = h.reshape(-1, h.shape[-1])
+  g2 = g.reshape(-1, g.shape[-1]).astype(h.dtype)
+  dw = jnp.einsum('nd,nv->dv', h2, g2, preferred_element_type=jnp.float32).T
+  return dh.astype(h.dtype), dw.astype(wte.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 class Transformer(nnx.Module):
@@ -310,7 +361,7 @@ class Transformer(nnx.Module):
     else:
       if attention_mask is None or positions is None:
         raise ValueError('decoding with a cache needs the [B, S] slot mask and the [B, T] positions')
-      s = cache[0]['k'].shape[1]
+      s = cache[0]['v'].shape[2]
       q_slots = cache_index + jnp.arange(t)
     key_ok = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S]
     causal = jnp.arange(s)[None, :] <= q_slots[:, None]  # [T, S]
@@ -333,8 +384,9 @@ class Transformer(nnx.Module):
 
   def logits(self, h):
     """LM head on hidden states, float32 logits [..., V]."""
-    w = self.lm_head[...] if self.has_lm_head else self.wte[...].T
-    return jnp.einsum('...d,dv->...v', h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    if self.has_lm_head:
+      return jnp.einsum('...d,dv->...v', h, self.lm_head[...].astype(h.dtype), preferred_element_type=jnp.float32)
+    return tied_logits(h, self.wte[...].astype(h.dtype))
 
   def __call__(self, input_ids, attention_mask=None, positions=None, dropout_key=None):
     h, _ = self.hidden_states(input_ids, attention_mask, positions, dropout_key=dropout_key)
