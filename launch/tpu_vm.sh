@@ -38,19 +38,9 @@ for v in name zone accelerator bucket workdir; do
 done
 if [[ $# -eq 0 ]]; then echo "error: give the jax_rlhf.main arguments after --, e.g. -- --config configs/pipeline.py" >&2; exit 2; fi
 
-# Single-quote an argument for printing when the shell would split or expand it.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@+%-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-
-# Print (dry run) or run one command; printed lines can be pasted into a shell.
-run() {
-  if [[ $dry -eq 1 ]]; then
-    printf '+'; for a in "$@"; do printf ' %s' "$(quote "$a")"; done; printf '\n'
-  else
-    "$@"
-  fi
-}
+# quote and run (dry run: print) come from common.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 tpu=(gcloud compute tpus tpu-vm)
