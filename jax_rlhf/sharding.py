@@ -123,21 +123,24 @@ def process_rows(mesh: Mesh, global_rows: int) -> slice:
   return slice(lo, hi)
 
 
-def put_batch(batch: Any, mesh: Mesh, *, local: bool = False) -> Any:
-  """Place a host pytree of arrays [B, ...] on the mesh, batch dim split over ('data', 'fsdp').
+def put_batch(batch: Any, mesh: Mesh, *, local: bool = False, batch_dim: int = 0) -> Any:
+  """Place a host pytree of arrays on the mesh, dimension `batch_dim` (the batch) split over ('data', 'fsdp').
 
   Each process feeds only its own rows (`jax.make_array_from_process_local_data`): by default every process
   passes the same global batch and keeps `process_rows` of it; with `local=True` it passes just those rows
-  (a loader that reads only its shard). Scalars are replicated.
+  (a loader that reads only its shard, e.g. `data.sources.GrainLoader`). Scalars are replicated.
   """
+  lead = (None,) * batch_dim
+  sharding = NamedSharding(mesh, P(*lead, BATCH_AXES))
+
   def put(x):
     x = np.asarray(x)
     if not x.ndim:
       return jax.make_array_from_callback(x.shape, replicated(mesh), lambda idx: x[idx])
-    sharding = batch_sharding(mesh)
     if local:
       return jax.make_array_from_process_local_data(sharding, x)
-    return jax.make_array_from_process_local_data(sharding, x[process_rows(mesh, x.shape[0])], x.shape)
+    rows = (slice(None),) * batch_dim + (process_rows(mesh, x.shape[batch_dim]),)
+    return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
   return jax.tree.map(put, batch)
 
 

@@ -271,17 +271,3 @@ class GrainLoader:
     self._step += 1
     return next(self._it)
 
-
-def put_local_batch(batch: Any, mesh, sharding=None) -> Any:
-  """Place this host's rows of a global batch (a GrainLoader batch) on the mesh, batch dim split over
-  ('data', 'fsdp'): on one host the same as sharding.put_batch."""
-  import jax
-  from jax_rlhf import sharding as shd
-  if jax.process_count() == 1:
-    if sharding is None:
-      return shd.put_batch(batch, mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i]),
-                        batch)
-  sh = sharding or shd.batch_sharding(mesh)  # pragma: no cover - multi-host
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), batch)
-

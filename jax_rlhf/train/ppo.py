@@ -267,7 +267,7 @@ def run(config, workdir: str, name: str = 'ppo') -> dict:
   for it in range(start + 1, pc.iterations + 1):
     batch = next(prompts)
     ptx = _ptx_batch(ptx_loader, n_ptx, pc.ptx.batch_size, mesh)
-    m = trainer.step(sources.put_local_batch({'prompt': batch['prompt'], 'prompt_mask': batch['prompt_mask']}, mesh),
+    m = trainer.step(shd.put_batch({'prompt': batch['prompt'], 'prompt_mask': batch['prompt_mask']}, mesh, local=True),
                      ptx, jax.random.fold_in(rng, it), beta)
     if pc.kl.adaptive:  # host scalar: one small transfer per iteration
       beta = float(rl.adaptive_kl_update(beta, float(m['kl']), pc.batch_size, pc.kl.target, pc.kl.horizon))
@@ -304,4 +304,4 @@ def _ptx_batch(loader, n: int, b: int, mesh):
     return None
   arr = next(loader)
   arr = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in arr.items()}  # this host's share of the rows, as n batches
-  return sources.put_local_batch(arr, mesh, shd.NamedSharding(mesh, shd.P(None, shd.BATCH_AXES)))
+  return shd.put_batch(arr, mesh, local=True, batch_dim=1)

@@ -239,7 +239,7 @@ def run(config, workdir: str) -> dict:
     writer.write(0, {'rankings': len(recs), 'label_seconds': label_s, 'label_vs_gold_accuracy': gold_acc,
                      **cut.as_metrics('data'), **info}, split='info')
   for step in range(start + 1, steps + 1):
-    state, m = train_step(state, sources.put_local_batch(next(loader), mesh))
+    state, m = train_step(state, shd.put_batch(next(loader), mesh, local=True))
     writer.advance()
     if step % config.log_every == 0 or step == steps:
       writer.write(step, m)

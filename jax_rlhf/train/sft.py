@@ -111,7 +111,7 @@ def run(config, workdir: str, stage: str) -> dict:
   m = {}
   for step in range(start + 1, sc.steps + 1):
     batch = next(loader)
-    state, m = train_step(state, sources.put_local_batch(batch, mesh), rng)
+    state, m = train_step(state, shd.put_batch(batch, mesh, local=True), rng)
     tokens_seen += int(batch['attention_mask'].sum())
     writer.advance()
     if step % config.log_every == 0 or step == sc.steps:
