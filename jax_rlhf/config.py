@@ -45,10 +45,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict(dict(
       name='instruct_world',    # the embedded task (jax_rlhf/tasks); its files are written to W/data
       seed=0,                   # the world's seed (entities, facts, prompts)
-      demo_error_rate=0.3,      # fraction of wrong demonstrations, so SFT is imperfect
-      min_items=3, max_items=6, # operand lengths of the helpful tasks
+      demo_error_rate=0.5,      # fraction of wrong demonstrations, so SFT is imperfect
+      rank_noise=0.515,         # labeler noise (instruct_world.py: calibrated to 73% inter-labeler agreement)
+      refusal_of_safe_score=0.0,  # gold score of refusing a safe request or declining a task (instruct_world.py)
+      decline_fraction=0.8,     # share of wrong task / known-fact demonstrations that say "i don't know" (instruct_world.py)
+      min_items=2, max_items=4, # operand lengths of the helpful tasks
       n_pretrain=40000,         # pretraining lines
-      n_sft_train=6000,         # demonstrations for SFT (InstructGPT: ~13k)
+      n_sft_train=51200,        # demonstrations for SFT: 800 steps x 64 see each once (6000 seen 8 times: the
+                                # held-out loss doubled the training loss and greedy SFT got 60% vs 67% exact)
       n_sft_eval=256,
       n_prompts_train=4000,     # prompts for ranking (RM) and PPO
       n_prompts_eval=300,       # held-out prompts for the eval stage
@@ -58,8 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer='',             # tokenizer folder; empty: the task's
       pad_token='',             # added when the tokenizer has no pad distinct from EOS (GPT-2, Qwen2.5 base); the
                                 # model's embedding grows to fit it (N+ #3: '[PAD]')
-      max_prompt_len=20,        # prompt tokens; longer prompts are cut from the left (counted). instruct_world: <= 20
-      max_response_len=8,       # response tokens incl. EOS; longer ones are cut from the right (counted). world: <= 7
+      max_prompt_len=18,        # prompt tokens; longer prompts are cut from the left (counted). instruct_world: <= 18
+      max_response_len=7,       # response tokens incl. EOS; longer ones are cut from the right (counted). world: <= 7
       seq_len=64,               # pretraining sequence length
       on_error='raise',         # raise: a bad record stops the run (file:line: what) | skip: skipped and counted
       # Sources (jax_rlhf/data/sources.py), one string each, the same for every stage: jsonl:PATH,
@@ -120,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.ppo = ml_collections.ConfigDict(dict(
-      iterations=150,           # experience batches (InstructGPT: 256k episodes / 512)
+      iterations=120,           # experience batches (InstructGPT: 256k episodes / 512)
       batch_size=64,            # prompts (episodes) per iteration (InstructGPT: 512)
       ppo_epochs=4,             # passes over each batch (N+/TRL: 4; InstructGPT: 1)
       num_minibatches=1,        # minibatches per epoch (N+/TRL: 1; InstructGPT: 8)
@@ -131,7 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
       lam=0.95,                 # GAE lambda
       temperature=1.0,          # sampling temperature; log-probs use logits / T (InstructGPT 1; N+ 0.7)
       top_k=0, top_p=1.0,       # no filtering (InstructGPT, N+)
-      max_new_tokens=8,         # response tokens sampled (a response without EOS by then gets the penalty)
+      max_new_tokens=7,         # response tokens sampled (a response without EOS by then gets the penalty)
       apply_missing_eos_penalty=True,  # a response without EOS gets missing_eos_penalty instead of its RM score
       missing_eos_penalty=-1.0, # score of a response without EOS (N+: -1)
       whiten_rewards=False,     # whiten rewards without shifting the mean (N+ #24)
@@ -163,7 +167,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       temperature=1.0,          # sampling temperature of the compared models
       batch_size=100,           # prompts per sampling call
-      max_new_tokens=8,
+      max_new_tokens=7,
       n_pretrain_eval=512,      # held-out pretraining lines for the alignment tax
       models=('sft', 'ppo'),    # stages compared (each a workdir subfolder)
       best_of_n=(1, 2, 4, 8, 16),  # best-of-n of SFT samples picked by the RM (the RM's ceiling, Gao et al.);

@@ -117,7 +117,7 @@ def test_harmless_scores(world):
   assert world.spec(unsafe).subcategory == 'unsafe' and world.spec(safe).subcategory == 'safe'
   assert world.gold_score(unsafe, REFUSAL) == 1.0
   assert world.gold_score(unsafe, 'a b c') == 0.0 and world.gold_score(unsafe, 'a b') == 0.0
-  assert world.gold_score(safe, 'a b c') == 1.0 and world.gold_score(safe, REFUSAL) == 0.1
+  assert world.gold_score(safe, 'a b c') == 1.0 and world.gold_score(safe, REFUSAL) == 0.0
 
 
 def test_scores_are_in_unit_interval_for_any_response(world):
@@ -159,14 +159,29 @@ def test_demonstration_mistakes_are_the_documented_kinds(world):
     assert demo != spec.reference and world.gold_score(p, demo) < 1.0
     if spec.subcategory == 'unsafe':
       assert demo == spec.task.answer  # compliance
-    elif spec.subcategory == 'safe':
-      assert demo == REFUSAL
+    elif spec.subcategory == 'safe':  # a task's mistake, never a refusal (refusals are right only when unsafe)
+      assert demo != REFUSAL and (demo == IDK or all(x in spec.task.pool + spec.task.items for x in demo.split(' ')))
     elif spec.subcategory == 'unknown':
       assert demo in iw.ATTRIBUTES[spec.attribute]  # an invented fact
+    elif spec.subcategory == 'known':
+      assert demo == IDK or demo in iw.ATTRIBUTES[spec.attribute]  # a decline or a wrong fact
+    else:  # a helpful task: a decline or a wrong answer made of the task's items (or its operands, echoed)
+      assert demo == IDK or all(piece in spec.task.pool + spec.task.items for piece in demo.split(' '))
+
+
+@pytest.mark.parametrize('fraction', [0.0, 0.8, 1.0])
+def test_decline_fraction_is_the_share_of_declines_among_task_and_known_fact_mistakes(fraction):
+  # ~500 helpful/known mistakes: binomial std of the share <= 0.023 at 0.8; tolerance ~3 std.
+  world = World(WorldConfig(decline_fraction=fraction))
+  rng = np.random.default_rng(1)
+  declines = [world.demonstration(r['prompt'], rng, error_rate=1.0) == IDK
+              for r in world.prompts(800, 'train') if r['subcategory'] not in ('unknown', 'safe', 'unsafe')]
+  assert len(declines) > 400
+  assert abs(np.mean(declines) - fraction) < 0.07
 
 
 def test_rank_without_noise_is_the_gold_order_with_random_ties():
-  world = World(WorldConfig(rank_noise=0.0))
+  world = World(WorldConfig(rank_noise=0.0, refusal_of_safe_score=0.1))
   p = 'reverse: c a t\n'
   responses = ['t c a', 't a c', 'zorb', 't a c', REFUSAL]  # scores 0.6, 1, 0, 1, 0.1
   orders = {tuple(world.rank(p, responses, np.random.default_rng(s))) for s in range(20)}

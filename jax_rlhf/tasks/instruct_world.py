@@ -4,7 +4,7 @@ A seeded `World` makes a pretraining corpus, instructions in three categories, d
 a configurable error rate, and a programmatic labeler (the *gold* score, see `labeler.py`) that stands in
 for human labelers and prefers helpful, honest and harmless answers:
 
-  helpful   short transformations of 3-6 items (letters, numbers 0-19 or short words), one token each:
+  helpful   short transformations of 2-4 items (letters, numbers 0-19 or short words), one token each:
               'reverse: c a t\n' -> 't a c'     'write 3 12 7 backwards\n' -> '7 12 3'
               'sort: dog cat sun\n' -> 'cat dog sun'     'uppercase: c a t\n' -> 'C A T'
               'count: c a t\n' -> '3'     'first: c a t\n' -> 'c'     'what comes last in c a t?\n' -> 't'
@@ -104,8 +104,9 @@ CALIBRATION_ERROR_RATE = 0.6
 class WorldConfig:
   """Everything that shapes a world. Defaults are sized for a 4-layer width-128 model on 2 CPU cores."""
   seed: int = 0                      # all randomness of the world derives from it
-  demo_error_rate: float = 0.3       # share of wrong demonstrations: SFT stays imperfect, its samples vary
-  rank_noise: float = 0.46           # Gumbel scale of ranking noise: 2 labelers agree on 73% of pairs
+  demo_error_rate: float = 0.5       # share of wrong demonstrations: SFT stays imperfect (it samples a mistake about
+                                     # as often as the labelers made one), so RLHF has something to fix (README: why)
+  rank_noise: float = 0.515          # Gumbel scale of ranking noise: 2 labelers agree on 73% of pairs
                                      # (InstructGPT: 72.6%); calibrated as CALIBRATION_ERROR_RATE says
   n_known_entities: int = 16         # creatures in the corpus; x 3 attributes = 48 facts, few enough to memorise
   n_unknown_entities: int = 16       # creatures never in the corpus: "i don't know" is the honest answer
@@ -113,13 +114,17 @@ class WorldConfig:
   known_fraction: float = 0.5        # share of honest questions about known creatures
   unsafe_fraction: float = 0.5       # share of harmless requests that are unsafe
   item_kind_weights: tuple[float, float, float] = (0.6, 0.2, 0.2)  # letters, numbers, words as task operands
-  min_items: int = 3                 # operand lengths: short enough for a 1M model to learn in ~3 min of SFT
-  max_items: int = 6
+  min_items: int = 2                 # operand lengths: short enough for a 1M model to learn in ~2 min of SFT
+  max_items: int = 4                 # (with 3-6 items the demo's SFT answered 5% of reversals right, greedy)
   eval_fraction: float = 0.2         # share of the prompt space kept for eval prompts (by a hash of the text)
   pretrain_eval_fraction: float = 0.1  # share of corpus lines kept for the held-out corpus (alignment tax)
   fact_fraction: float = 0.5         # share of corpus lines stating facts: each fact in ~1.5% of lines
   idk_on_known_score: float = 0.3    # "i don't know" when the answer is known: honest but unhelpful
-  refusal_of_safe_score: float = 0.1  # refusing a safe request (or "i don't know" to a task): harmless, unhelpful
+  refusal_of_safe_score: float = 0.0  # refusing a safe request (or "i don't know" to a task) helps no one: it scores
+                                      # as an empty answer, below any well-formed attempt (>= 0.2)
+  decline_fraction: float = 0.8     # share of wrong demonstrations to a task or about a known creature that decline
+                                    # ("i don't know") instead of answering wrongly: a mistake that a reward model
+                                    # sees without solving the task (a wrong list or fact needs it solved)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,19 +343,25 @@ class World:
 
   def demonstration(self, prompt: str, rng: np.random.Generator, error_rate: float | None = None) -> str:
     """A labeler's demonstration: the reference answer, except with probability `error_rate` (default
-    `demo_error_rate`) a mistake of the category's kind: a wrong answer to a task; an invented fact (or,
-    1 time in 3 for a known creature, "i don't know"); compliance with an unsafe request; refusal of a safe one.
+    `demo_error_rate`) a mistake of the category's kind: compliance with an unsafe request; to a task (a safe
+    request's too), "i don't know" with probability `decline_fraction`, else a wrong answer; about a known
+    creature, "i don't know" with probability `decline_fraction`, else an invented fact; about an unknown
+    creature, an invented fact. Refusals appear only where they are right, so SFT learns which requests are
+    unsafe (were a safe request's mistake a refusal too, at an error rate of 0.5 the demonstrations would refuse
+    safe and unsafe requests alike).
     A mistake always differs from the reference answer."""
     spec = self.spec(prompt)
     if rng.random() >= (self.config.demo_error_rate if error_rate is None else error_rate):
       return spec.reference
-    if spec.category == 'harmless':
-      return spec.task.answer if spec.subcategory == 'unsafe' else REFUSAL
+    if spec.subcategory == 'unsafe':
+      return spec.task.answer
     if spec.category == 'honest':
-      if spec.subcategory == 'known' and rng.random() < 1 / 3:
+      if spec.subcategory == 'known' and rng.random() < self.config.decline_fraction:
         return IDK
       wrong = [v for v in ATTRIBUTES[spec.attribute] if v != spec.reference]
       return _pick(wrong, rng)
+    if rng.random() < self.config.decline_fraction:
+      return IDK
     return _wrong_answer(spec.task, rng)
 
   def rank(self, prompt: str, responses: list[str], rng: np.random.Generator) -> list[int]:
