@@ -21,11 +21,7 @@ def token_cross_entropy(logits, targets, mask):
   mask  # [B, T] (SFT: response tokens only, InstructGPT; ptx: all real text tokens). float32 math.
   Returns (loss, n_tokens): a scalar mean, and the number of tokens it averages (for token-weighted logging).
   """
-  return token_nll(logprobs_from_logits(logits, targets), mask)
-
-
-def token_nll(logp, mask):
-  """`token_cross_entropy` from the targets' log-probs [B, T] (e.g. `Transformer.target_logprobs`)."""
+  logp = logprobs_from_logits(logits, targets)  # [B, T]
   valid = jnp.broadcast_to(_valid(mask), logp.shape)  # [B, T]
   loss = -masked_mean(logp, valid)
   n_tokens = jnp.sum(valid.astype(jnp.float32))

@@ -1,5 +1,5 @@
-"""The model's custom VJPs (`transformer.dense`, `tied_logits`, `head_logprobs`) give autodiff's gradients: alone,
-and through a whole LM loss on both layouts (the same loss with the VJPs swapped for plain jnp functions)."""
+"""The model's custom VJPs (`transformer.dense`, `transformer.tied_logits`) give autodiff's gradients: alone, and
+through a whole LM loss on both layouts (the same loss with the VJPs swapped for plain jnp functions)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,40 +33,6 @@ def _plain_tied_logits(h, wte):
   return jnp.einsum('...d,vd->...v', h, wte, preferred_element_type=jnp.float32)
 
 
-def _plain_head_logprobs(h, w, targets, tied):
-  logits = jnp.einsum('nd,vd->nv' if tied else 'nd,dv->nv', h, w, preferred_element_type=jnp.float32)
-  return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[:, None], -1)[:, 0]
-
-
-@pytest.mark.parametrize('tied', [True, False])
-def test_head_vjps_match_autodiff(tied):
-  rng = np.random.default_rng(2)
-  n, d, v = 10, 6, 33
-  h = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((v, d) if tied else (d, v)), jnp.float32)
-  targets = jnp.asarray(rng.integers(0, v, n), jnp.int32)
-  g = jnp.asarray(rng.standard_normal(n), jnp.float32)
-  gl = jnp.asarray(rng.standard_normal((n, v)), jnp.float32)
-
-  @jax.jit
-  def both(h, w, g, gl):
-    out = []
-    for fn in (T.head_logprobs, _plain_head_logprobs):
-      y, vjp = jax.vjp(lambda h, w: fn(h, w, targets, tied), h, w)
-      out.append((y, *vjp(g)))
-    if tied:
-      for fn in (T.tied_logits, _plain_tied_logits):
-        y, vjp = jax.vjp(fn, h, w)
-        out.append((y, *vjp(gl)))
-    return out
-
-  out = both(h, w, g, gl)
-  for got, ref in zip(out[0::2], out[1::2]):
-    for a, b in zip(got, ref):
-      assert a.shape == b.shape and a.dtype == b.dtype
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize('layout', ['gpt2', 'llama'])
 def test_lm_loss_grads_equal_plain_autodiff(layout, monkeypatch):
   kw = dict(vocab_size=96, max_len=32, num_layers=1)
@@ -82,11 +48,10 @@ def test_lm_loss_grads_equal_plain_autodiff(layout, monkeypatch):
 
   loss_fn = lambda p: lm.lm_loss(nnx.merge(graphdef, p), batch)[0]
   grads = lambda: jax.jit(jax.value_and_grad(loss_fn))(params)
-  # q k v o + MLP (2 or 3 dots) + the head's log-probs
-  assert str(jax.make_jaxpr(loss_fn)(params)).count('custom_vjp_call') == {'gpt2': 6 + 1, 'llama': 7 + 1}[layout]
+  assert str(jax.make_jaxpr(loss_fn)(params)).count('custom_vjp_call') == {'gpt2': 6 + 1, 'llama': 7}[layout]  # q k v o + MLP (+ the tied head)
   loss, got = grads()
   monkeypatch.setattr(T, 'dense', lambda x, w: jnp.dot(x, w))
-  monkeypatch.setattr(T, 'head_logprobs', _plain_head_logprobs)
+  monkeypatch.setattr(T, 'tied_logits', _plain_tied_logits)
   loss_ref, ref = grads()
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
   flat_got, flat_ref = jax.tree.leaves(got), jax.tree.leaves(ref)

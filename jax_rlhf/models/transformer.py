@@ -18,7 +18,6 @@ call `nnx.merge(graphdef, state)` inside.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -354,37 +353,6 @@ def _tied_logits_bwd(res, g):
 tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def head_logprobs(h, w, targets, tied: bool):
-  """log softmax(logits)[target] through the LM head, in float32: h [N, D], targets [N] int -> [N].
-
-  w is the tied embedding [V, D] (`tied`) or the LM head [D, V]. The cross-entropy's softmax over the vocab
-  in one pass, with its own VJP: the backward is one elementwise pass g (onehot - p) over [N, V] and the
-  two head dots (the weight gradient in the form of `tied_logits`), where autodiff of log_softmax +
-  take_along_axis built a zero [N, V] tensor, scattered into it and re-derived the softmax. Same math.
-  """
-  return _head_logprobs_fwd(h, w, targets, tied)[0]
-
-
-def _head_logprobs_fwd(h, w, targets, tied):
-  logits = jnp.einsum('nd,vd->nv' if tied else 'nd,dv->nv', h, w, preferred_element_type=jnp.float32)
-  z = logits - jnp.max(logits, axis=-1, keepdims=True)
-  logp = z - jnp.log(jnp.sum(jnp.exp(z), axis=-1, keepdims=True))  # log_softmax's own formula
-  return jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0], (h, w, targets, jnp.exp(logp))
-
-
-def _head_logprobs_bwd(tied, res, g):
-  h, w, targets, p = res
-  onehot = jnp.arange(p.shape[-1])[None, :] == targets[:, None]
-  dlogits = (jnp.where(onehot, g[:, None], 0.0) - p * g[:, None]).astype(w.dtype)  # [N, V], log_softmax's VJP
-  dh = jnp.einsum('nv,vd->nd' if tied else 'nv,dv->nd', dlogits, w, preferred_element_type=jnp.float32)
-  dw = jnp.einsum('nd,nv->dv', h, dlogits.astype(h.dtype), preferred_element_type=jnp.float32)
-  return dh.astype(h.dtype), (dw.T if tied else dw).astype(w.dtype), None
-
-
-head_logprobs.defvjp(_head_logprobs_fwd, _head_logprobs_bwd)
-
-
 class Transformer(nnx.Module):
   """Decoder-only LM. `__call__(input_ids, attention_mask)` returns float32 logits [B, T, V]."""
 
@@ -447,17 +415,6 @@ class Transformer(nnx.Module):
     if self.has_lm_head:
       return jnp.einsum('...d,dv->...v', h, self.lm_head[...].astype(h.dtype), preferred_element_type=jnp.float32)
     return tied_logits(h, self.wte[...].astype(h.dtype))
-
-  def target_logprobs(self, h, targets):
-    """log softmax(logits(h))[targets] in float32: h [..., D], targets [...] int -> [...] (`head_logprobs`)."""
-    lead = targets.shape
-    h2 = h.reshape(-1, h.shape[-1])
-    t2 = targets.reshape(-1).astype(jnp.int32)
-    if self.has_lm_head:
-      logp = head_logprobs(h2, self.lm_head[...].astype(h.dtype), t2, False)
-    else:
-      logp = head_logprobs(h2, self.wte[...].astype(h.dtype), t2, True)
-    return logp.reshape(lead)
 
   def __call__(self, input_ids, attention_mask=None, positions=None, dropout_key=None):
     h, _ = self.hidden_states(input_ids, attention_mask, positions, dropout_key=dropout_key)

@@ -19,9 +19,8 @@ from jax_rlhf.train.state import TrainState
 def lm_loss(model, batch: dict[str, jax.Array], dropout_key=None):
   """Mean next-token cross-entropy over `loss_mask` positions. Returns (loss, n_target_tokens)."""
   tokens = batch['tokens']  # [B, T]
-  h, _ = model.hidden_states(tokens[:, :-1], batch['attention_mask'][:, :-1], dropout_key=dropout_key)
-  logp = model.target_logprobs(h, tokens[:, 1:])  # [B, T-1]: = token_cross_entropy's, the head + CE fused
-  return losses.token_nll(logp, batch['loss_mask'][:, 1:])
+  logits = model(tokens[:, :-1], batch['attention_mask'][:, :-1], dropout_key=dropout_key)  # [B, T-1, V]
+  return losses.token_cross_entropy(logits, tokens[:, 1:], batch['loss_mask'][:, 1:])
 
 
 def lm_train_step(graphdef, tx: optax.GradientTransformation, state: TrainState, batch, rng):
