@@ -18,8 +18,10 @@ row has emitted EOS, or after N tokens.
 Sampling at each step: `temperature == 0` is greedy (argmax of the raw logits). Otherwise the float32
 logits are divided by the temperature, then top-k filtered (`top_k = 0`: off), then top-p / nucleus
 filtered on the renormalised result (`top_p = 1`: off; the most likely token is always kept), in that
-order (as Hugging Face's logits processors), and a token is drawn with `jax.random.categorical` under
-`fold_in(rng, i)` for step i. Ties at a top-k / top-p cut-off value are all kept.
+order (as Hugging Face's logits processors), and a token is drawn from the softmax of the result by
+inverse CDF (`draw`: one uniform per row under `fold_in(rng, i)` for step i; the distribution of
+`jax.random.categorical`, without its Gumbel noise over the whole vocabulary). Ties at a top-k / top-p
+cut-off value are all kept.
 
 Returned (`SampleOutput`):
   tokens   [B, N] int32  the new tokens; after a row's first EOS every token is `pad_token_id`
@@ -101,11 +103,48 @@ def _choose(logits, key, temperature, top_k, top_p):
   if temperature == 0.0:
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logp = jax.nn.log_softmax(logits, axis=-1)
-  else:
-    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    tok = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    logp = jax.nn.log_softmax(filtered, axis=-1)
-  return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+    return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+  return draw(key, filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p))
+
+
+def draw(key, logits):
+  """One draw per row from `softmax(logits)`. logits [B, V] float32 (-inf = excluded).
+
+  Returns (token [B] int32, its log-prob [B] float32). Inverse CDF with one uniform per row
+  (`inverse_cdf`): the same distribution as `jax.random.categorical`, a different random stream.
+  `categorical` draws a Gumbel per vocabulary entry (V threefry numbers and two logs per row, then an
+  argmax): on CPU that was the costliest part of a decode step.
+  """
+  u = jax.random.uniform(key, logits.shape[:1], jnp.float32)
+  return inverse_cdf(logits, u)
+
+
+def inverse_cdf(logits, u):
+  """The token whose cumulative-mass interval holds u: logits [B, V] float32, u [B] in [0, 1).
+
+  Token j is returned iff  c_{j-1} <= u * c_V < c_j,  c_j = sum_{i <= j} exp(logits_i - max), so it has
+  probability softmax(logits)_j for u uniform. Two levels (blocks of ~sqrt(V) tokens, then inside the
+  chosen block), so that only elementwise work and sums touch all V entries. A token of zero mass is
+  never returned, whatever the rounding. Returns (token [B] int32, log softmax(logits)[token] [B]).
+  """
+  b, v = logits.shape
+  z = logits - jnp.max(logits, axis=-1, keepdims=True)  # the max entry is 0, excluded ones -inf
+  e = jnp.exp(z)  # unnormalised probabilities, 1 for the top token
+  width = max(1, int(round(v ** 0.5)))
+  nb = -(-v // width)
+  blocks = jnp.pad(e, ((0, 0), (0, nb * width - v))).reshape(b, nb, width)
+  cum_blocks = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [B, nb] mass up to and including each block
+  total = cum_blocks[:, -1]  # >= 1
+  target = jnp.minimum(u * total, jnp.nextafter(total, 0.0))  # in [0, total)
+  blk = jnp.sum(cum_blocks <= target[:, None], axis=-1)  # first block whose cumulative mass > target: [0, nb)
+  before = jnp.take_along_axis(cum_blocks, jnp.maximum(blk - 1, 0)[:, None], axis=-1)[:, 0]
+  before = jnp.where(blk > 0, before, 0.0)
+  row = jnp.take_along_axis(blocks, blk[:, None, None], axis=1)[:, 0]  # [B, width], positive mass
+  idx = jnp.sum(jnp.cumsum(row, axis=-1) <= (target - before)[:, None], axis=-1)
+  last = jnp.max(jnp.where(row > 0, jnp.arange(width), 0), axis=-1)  # rounding can push idx past it
+  tok = (blk * width + jnp.minimum(idx, last)).astype(jnp.int32)
+  logp = jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0] - jnp.log(total)
+  return tok, logp
 
 
 # ----------------------------------------------------------------------------------------------------
