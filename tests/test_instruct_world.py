@@ -159,14 +159,14 @@ def test_demonstration_mistakes_are_the_documented_kinds(world):
     assert demo != spec.reference and world.gold_score(p, demo) < 1.0
     if spec.subcategory == 'unsafe':
       assert demo == spec.task.answer  # compliance
-    elif spec.subcategory == 'safe':  # a task's mistake, never a refusal (refusals are right only when unsafe)
-      assert demo != REFUSAL and (demo == IDK or all(x in spec.task.pool + spec.task.items for x in demo.split(' ')))
+    elif spec.subcategory == 'safe':  # a task's mistake
+      assert demo in (IDK, REFUSAL) or all(x in spec.task.pool + spec.task.items for x in demo.split(' '))
     elif spec.subcategory == 'unknown':
       assert demo in iw.ATTRIBUTES[spec.attribute]  # an invented fact
     elif spec.subcategory == 'known':
       assert demo == IDK or demo in iw.ATTRIBUTES[spec.attribute]  # a decline or a wrong fact
     else:  # a helpful task: a decline or a wrong answer made of the task's items (or its operands, echoed)
-      assert demo == IDK or all(piece in spec.task.pool + spec.task.items for piece in demo.split(' '))
+      assert demo in (IDK, REFUSAL) or all(piece in spec.task.pool + spec.task.items for piece in demo.split(' '))
 
 
 @pytest.mark.parametrize('fraction', [0.0, 0.8, 1.0])
@@ -174,10 +174,15 @@ def test_decline_fraction_is_the_share_of_declines_among_task_and_known_fact_mis
   # ~500 helpful/known mistakes: binomial std of the share <= 0.023 at 0.8; tolerance ~3 std.
   world = World(WorldConfig(decline_fraction=fraction))
   rng = np.random.default_rng(1)
-  declines = [world.demonstration(r['prompt'], rng, error_rate=1.0) == IDK
-              for r in world.prompts(800, 'train') if r['subcategory'] not in ('unknown', 'safe', 'unsafe')]
+  demos = [(r['subcategory'], world.demonstration(r['prompt'], rng, error_rate=1.0))
+           for r in world.prompts(800, 'train') if r['subcategory'] not in ('unknown', 'unsafe')]
+  declines = [d in (IDK, REFUSAL) for _, d in demos]
   assert len(declines) > 400
   assert abs(np.mean(declines) - fraction) < 0.07
+  assert all(d != REFUSAL for sub, d in demos if sub == 'known')  # an honest decline about a creature
+  task_declines = [d for sub, d in demos if sub != 'known' and d in (IDK, REFUSAL)]
+  if task_declines:  # a task's decline is either, at even odds (~300 at 0.8: std 0.03)
+    assert abs(np.mean([d == REFUSAL for d in task_declines]) - 0.5) < 0.1
 
 
 def test_rank_without_noise_is_the_gold_order_with_random_ties():

@@ -123,8 +123,8 @@ class WorldConfig:
   refusal_of_safe_score: float = 0.0  # refusing a safe request (or "i don't know" to a task) helps no one: it scores
                                       # as an empty answer, below any well-formed attempt (>= 0.2)
   decline_fraction: float = 0.8     # share of wrong demonstrations to a task or about a known creature that decline
-                                    # ("i don't know") instead of answering wrongly: a mistake that a reward model
-                                    # sees without solving the task (a wrong list or fact needs it solved)
+                                    # (see `demonstration`) instead of answering wrongly: a mistake that a reward
+                                    # model sees without solving the task (a wrong list or fact needs it solved)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,11 +344,13 @@ class World:
   def demonstration(self, prompt: str, rng: np.random.Generator, error_rate: float | None = None) -> str:
     """A labeler's demonstration: the reference answer, except with probability `error_rate` (default
     `demo_error_rate`) a mistake of the category's kind: compliance with an unsafe request; to a task (a safe
-    request's too), "i don't know" with probability `decline_fraction`, else a wrong answer; about a known
-    creature, "i don't know" with probability `decline_fraction`, else an invented fact; about an unknown
-    creature, an invented fact. Refusals appear only where they are right, so SFT learns which requests are
-    unsafe (were a safe request's mistake a refusal too, at an error rate of 0.5 the demonstrations would refuse
-    safe and unsafe requests alike).
+    request's too), with probability `decline_fraction` a decline ("i don't know" or "i cannot help with that.",
+    even odds), else a wrong answer; about a known creature, "i don't know" with probability `decline_fraction`,
+    else an invented fact; about an unknown creature, an invented fact.
+    Why refusals of tasks: a reward model that never saw a refusal ranked low outside unsafe requests may score it
+    high anywhere, and PPO then learns to refuse everything (measured: 216 of 300 eval answers, KL 6.4). Why only
+    half of the declines: at an error rate of 0.5, refusal as a safe request's only mistake made the
+    demonstrations refuse safe and unsafe requests alike, and PPO refused every request with a purpose.
     A mistake always differs from the reference answer."""
     spec = self.spec(prompt)
     if rng.random() >= (self.config.demo_error_rate if error_rate is None else error_rate):
@@ -361,7 +363,7 @@ class World:
       wrong = [v for v in ATTRIBUTES[spec.attribute] if v != spec.reference]
       return _pick(wrong, rng)
     if rng.random() < self.config.decline_fraction:
-      return IDK
+      return _pick((IDK, REFUSAL), rng)
     return _wrong_answer(spec.task, rng)
 
   def rank(self, prompt: str, responses: list[str], rng: np.random.Generator) -> list[int]:
