@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from jax_rlhf.tasks.instruct_world import WorldConfig
+
 STAGES = ('pretrain', 'sft', 'rm', 'ppo', 'eval', 'pipeline')
 
 
@@ -42,14 +44,15 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # device mesh; -1 = the remaining devices
 
+  world = WorldConfig()  # the world's knobs below default to its documented (and calibrated) values
   c.task = ml_collections.ConfigDict(dict(
       name='instruct_world',    # the embedded task (jax_rlhf/tasks); its files are written to W/data
-      seed=0,                   # the world's seed (entities, facts, prompts)
-      demo_error_rate=0.5,      # fraction of wrong demonstrations, so SFT is imperfect
-      rank_noise=0.515,         # labeler noise (instruct_world.py: calibrated to 73% inter-labeler agreement)
-      refusal_of_safe_score=0.0,  # gold score of refusing a safe request or declining a task (instruct_world.py)
-      decline_fraction=0.8,     # share of wrong task / known-fact demonstrations that say "i don't know" (instruct_world.py)
-      min_items=2, max_items=4, # operand lengths of the helpful tasks
+      seed=world.seed,          # the world's seed (entities, facts, prompts)
+      demo_error_rate=world.demo_error_rate,  # fraction of wrong demonstrations, so SFT is imperfect
+      rank_noise=world.rank_noise,  # labeler noise, calibrated to 73% inter-labeler agreement
+      refusal_of_safe_score=world.refusal_of_safe_score,  # gold score of refusing a safe request or declining a task
+      decline_fraction=world.decline_fraction,  # share of wrong task / known-fact demonstrations that decline
+      min_items=world.min_items, max_items=world.max_items,  # operand lengths of the helpful tasks
       n_pretrain=40000,         # pretraining lines
       n_sft_train=51200,        # demonstrations for SFT: 800 steps x 64 see each once (6000 seen 8 times: the
                                 # held-out loss doubled the training loss and greedy SFT got 60% vs 67% exact)
