@@ -175,7 +175,7 @@ def base_config() -> ml_collections.ConfigDict:
       models=('sft', 'ppo'),    # stages compared (each a workdir subfolder)
       best_of_n=(1, 2, 4, 8, 16),  # best-of-n of SFT samples picked by the RM (the RM's ceiling, Gao et al.);
                                 # () skips it. Costs max(n) samples per eval prompt
-      n_snapshot_prompts=100,   # held-out prompts on which each PPO snapshot is scored (over-optimisation curve)
+      n_snapshot_prompts=100,   # held-out prompts on which each PPO snapshot is scored (over-optimisation curve); 0: none
       report_samples=20,        # held-out prompts shown in W/eval/report.{md,html} with SFT and PPO responses
       max_prompts=0,            # held-out prompts evaluated; 0 = all
   ))

@@ -298,3 +298,16 @@ def test_ablation_runs_ptx_and_lowbeta_from_the_same_sft_and_rm_and_eval_compare
   for name in ('overoptimisation', 'alignment_tax'):
     assert (tmp_path / 'docs' / f'{name}.png').read_bytes().startswith(PNG_MAGIC)
     assert f'](docs/{name}.png)' in text
+
+
+def test_eval_without_snapshot_curve_or_best_of_n(workdir, tmp_path):
+  """eval.n_snapshot_prompts=0 and best_of_n=() skip the curve and the best-of-n table (they crashed once)."""
+  copy = tmp_path / 'W'
+  shutil.copytree(workdir, copy, symlinks=True)
+  shutil.rmtree(copy / 'eval')
+  proc = main('configs/eval.py:quick', copy, '--config.eval.n_snapshot_prompts=0', '--config.eval.best_of_n=()')
+  assert proc.returncode == 0, explain(proc)
+  results = json.loads((copy / 'eval' / 'results.json').read_text())
+  assert results['overoptimisation'] == {} and 'best_of_n' not in results
+  assert 0.0 <= results['models']['ppo']['win_rate_vs_sft'] <= 1.0
+  assert (copy / 'eval' / 'report.md').is_file()
