@@ -111,14 +111,14 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.rm = ml_collections.ConfigDict(dict(
-      num_prompts=4000,         # prompts ranked by the labeler (InstructGPT: ~33k); with the demo SFT (error 0.5) 4,000 x 2
-                                # agree with the gold labeler on 0.857 of SFT sample pairs, 2,048 x 4 on 0.838,
-                                # 8,000 x 1 on 0.854, 8,000 x 2 on 0.857, 2,048 x 8 on 0.830 (overfits)
+      num_prompts=4000,         # prompts ranked by the labeler (InstructGPT: ~33k). With the demo's SFT (error 0.5),
+                                # RMs of 4,000 x 2 epochs agree with the gold labeler on 0.857 of SFT sample pairs,
+                                # 2,048 x 4 on 0.838, 8,000 x 1 on 0.854, 8,000 x 2 on 0.857, 2,048 x 8 on 0.830
       k_min=4, k_max=9,         # responses per prompt, K uniform in [k_min, k_max] (InstructGPT: 4-9)
       sample_temperature=1.0,   # temperature of the SFT samples that get ranked
       data='',                  # a ranking JSONL to train on instead of labelling SFT samples
       eval_fraction=0.1,        # held-out rankings for pairwise accuracy
-      epochs=2,                 # InstructGPT: 1 (more overfits on 33k prompts); see num_prompts for the demo's
+      epochs=2,                 # InstructGPT: 1 (more overfits on 33k prompts); the demo's choice: see num_prompts
       batch_size=32,            # prompts per step; all K responses of a prompt in one step (InstructGPT: 64)
       margin=0.0,               # loss -log sigmoid(r_w - r_l - margin)
       centering_coef=0.0,       # c * mean((r_w + r_l)^2) (TRL's 0.01)
@@ -177,7 +177,7 @@ def base_config() -> ml_collections.ConfigDict:
       models=('sft', 'ppo'),    # stages compared (each a workdir subfolder)
       best_of_n=(1, 2, 4, 8, 16),  # best-of-n of SFT samples picked by the RM (the RM's ceiling, Gao et al.);
                                 # () skips it. Costs max(n) samples per eval prompt
-      n_snapshot_prompts=100,   # held-out prompts on which each PPO snapshot is scored (over-optimisation curve); 0: none
+      n_snapshot_prompts=100,   # held-out prompts scoring each PPO snapshot (over-optimisation curve); 0: none
       report_samples=20,        # held-out prompts shown in W/eval/report.{md,html} with SFT and PPO responses
       max_prompts=0,            # held-out prompts evaluated; 0 = all
   ))

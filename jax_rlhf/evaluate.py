@@ -176,7 +176,8 @@ def run(config, workdir: str) -> dict:
                      for t, g, r in zip(texts_out, golds[name], rm_scores)]
     snap_dir = os.path.join(d, 'snapshots')
     snaps = sorted(int(x) for x in os.listdir(snap_dir) if x.isdigit()) if os.path.isdir(snap_dir) else []
-    if snaps and world and ec.n_snapshot_prompts > 0:  # the over-optimisation curve: SFT (iteration 0, KL 0) and each snapshot, on the first prompts
+    # the over-optimisation curve: SFT (iteration 0, KL 0) and each snapshot, on the first prompts
+    if snaps and world and ec.n_snapshot_prompts > 0:
       n_snap = min(ec.n_snapshot_prompts, len(prompt_recs))
       points = []
       for it in [0, *snaps]:
