@@ -28,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_rlhf import rl
 from jax_rlhf.data import batches
-from jax_rlhf.models import hf
+from jax_rlhf.models import hf, scoring
 from jax_rlhf.train import checkpoint, common, lm
 from jax_rlhf.train.rm import sample_responses
 
@@ -81,14 +80,11 @@ def format_best_of_n(table: dict) -> str:
 def _kl_fn(graphdef):
   """Sum over response tokens of logp - logp_ref (k1), per row: [B]."""
   def f(state, ref_state, seq, att, n_new, temperature):
-    out = []
-    for st in (state, ref_state):
-      model = nnx.merge(graphdef, st)
-      h, _ = model.hidden_states(seq[:, :-1], att[:, :-1])
-      logits = model.logits(h[:, -n_new:]) / temperature
-      out.append(rl.logprobs_from_logits(logits, seq[:, -n_new:]))
-    mask = att[:, -n_new:].astype(jnp.float32)
-    return jnp.sum((out[0] - out[1]) * mask, axis=1)
+    prompt_len = seq.shape[1] - n_new
+    logp, _ = scoring.response_logprobs(nnx.merge(graphdef, state), seq, att, prompt_len, temperature)
+    ref_logp, _ = scoring.response_logprobs(nnx.merge(graphdef, ref_state), seq, att, prompt_len, temperature)
+    mask = att[:, prompt_len:].astype(jnp.float32)
+    return jnp.sum((logp - ref_logp) * mask, axis=1)
   return jax.jit(f, static_argnums=(4, 5))
 
 
@@ -129,7 +125,7 @@ def run(config, workdir: str) -> dict:
   score_fn = jax.jit(lambda m, t, a: m.score(t, a))
   kl_fn = _kl_fn(graphdef)
   loss_fn = _lm_loss_fn(graphdef)
-  temperature = ec.temperature if ec.temperature > 0 else 1.0
+  temperature = scoring.effective_temperature(ec.temperature)
   n_new = ec.max_new_tokens
   categories = sorted({r.get('category') or world.category(r['prompt']) for r in prompt_recs}) if world else []
   cats = [r.get('category') or world.category(r['prompt']) for r in prompt_recs] if world else []

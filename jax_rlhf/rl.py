@@ -126,17 +126,6 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def last_token_index(mask):
-  """Index of the last valid token of each row: mask [B, T] -> [B] int32.
-
-  Works for right-padded responses and for left-padded prompt + right-padded response sequences (it is the
-  largest valid index, not count - 1). A row with no valid token gives 0: check `mask.any(-1)` before using it.
-  """
-  valid = _valid(mask)  # [B, T]
-  positions = jnp.arange(valid.shape[-1], dtype=jnp.int32)  # [T]
-  return jnp.max(jnp.where(valid, positions, 0), axis=-1)  # [B]
-
-
 def kl_shaped_rewards(logp, ref_logp, score, mask, beta, estimator='k1'):
   """Per-token reward with a KL penalty to the reference policy (InstructGPT eq. 2; Ziegler et al. 2019):
 
@@ -150,6 +139,7 @@ def kl_shaped_rewards(logp, ref_logp, score, mask, beta, estimator='k1'):
   beta: scalar KL coefficient (may be traced). Returns (rewards, kl), both [B, N], 0 at invalid positions.
   A row with no valid token gets no score.
   """
+  from jax_rlhf.models.scoring import last_real_index  # scoring imports this module
   logp, ref_logp = _float(logp), _float(ref_logp)
   valid = jnp.broadcast_to(_valid(mask), logp.shape)  # [B, N]
   log_ratio = jnp.where(valid, logp - ref_logp, 0.0)  # [B, N]
@@ -161,7 +151,7 @@ def kl_shaped_rewards(logp, ref_logp, score, mask, beta, estimator='k1'):
     raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
   kl = jnp.where(valid, kl, 0.0)  # [B, N]
   rewards = -jnp.asarray(beta, kl.dtype) * kl  # [B, N]
-  is_last = jax.nn.one_hot(last_token_index(valid), valid.shape[-1], dtype=jnp.bool_)  # [B, N]
+  is_last = jax.nn.one_hot(last_real_index(valid), valid.shape[-1], dtype=jnp.bool_)  # [B, N]
   is_last = is_last & valid.any(axis=-1, keepdims=True)  # [B, N]; rows without tokens get no score
   score = _float(score).astype(rewards.dtype)  # [B]
   rewards = rewards + jnp.where(is_last, score[:, None], 0.0)

@@ -39,9 +39,11 @@ def make_config(lr=3e-3, value_lr=3e-3, ptx_coef=0.0, temperature=0.7):
 
 
 def make_models(policy_seed=0, value_seed=1, ref_seed=2, reward_seed=3):
-  """Fresh models each call (the trainer donates the policy/value buffers it is given)."""
-  return (Transformer(CFG, rngs=nnx.Rngs(policy_seed)), ScalarModel(CFG, rngs=nnx.Rngs(value_seed)),
-          Transformer(CFG, rngs=nnx.Rngs(ref_seed)), ScalarModel(CFG, rngs=nnx.Rngs(reward_seed)))
+  """Fresh models each call (the trainer donates the policy/value buffers it is given): {policy, value,
+  reference, reward}."""
+  return {'policy': Transformer(CFG, rngs=nnx.Rngs(policy_seed)), 'value': ScalarModel(CFG, rngs=nnx.Rngs(value_seed)),
+          'reference': Transformer(CFG, rngs=nnx.Rngs(ref_seed)),
+          'reward': ScalarModel(CFG, rngs=nnx.Rngs(reward_seed))}
 
 
 def make_prompts(seed=0):
@@ -57,10 +59,9 @@ def make_ptx(mesh, config, seed=0):
   pc = config.ppo
   n = pc.ppo_epochs * pc.num_minibatches
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(2, VOCAB, size=(4 * n * pc.ptx.batch_size, 12)).astype(np.int32)
+  tokens = rng.integers(2, VOCAB, size=(n * pc.ptx.batch_size, 12)).astype(np.int32)
   arrays = {'tokens': tokens, 'attention_mask': np.ones_like(tokens), 'loss_mask': np.ones_like(tokens)}
-  loader = batches.Loader(arrays, pc.ptx.batch_size * n, seed)
-  return ppo._ptx_batch(loader, n, pc.ptx.batch_size, mesh), next(batches.Loader(arrays, pc.ptx.batch_size * n, seed))
+  return ppo.ptx_batch(arrays, n, mesh), arrays
 
 
 def host(tree):
@@ -72,15 +73,14 @@ def run_trainer(mesh_shape, config, models, *, ptx=False, experience_first=True)
   initial states (key 1), then run one `step` (key 0). Returns a dict of host values."""
   n = int(np.prod(mesh_shape))
   mesh = shd.make_mesh(mesh_shape, devices=jax.devices()[:n])
-  trainer = ppo.PPOTrainer(config, mesh, *models, (EOS, PAD))
+  trainer = ppo.PPOTrainer(config, mesh, models, (EOS, PAD))
   prompts = shd.put_batch(make_prompts(), mesh)
   out = {'trainer': trainer}
   st = trainer.states
   out['params_before'] = host(st['policy'].params)
   out['value_params_before'] = host(st['value'].params)
   if experience_first:
-    exp, em = trainer.experience(st['policy'], st['value'], st['ref'], st['reward'], prompts,
-                                 jax.random.key(1), jnp.float32(BETA))
+    exp, em = trainer.experience(st, prompts, jax.random.key(1), jnp.float32(BETA))
     out['exp'], out['exp_metrics'] = host(exp), host(em)
   ptx_batch = None
   if ptx:
@@ -200,8 +200,8 @@ def test_ptx_update_reports_the_pretraining_lm_loss(frozen_run):
   r = frozen_run
   m = r['metrics']
   assert 'ptx_loss' in m and np.isfinite(m['ptx_loss'])
-  policy = make_models()[0]
-  tokens = r['ptx_host']['tokens']  # [E*M*b, L], in the order _ptx_batch reshapes them
+  policy = make_models()['policy']
+  tokens = r['ptx_host']['tokens']  # [E*M*b, L], in the order ptx_batch reshapes them
   logits = np.asarray(forward(policy, jnp.asarray(tokens[:, :-1]), jnp.ones_like(jnp.asarray(tokens[:, :-1]))))
   lp = np.take_along_axis(log_softmax64(logits), tokens[:, 1:, None], -1)[..., 0]  # [E*M*b, L-1]
   per_update = -lp.reshape(4, -1).mean(1)  # E x M = 4 updates, b sequences each, every token a target
@@ -217,7 +217,8 @@ def test_experience_matches_float64_reference(lr_run):
   exp, em = r['exp'], r['exp_metrics']
   config = make_config()
   pc = config.ppo
-  policy, value, ref, reward = make_models()
+  models = make_models()
+  policy, value, ref, reward = models['policy'], models['value'], models['reference'], models['reward']
   seq, att, mask = exp['seq'], exp['att'], exp['mask']
   assert seq.shape == (B, P + N) and mask.shape == (B, N)
   # Layout: left-padded prompt, then the response; mask == the response part of att.
@@ -265,7 +266,7 @@ def test_missing_eos_gets_penalty(lr_run):
   (test_experience_matches_float64_reference checks that this score is the one added to the last token.)"""
   r = lr_run[(1, 1, 1)]
   exp, em = r['exp'], r['exp_metrics']
-  reward = make_models()[3]
+  reward = make_models()['reward']
   has_eos = eos_rows(exp)
   rm = ref_score(reward, exp['seq'], exp['att'])
   penalty = make_config().ppo.missing_eos_penalty

@@ -9,6 +9,7 @@ import pytest
 from padding import garbage_at_pads, right_padded_mask
 
 from jax_rlhf import rl
+from jax_rlhf.models import scoring
 
 SHAPES = [(1, 1), (3, 7), (6, 16)]
 
@@ -171,10 +172,10 @@ def test_gae_with_lambda_one_gamma_one_gives_reward_to_go_minus_value():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_last_token_index_is_last_valid_position():
+def test_last_real_index_is_last_valid_position():
   mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 0, 1, 1, 0]], bool)
-  np.testing.assert_array_equal(rl.last_token_index(mask), [2, 4, 0, 3])
-  np.testing.assert_array_equal(rl.last_token_index(mask.astype(np.float32)), [2, 4, 0, 3])
+  np.testing.assert_array_equal(scoring.last_real_index(mask), [2, 4, 0, 3])
+  np.testing.assert_array_equal(scoring.last_real_index(mask.astype(np.float32)), [2, 4, 0, 3])
 
 
 @pytest.mark.parametrize('estimator', ['k1', 'k3'])
@@ -286,7 +287,7 @@ def test_jit_compiled_rl_functions_equal_eager():
     shaped, kl = rl.kl_shaped_rewards(logp, ref_logp, score, mask, beta, estimator='k3')
     adv, ret = rl.gae(shaped + rewards, values, mask)
     return (shaped, kl, adv, ret, rl.masked_whiten(adv, mask), rl.masked_whiten(rewards, mask, shift_mean=False),
-            rl.masked_var(values, mask, unbiased=True), rl.last_token_index(mask),
+            rl.masked_var(values, mask, unbiased=True), scoring.last_real_index(mask),
             rl.adaptive_kl_update(beta, rl.masked_mean(kl, mask), 4, 6.0, 10000))
 
   args = (rewards, values, logp, ref_logp, score, mask, 0.05)

@@ -34,10 +34,9 @@ def trainer_and_experience():
   config = make_config()
   config.ppo.num_minibatches = 1  # every update sees the whole batch, so a NaN anywhere reaches each one
   mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  trainer = ppo.PPOTrainer(config, mesh, *make_models(), (EOS, PAD))
-  st = trainer.states
-  exp, _ = trainer.experience(st['policy'], st['value'], st['ref'], st['reward'],
-                              shd.put_batch(make_prompts(), mesh), jax.random.key(1), jnp.float32(0.1))
+  trainer = ppo.PPOTrainer(config, mesh, make_models(), (EOS, PAD))
+  exp, _ = trainer.experience(trainer.states, shd.put_batch(make_prompts(), mesh), jax.random.key(1),
+                              jnp.float32(0.1))
   return config, mesh, trainer, host(exp)
 
 
@@ -48,7 +47,8 @@ def test_nan_in_a_batch_skips_the_update_and_counts_it(trainer_and_experience):
   bad = dict(exp)
   bad['advantages'] = exp['advantages'].copy()
   bad['advantages'][0, 0] = np.nan  # one poisoned token: every policy gradient is NaN
-  policy, value, m = trainer.update(st['policy'], st['value'], bad, None, jax.random.key(0))
+  trained, m = trainer.update(trainer.trained(), bad, None, jax.random.key(0))
+  policy, value = trained['policy'], trained['value']
   epochs = config.ppo.ppo_epochs
   assert float(m['nonfinite_skipped']) == epochs  # one skip per update (the value's are finite)
   in_row, total = (int(x) for x in state_lib.nonfinite_counts(policy))
@@ -57,7 +57,8 @@ def test_nan_in_a_batch_skips_the_update_and_counts_it(trainer_and_experience):
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), host(value.params), value_before))
   assert any(changed)  # the value model's gradients were finite: its update went through
   # a clean batch: applied again; the run of skips ends, the total stays
-  policy, value, m = trainer.update(policy, value, exp, None, jax.random.key(0))
+  trained, m = trainer.update({'policy': policy, 'value': value}, exp, None, jax.random.key(0))
+  policy, value = trained['policy'], trained['value']
   assert (int(state_lib.nonfinite_counts(policy)[0]), float(m['nonfinite_skipped'])) == (0, epochs)
   assert any(jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), host(policy.params),
                                           policy_before)))
@@ -71,13 +72,15 @@ def test_ratio_threshold_skips_the_minibatch_as_trl_does(trainer_and_experience)
   low = make_config()
   low.ppo.num_minibatches = 1
   low.ppo.ratio_threshold = 0.5
-  strict = ppo.PPOTrainer(low, mesh, *make_models(), (EOS, PAD))
+  strict = ppo.PPOTrainer(low, mesh, make_models(), (EOS, PAD))
   st = strict.states
   before = host((st['policy'].params, st['value'].params))
-  policy, value, m = strict.update(st['policy'], st['value'], exp, None, jax.random.key(0))
+  trained, m = strict.update(strict.trained(), exp, None, jax.random.key(0))
+  policy, value = trained['policy'], trained['value']
   assert float(m['ratio_skipped']) == low.ppo.ppo_epochs
   jax.tree.map(np.testing.assert_array_equal, host((policy.params, value.params)), before)
-  policy, value, m = trainer.update(trainer.states['policy'], trainer.states['value'], exp, None, jax.random.key(0))
+  trained, m = trainer.update(trainer.trained(), exp, None, jax.random.key(0))
+  policy, value = trained['policy'], trained['value']
   assert float(m['ratio_skipped']) == 0.0
   trainer.states['policy'], trainer.states['value'] = policy, value
 

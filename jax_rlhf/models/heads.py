@@ -12,6 +12,7 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_rlhf.models import scoring
 from jax_rlhf.models.transformer import Transformer, TransformerConfig
 
 
@@ -48,12 +49,4 @@ class ScalarModel(nnx.Module):
   def score(self, input_ids, attention_mask, dropout_key=None):
     """The scalar at each row's last real token: [B]. Works for left- and right-padded rows."""
     values = self(input_ids, attention_mask, dropout_key=dropout_key)  # [B, T]
-    return last_real(values, attention_mask)
-
-
-def last_real(x, mask):
-  """x[b, last index where mask[b] is 1] for x: [B, T]; rows with no real token give x[b, 0]."""
-  t = mask.shape[-1]
-  idx = jnp.where(mask.astype(bool), jnp.arange(t)[None, :], -1).max(-1)
-  idx = jnp.maximum(idx, 0)
-  return jnp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
+    return scoring.at_last_real(values, attention_mask)
