@@ -13,7 +13,7 @@ Phases, each timed with `jax.block_until_ready` (median of 5 after 1 warm-up = c
   update      `trainer.update`: 4 epochs x 1 minibatch in one `lax.scan` (policy and value states donated)
   rollout     `sampling.generate` on the policy alone (same sampler, own jit): compare with the peer's rollout
   scoring     the experience step's forwards + GAE alone, jitted here from the library's functions
-              (`ppo.response_logprobs`, `ppo.response_values`, `ScalarModel.score`, `rl.*`) on a fixed
+              (`scoring.response_logprobs`, `scoring.response_values`, `scoring.reward_at_last`, `rl.*`) on a fixed
               rollout: compare with the peer's scoring
 
   .venv/bin/python -m bench.ppo_iteration [--peer]
@@ -31,9 +31,10 @@ from bench import common
 from jax_rlhf import rl, sampling
 from jax_rlhf import sharding as shd
 from jax_rlhf.config import stage_config
+from jax_rlhf.models import scoring
 from jax_rlhf.models.heads import ScalarModel
 from jax_rlhf.models.transformer import Transformer, preset
-from jax_rlhf.train import ppo
+from jax_rlhf.train import ppo, rollout
 
 B, P, NEW, EPOCHS, RUNS = 16, 64, 64, 4, 5
 EOS, PAD = 0, 1
@@ -53,16 +54,17 @@ def config():
 
 def scoring_fn(trainer):
   """The experience step's scoring half (4 forwards, KL-shaped rewards, GAE, whitening) as its own jit."""
-  g, pc = trainer.graphdefs, trainer.pc
+  graphdefs, ppo_config = trainer.graphdefs, trainer.ppo_config
 
-  def score(policy, value, ref, reward, seq, att, mask, beta):
+  def score(states, seq, att, mask, beta):
     p = seq.shape[1] - mask.shape[1]
-    logp, _ = ppo.response_logprobs(ppo._merge(g['policy'], policy), seq, att, p, 1.0)
-    ref_logp, _ = ppo.response_logprobs(ppo._merge(g['ref'], ref), seq, att, p, 1.0)
-    values = ppo.response_values(ppo._merge(g['value'], value), seq, att, p)
-    s = ppo._merge(g['reward'], reward).score(seq, att)
-    rewards, _ = rl.kl_shaped_rewards(logp, ref_logp, s, mask, beta, pc.kl.estimator)
-    adv, ret = rl.gae(rewards, values, mask, pc.gamma, pc.lam)
+    model = {name: rollout.merge(graphdefs[name], states[name]) for name in graphdefs}
+    logp, _ = scoring.response_logprobs(model['policy'], seq, att, p, 1.0)
+    ref_logp, _ = scoring.response_logprobs(model['reference'], seq, att, p, 1.0)
+    values = scoring.response_values(model['value'], seq, att, p)
+    s = scoring.reward_at_last(model['reward'], seq, att)
+    rewards, _ = rl.kl_shaped_rewards(logp, ref_logp, s, mask, beta, ppo_config.kl.estimator)
+    adv, ret = rl.gae(rewards, values, mask, ppo_config.gamma, ppo_config.lam)
     return rl.masked_whiten(adv, mask), ret, logp
 
   return jax.jit(score)
@@ -77,7 +79,8 @@ def main():
   ref = Transformer(cfg, rngs=nnx.Rngs(0))  # the same weights as the policy
   value = ScalarModel(cfg, rngs=nnx.Rngs(1))
   reward = ScalarModel(cfg, rngs=nnx.Rngs(2))
-  trainer = ppo.PPOTrainer(c, mesh, policy, value, ref, reward, (EOS, PAD))
+  trainer = ppo.PPOTrainer(c, mesh, {'policy': policy, 'value': value, 'reference': ref, 'reward': reward},
+                           (EOS, PAD))
   st = trainer.states
   prompts_np = common.random_tokens((B, P))
   prompts = shd.put_batch({'prompt': prompts_np, 'prompt_mask': np.ones_like(prompts_np)}, mesh)
@@ -104,14 +107,13 @@ def main():
   exp_holder = {}
 
   def experience(i):
-    exp, em = trainer.experience(st['policy'], st['value'], st['ref'], st['reward'], prompts,
-                                 jax.random.fold_in(key, 2000 + i), beta)
+    exp, em = trainer.experience(st, prompts, jax.random.fold_in(key, 2000 + i), beta)
     jax.block_until_ready((exp, em))
     exp_holder['exp'], exp_holder['metrics'] = exp, em
 
   def update(i):
-    st['policy'], st['value'], um = trainer.update(st['policy'], st['value'], exp_holder['exp'], None,
-                                                   jax.random.fold_in(key, 3000 + i))
+    trained, um = trainer.update(trainer.trained(), exp_holder['exp'], None, jax.random.fold_in(key, 3000 + i))
+    st.update(trained)
     jax.block_until_ready((st['policy'], st['value'], um))
 
   t_exp = common.time_runs(experience, RUNS, warmup=1)
@@ -123,7 +125,7 @@ def main():
   gen_model = (trainer.graphdefs['policy'], nnx.merge_state(st['policy'].params, st['policy'].rest))
   outs = []
 
-  def rollout(i):
+  def sample(i):
     out = sampling.generate(gen_model, prompts['prompt'], prompts['prompt_mask'], jax.random.fold_in(key, 4000 + i),
                             max_new_tokens=NEW, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=EOS,
                             pad_token_id=PAD)
@@ -131,16 +133,15 @@ def main():
     outs.append(out)
 
   t = time.perf_counter()
-  rollout(-1)
+  sample(-1)
   compile_s['generate'] = time.perf_counter() - t
-  t_roll = common.time_runs(rollout, RUNS, warmup=0)
+  t_roll = common.time_runs(sample, RUNS, warmup=0)
   assert all(int(o.num_steps) == NEW for o in outs), [int(o.num_steps) for o in outs]
 
   score = scoring_fn(trainer)
 
   def scoring(i):
-    jax.block_until_ready(score(st['policy'], st['value'], st['ref'], st['reward'], exp['seq'], exp['att'],
-                                exp['mask'], beta))
+    jax.block_until_ready(score(st, exp['seq'], exp['att'], exp['mask'], beta))
 
   t_score = common.time_runs(scoring, RUNS, warmup=1)
 
