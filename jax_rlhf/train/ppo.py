@@ -39,8 +39,8 @@ def experience(graphdefs, ppo_config, settings, states, batch, rng, beta):
   """One batch of experience (pure; jitted once): a rollout, values, KL-shaped rewards, GAE."""
   ro = rollout.rollout(graphdefs, states, batch, rng, settings)
   seq, att, mask, logp, has_eos = ro['seq'], ro['att'], ro['mask'], ro['logp'], ro['has_eos']
-  values = scoring.response_values(rollout.merge(graphdefs['value'], states['value']), seq, att,
-                                   batch['prompt'].shape[1])
+  prompt_len = batch['prompt'].shape[1]
+  values = scoring.response_values(rollout.merge(graphdefs['value'], states['value']), seq, att, prompt_len)
   score = ro['scores']  # [B], at the last real token (EOS)
   if ppo_config.apply_missing_eos_penalty:
     score = jnp.where(has_eos, score, ppo_config.missing_eos_penalty)
@@ -136,9 +136,6 @@ class PPOTrainer:
   def trained(self) -> dict:
     return {name: self.states[name] for name in TRAINED}
 
-  def policy(self) -> nnx.Module:
-    return rollout.merge(self.graphdefs['policy'], self.states['policy'])
-
   def step(self, prompts, ptx, rng, beta):
     """One PPO iteration: (experience metrics + update metrics)."""
     k_exp, k_upd = jax.random.split(rng)
@@ -229,7 +226,8 @@ def run(config, workdir: str, name: str = 'ppo', inputs=None) -> dict:
     writer.write(it, {**m, 'episodes/s': ppo_config.batch_size / max(now - t0, 1e-9)})
     t0 = now
     if ppo_config.snapshot_every and (it % ppo_config.snapshot_every == 0 or it == ppo_config.iterations):
-      hf.save_pretrained(trainer.policy(), os.path.join(out, 'snapshots', str(it)))
+      hf.save_pretrained(rollout.merge(trainer.graphdefs['policy'], trainer.states['policy']),
+                         os.path.join(out, 'snapshots', str(it)))
     ckpt.step_end(it, ppo_config.iterations, trainer.trained(),
                   {'step': it, 'beta': beta, 'prompts': prompts.state(),
                    'ptx': ptx_loader.state() if ptx_loader is not None else None})
@@ -237,7 +235,8 @@ def run(config, workdir: str, name: str = 'ppo', inputs=None) -> dict:
   writer.close()
 
   # ---------------------------------------------------------------- export
-  hf.save_pretrained(trainer.policy(), os.path.join(out, 'hf'), tokenizer=tok)
+  hf.save_pretrained(rollout.merge(trainer.graphdefs['policy'], trainer.states['policy']), os.path.join(out, 'hf'),
+                     tokenizer=tok)
   summary = {'stage': 'ppo', 'run': name, 'iterations': ppo_config.iterations, 'final_beta': beta,
              'ptx_coef': ppo_config.ptx.coef, 'kl_coef': ppo_config.kl.coef, **info}
   checkpoint.mark_done(out, summary)
