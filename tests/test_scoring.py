@@ -54,10 +54,26 @@ def log_softmax64(x):
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def unpadded_outputs(model, tokens):
-  """The model's own forward of one row with no pads at all: [T, ...] float64."""
-  ids = jnp.asarray(np.asarray(tokens, np.int32)[None])
-  return np.asarray(model(ids, jnp.ones_like(ids)), np.float64)[0]
+@nnx.jit
+def _forward(model, ids):
+  return model(ids, jnp.ones_like(ids))
+
+
+@nnx.jit
+def full_forward(model, seq, att):
+  """The model's own forward of padded rows: LM logits [B, T, V] or per-token scalars [B, T]."""
+  return model(seq, att)
+
+
+logprobs_fn = jax.jit(scoring.response_logprobs, static_argnums=(3, 4))
+
+
+def unpadded_outputs(model, tokens, width=16):
+  """The model's own forward of one row with no pads and no mask: [len(tokens), ...] float64. (The row is
+  followed by junk up to a fixed width, one compiled shape; causal attention keeps it from the first positions.)"""
+  ids = np.full((1, width), 5, np.int32)
+  ids[0, :len(tokens)] = tokens
+  return np.asarray(_forward(model, jnp.asarray(ids)), np.float64)[0, :len(tokens)]
 
 
 def test_effective_temperature():
@@ -70,9 +86,9 @@ def test_response_logprobs_equal_float64_log_softmax(lm, temperature):
   rows, rng = make_rows(0)
   p, n = 6, 5
   seq, att = layout(rows, p, n, rng)
-  logp, logits = jax.jit(scoring.response_logprobs, static_argnums=(3, 4))(lm, seq, att, p, temperature)
+  logp, logits = logprobs_fn(lm, seq, att, p, temperature)
   assert logp.shape == (len(rows), n) and logp.dtype == jnp.float32 and logits.shape == (len(rows), n, VOCAB)
-  full = np.asarray(lm(jnp.asarray(seq), jnp.asarray(att)), np.float64)  # [B, p+n, V], the model's own forward
+  full = np.asarray(full_forward(lm, seq, att), np.float64)  # [B, p+n, V], the model's own forward
   ref = np.take_along_axis(log_softmax64(full[:, p - 1:-1] / temperature), seq[:, p:, None], -1)[..., 0]
   real = att[:, p:] > 0
   np.testing.assert_allclose(np.where(real, logp, 0), np.where(real, ref, 0), atol=2e-5, rtol=0)
@@ -82,21 +98,21 @@ def test_response_logprobs_equal_float64_log_softmax(lm, temperature):
 def test_temperature_zero_scores_as_one(lm):
   rows, rng = make_rows(1)
   seq, att = layout(rows, 5, 4, rng)
-  zero, _ = scoring.response_logprobs(lm, seq, att, 5, 0.0)
-  one, _ = scoring.response_logprobs(lm, seq, att, 5, 1.0)
-  half, _ = scoring.response_logprobs(lm, seq, att, 5, 0.5)
+  zero, _ = logprobs_fn(lm, seq, att, 5, 0.0)
+  one, _ = logprobs_fn(lm, seq, att, 5, 1.0)
+  half, _ = logprobs_fn(lm, seq, att, 5, 0.5)
   np.testing.assert_array_equal(np.asarray(zero), np.asarray(one))
   assert np.abs(np.asarray(half) - np.asarray(one)).max() > 1e-3
 
 
 def test_sequence_logps_ignore_pads_and_padding_amount(lm):
-  """The summed log-prob of the response's real tokens is the same for a prompt left-padded to 5 or 9 slots and
+  """The summed log-prob of the response's real tokens is the same for a prompt left-padded to 5 or 9 slots with
   a response right-padded to 4 or 7 slots (junk at every pad), and equals a float64 sum over an unpadded
   forward of each row alone."""
-  rows, rng = make_rows(2)
+  rows, rng = make_rows(2, b=3)
   fn = jax.jit(scoring.sequence_logps, static_argnums=(3, 4))
   got = {}
-  for p, n in ((5, 4), (9, 4), (5, 7), (9, 7)):
+  for p, n in ((5, 4), (9, 7)):
     seq, att = layout(rows, p, n, rng)
     out = fn(lm, seq, att, p, 0.8)
     assert out.shape == (len(rows),) and out.dtype == jnp.float32
@@ -112,7 +128,7 @@ def test_sequence_logps_ignore_pads_and_padding_amount(lm):
 
 def test_response_values_equal_a_loop_over_prefixes(scalar):
   """V(s_t) = the head's output after the prompt and response[:t], from an unpadded forward of each row."""
-  rows, rng = make_rows(3)
+  rows, rng = make_rows(3, b=3)
   p, n = 6, 4
   seq, att = layout(rows, p, n, rng)
   values = np.asarray(jax.jit(scoring.response_values, static_argnums=3)(scalar, seq, att, p))
@@ -124,12 +140,12 @@ def test_response_values_equal_a_loop_over_prefixes(scalar):
 
 
 def test_reward_at_last_and_last_real_index_equal_loops(scalar):
-  rows, rng = make_rows(4, b=5)
+  rows, rng = make_rows(4, b=3)
   p, n = 6, 5
   seq, att = layout(rows, p, n, rng)
   rewards = np.asarray(jax.jit(scoring.reward_at_last)(scalar, seq, att))
-  np.testing.assert_array_equal(rewards, np.asarray(scalar.score(jnp.asarray(seq), jnp.asarray(att))))
-  per_token = np.asarray(scalar(jnp.asarray(seq), jnp.asarray(att)), np.float64)  # [B, T]
+  np.testing.assert_array_equal(rewards, np.asarray(nnx.jit(lambda m, t, a: m.score(t, a))(scalar, seq, att)))
+  per_token = np.asarray(full_forward(scalar, seq, att), np.float64)  # [B, T]
   for i, (prompt, response) in enumerate(rows):
     last = max(t for t in range(p + n) if att[i, t])
     assert last == p + len(response) - 1
