@@ -464,3 +464,54 @@ def lexicon() -> list[str]:
   templates = [t for ts in (*TASK_TEMPLATES.values(), *QUESTION_TEMPLATES.values()) for t in ts]
   templates += [*PURPOSE_TEMPLATES, *FACT_TEMPLATES, *STATEMENT_TEMPLATES.values(), *MORAL_TEMPLATES.values()]
   return lines + [t.format(**fill) for t in templates]
+
+
+# The world's sizes of the files `InstructWorldTask.write_files` writes (knobs of config.task beside the world's).
+FILE_SIZES = ('n_pretrain', 'n_sft_train', 'n_sft_eval', 'n_prompts_train', 'n_prompts_eval')
+
+
+class InstructWorldTask:
+  """instruct_world behind the `jax_rlhf.tasks.Task` protocol. `knobs`: `WorldConfig` fields and FILE_SIZES."""
+
+  name = 'instruct_world'
+
+  def __init__(self, knobs):
+    from jax_rlhf.tasks import check_knobs
+    fields = [f.name for f in dataclasses.fields(WorldConfig)]
+    check_knobs(self.name, knobs, fields + list(FILE_SIZES))
+    self.sizes = {k: knobs[k] for k in FILE_SIZES if k in knobs}
+    try:
+      self.world = World(WorldConfig(**{k: v for k, v in knobs.items() if k in fields}))
+    except ValueError as e:
+      from jax_rlhf.tasks import TaskError
+      raise TaskError(f'task {self.name}: {e}') from None
+
+  def tokenizer_path(self) -> str:
+    return tokenizer_path()
+
+  def write_files(self, out_dir: str) -> dict[str, str]:
+    missing = [k for k in FILE_SIZES if k not in self.sizes]
+    if missing:
+      from jax_rlhf.tasks import TaskError
+      raise TaskError(f'task {self.name} needs the file sizes {", ".join("task." + k for k in missing)}')
+    return self.world.write(out_dir, **self.sizes)
+
+  def gold_score(self, prompt: str, response: str) -> float:
+    return self.world.gold_score(prompt, response)
+
+  def rank(self, prompt: str, responses, rng: np.random.Generator) -> list[int]:
+    return self.world.rank(prompt, responses, rng)
+
+  def category(self, prompt: str) -> str:
+    return self.world.category(prompt)
+
+  def subcategory(self, prompt: str) -> str:
+    return self.world.spec(prompt).subcategory
+
+  def verify(self, prompt: str, response: str) -> float | None:
+    """A helpful task's answer is exact or not: 1.0 when `response` is the reference answer, else 0.0. Honest
+    and harmless prompts (whose judgement is the labeler's) give None."""
+    spec = self.world.spec(prompt)
+    if spec.category != 'helpful':
+      return None
+    return 1.0 if response == spec.reference else 0.0

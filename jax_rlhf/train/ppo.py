@@ -220,7 +220,7 @@ def load_models(config, workdir: str):
   return policy, value, ref, reward
 
 
-def run(config, workdir: str, name: str = 'ppo') -> dict:
+def run(config, workdir: str, name: str = 'ppo', inputs=None) -> dict:
   """Trains the policy into W/<name> (name: 'ppo' or one of `config.ppo_runs`)."""
   pc = config.ppo
   out = common.stage_dir(workdir, name)
