@@ -16,7 +16,7 @@ from flax import nnx
 
 from jax_rlhf import sharding as shd
 from jax_rlhf.config import stage_config
-from jax_rlhf.data import batches
+from jax_rlhf.data import batches, sources
 from jax_rlhf.models.heads import ScalarModel
 from jax_rlhf.models.transformer import Transformer, preset
 from jax_rlhf.train import ppo
@@ -59,8 +59,8 @@ def make_ptx(mesh, config, seed=0):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(2, VOCAB, size=(4 * n * pc.ptx.batch_size, 12)).astype(np.int32)
   arrays = {'tokens': tokens, 'attention_mask': np.ones_like(tokens), 'loss_mask': np.ones_like(tokens)}
-  loader = batches.Loader(arrays, pc.ptx.batch_size * n, seed)
-  return ppo._ptx_batch(loader, n, pc.ptx.batch_size, mesh), next(batches.Loader(arrays, pc.ptx.batch_size * n, seed))
+  loader = sources.GrainLoader(arrays, pc.ptx.batch_size * n, seed)
+  return ppo._ptx_batch(loader, n, pc.ptx.batch_size, mesh), next(sources.GrainLoader(arrays, pc.ptx.batch_size * n, seed))
 
 
 def host(tree):
