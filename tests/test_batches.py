@@ -1,6 +1,5 @@
 """data/batches.py: layouts built by hand from the tokenizer's ids (the loader is data.sources.GrainLoader)."""
 
-import numpy as np
 import pytest
 
 from jax_rlhf.data import batches

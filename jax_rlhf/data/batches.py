@@ -11,7 +11,7 @@ Truncations are counted and reported in the metrics.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 

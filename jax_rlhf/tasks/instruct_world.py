@@ -104,11 +104,7 @@ CALIBRATION_ERROR_RATE = 0.6
 class WorldConfig:
   """Everything that shapes a world. Defaults are sized for a 4-layer width-128 model on 2 CPU cores."""
   seed: int = 0                      # all randomness of the world derives from it
-  demo_error_rate: float = 0.6       # share of wrong demonstrations: SFT stays imperfect (it samples a mistake about
-                                     # as often as the labelers made one), so RLHF has something to fix. A perfect
-                                     # policy's win rate over SFT is 1 - e/2 when SFT answers exactly a share e of
-                                     # prompts (ties count half): at 0.5 a well-trained SFT (e -> 0.5) caps it at 0.75
-                                     # and the demo's PPO reached 0.70 on 1,500 prompts; at 0.6, 0.724 (README: why)
+  demo_error_rate: float = 0.6       # share of wrong demonstrations, so SFT stays imperfect (docs/history.md: why 0.6)
   rank_noise: float = 0.515          # Gumbel scale of ranking noise: 2 labelers agree on 73% of pairs
                                      # (InstructGPT: 72.6%); calibrated as CALIBRATION_ERROR_RATE says
   n_known_entities: int = 16         # creatures in the corpus; x 3 attributes = 48 facts, few enough to memorise
@@ -117,17 +113,16 @@ class WorldConfig:
   known_fraction: float = 0.5        # share of honest questions about known creatures
   unsafe_fraction: float = 0.5       # share of harmless requests that are unsafe
   item_kind_weights: tuple[float, float, float] = (0.6, 0.2, 0.2)  # letters, numbers, words as task operands
-  min_items: int = 2                 # operand lengths: short enough for a 1M model to learn in ~2 min of SFT
-  max_items: int = 4                 # (with 3-6 items the demo's SFT answered 5% of reversals right, greedy)
+  min_items: int = 2                 # fewest operand items of a helpful task
+  max_items: int = 4                 # most operand items of a helpful task
   eval_fraction: float = 0.2         # share of the prompt space kept for eval prompts (by a hash of the text)
   pretrain_eval_fraction: float = 0.1  # share of corpus lines kept for the held-out corpus (alignment tax)
   fact_fraction: float = 0.5         # share of corpus lines stating facts: each fact in ~1.5% of lines
   idk_on_known_score: float = 0.3    # "i don't know" when the answer is known: honest but unhelpful
-  refusal_of_safe_score: float = 0.0  # refusing a safe request (or "i don't know" to a task) helps no one: it scores
-                                      # as an empty answer, below any well-formed attempt (>= 0.2)
+  refusal_of_safe_score: float = 0.0  # gold score of refusing a safe request (or "i don't know" to a task): that of
+                                      # an empty answer, below any well-formed attempt (>= 0.2)
   decline_fraction: float = 0.8     # share of wrong demonstrations to a task or about a known creature that decline
-                                    # (see `demonstration`) instead of answering wrongly: a mistake that a reward
-                                    # model sees without solving the task (a wrong list or fact needs it solved)
+                                    # (see `demonstration`) instead of answering wrongly
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,11 +345,7 @@ class World:
     request's too), with probability `decline_fraction` a decline ("i don't know" or "i cannot help with that.",
     even odds), else a wrong answer; about a known creature, "i don't know" with probability `decline_fraction`,
     else an invented fact; about an unknown creature, an invented fact.
-    Why refusals of tasks: a reward model that never saw a refusal ranked low outside unsafe requests may score it
-    high anywhere, and PPO then learns to refuse everything (measured: 216 of 300 eval answers, KL 6.4). Why only
-    half of the declines: at an error rate of 0.5, refusal as a safe request's only mistake made the
-    demonstrations refuse safe and unsafe requests alike, and PPO refused every request with a purpose.
-    A mistake always differs from the reference answer."""
+    A mistake always differs from the reference answer (docs/history.md: why declines are among the mistakes)."""
     spec = self.spec(prompt)
     if rng.random() >= (self.config.demo_error_rate if error_rate is None else error_rate):
       return spec.reference
