@@ -154,4 +154,4 @@ def to_host(x) -> np.ndarray:
   if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
     return np.asarray(x)
   from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
