@@ -43,12 +43,16 @@ def explain(outs):
   return '\n'.join(f'--- process {i}: exit {rc}\n{out[-2000:]}\n{err[-3000:]}' for i, (rc, out, err) in enumerate(outs))
 
 
-def assert_close_weights(ours, theirs, rtol, atol):
+def assert_close_weights(ours, theirs, rtol, atol, free=(), free_atol=0.0):
+  """Weights within rtol/atol; those named in `free` only within free_atol (see the RM below)."""
   from safetensors.numpy import load_file
   a, b = load_file(ours / 'hf' / 'model.safetensors'), load_file(theirs / 'hf' / 'model.safetensors')
   assert a.keys() == b.keys()
   for k in a:
-    np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+    if k in free:
+      np.testing.assert_allclose(a[k], b[k], rtol=0, atol=free_atol, err_msg=k)
+    else:
+      np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
 
 
 def assert_close_json(ours, theirs, rtol, path='results'):
@@ -65,6 +69,10 @@ def assert_close_json(ours, theirs, rtol, path='results'):
     np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=1e-6, err_msg=path)
   else:
     assert ours == theirs, path
+
+
+def ref_done_steps(ref, stage):
+  return json.loads((ref / stage / 'DONE').read_text()).get('steps', 0)
 
 
 def test_two_processes_make_the_whole_quick_pipeline_as_one_process_with_8_devices(quick_pipeline, tmp_path):
@@ -84,7 +92,12 @@ def test_two_processes_make_the_whole_quick_pipeline_as_one_process_with_8_devic
         len((ref / stage / 'metrics.jsonl').read_text().splitlines())  # written once, not once per process
     steps = sorted(int(x) for x in os.listdir(w / stage / 'checkpoints') if x.isdigit())
     assert steps == sorted(int(x) for x in os.listdir(ref / stage / 'checkpoints') if x.isdigit())
-    assert_close_weights(w / stage, ref / stage, rtol=1e-4, atol=1e-5)
+    # The ranking loss is blind to a constant added to every score, so the gradient of the RM's last norm bias
+    # (which adds w . bias to every score) is 0 up to rounding, and Adam turns that rounding into steps of up to
+    # lr in either direction; the normalisation's bias absorbs the constant, so the scores (results.json) agree.
+    free = ('transformer.ln_f.bias', 'model.norm.bias') if stage == 'rm' else ()
+    lr_steps = ref_done_steps(ref, stage) * 1e-3  # quick's RM: lr 1e-3
+    assert_close_weights(w / stage, ref / stage, rtol=1e-4, atol=1e-5, free=free, free_atol=lr_steps)
   assert [json.loads(line)['stage'] for line in (w / 'wall_times.jsonl').read_text().splitlines()] == \
       [*runs, 'eval']  # one line per run: process 0's
   assert_close_json(json.loads((w / 'eval' / 'results.json').read_text()),
