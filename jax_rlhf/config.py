@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from jax_rlhf.tasks.instruct_world import WorldConfig
-
-STAGES = ('pretrain', 'sft', 'rm', 'ppo', 'eval', 'pipeline')
+# The kinds of run a plan holds (jax_rlhf/pipeline.py); `stage` is one of them or 'pipeline' (the whole plan).
+KINDS = ('pretrain', 'sft', 'label', 'rm', 'ppo', 'eval')
+STAGES = (*KINDS, 'pipeline')
 
 
 def _optimizer(lr, schedule='cosine', warmup=0, eps=1e-8):
@@ -30,7 +30,7 @@ def _optimizer(lr, schedule='cosine', warmup=0, eps=1e-8):
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.stage = 'pipeline'          # pretrain | sft | rm | ppo | eval | pipeline
+  c.stage = 'pipeline'          # pretrain | sft | label | rm | ppo | eval: that run of the plan alone | pipeline: all
   c.seed = 0                    # every random choice of a run derives from it
   c.log_every = 25              # steps between metric writes
   c.progress = True             # tqdm bar on stderr
@@ -44,21 +44,21 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # device mesh; -1 = the remaining devices
 
-  world = WorldConfig()  # the world's knobs below default to its documented (and calibrated) values
+  # The embedded task (jax_rlhf/tasks) and its knobs, which the task validates; '' = none (sources from data.*).
+  # instruct_world's knobs are `WorldConfig` fields (these are its defaults) and the sizes of its files.
   c.task = ml_collections.ConfigDict(dict(
-      name='instruct_world',    # the embedded task (jax_rlhf/tasks); its files are written to W/data
-      seed=world.seed,          # the world's seed (entities, facts, prompts)
-      demo_error_rate=world.demo_error_rate,  # fraction of wrong demonstrations, so SFT is imperfect
-      rank_noise=world.rank_noise,  # labeler noise, calibrated to 73% inter-labeler agreement
-      refusal_of_safe_score=world.refusal_of_safe_score,  # gold score of refusing a safe request or declining a task
-      decline_fraction=world.decline_fraction,  # share of wrong task / known-fact demonstrations that decline
-      min_items=world.min_items, max_items=world.max_items,  # operand lengths of the helpful tasks
+      name='instruct_world',    # the embedded task; its files are written to W/data
+      seed=0,                   # the world's seed (entities, facts, prompts)
+      demo_error_rate=0.6,      # fraction of wrong demonstrations, so SFT is imperfect
+      rank_noise=0.515,         # labeler noise (Gumbel scale), calibrated to 73% inter-labeler agreement
+      refusal_of_safe_score=0.0,  # gold score of refusing a safe request or declining a task
+      decline_fraction=0.8,     # share of wrong task / known-fact demonstrations that decline
+      min_items=2, max_items=4,  # operand lengths of the helpful tasks (items)
       n_pretrain=40000,         # pretraining lines
-      n_sft_train=51200,        # demonstrations for SFT: 800 steps x 64 see each once (6000 seen 8 times: the
-                                # held-out loss doubled the training loss and greedy SFT got 60% vs 67% exact)
-      n_sft_eval=256,
-      n_prompts_train=4000,     # prompts for ranking (RM) and PPO
-      n_prompts_eval=1000,      # held-out prompts for the eval stage (300: the win rate's 95% interval is +-0.04)
+      n_sft_train=51200,        # demonstrations for SFT (1,200 steps x 64 see each 1.5 times)
+      n_sft_eval=256,           # held-out demonstrations (SFT's held-out loss)
+      n_prompts_train=4000,     # prompts for labelling and PPO
+      n_prompts_eval=1000,      # held-out prompts for the eval stage
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
       # Sources (jax_rlhf/data/sources.py), one string each, the same for every stage: jsonl:PATH,
       # tfds:NAME[:SPLIT], hh_rlhf:DIR, tldr_sft:DIR, tldr_comparisons:DIR, rankings:DIR. Empty: the task's files.
       demonstrations='',        # SFT demonstrations (a ranking source gives its best response)
-      rankings='',              # RM rankings; empty: SFT samples ranked by the task's labeler (or rm.data)
+      rankings='',              # RM rankings; empty: the rankings of the RM's `rankings` input run (or rm.data)
       prompts='',               # PPO and eval prompts (any source with prompts)
       pretrain='',              # text for pretraining, PPO-ptx and the eval's alignment tax
       tfds_dir='',              # where builders write array_record and tfds: datasets live; '' = ~/tensorflow_datasets
@@ -93,38 +93,39 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.pretrain = ml_collections.ConfigDict(dict(
-      steps=300,                # train steps (~3.6 epochs of the demo corpus; held-out loss rises after ~350)
+      steps=300,                # train steps (~3.6 epochs of the demo corpus)
       batch_size=64,            # sequences per step
       eval_every=150,           # steps between evaluations of held-out LM loss
-      dropout=0.0,
+      dropout=0.0,              # residual dropout
       optimizer=_optimizer(3e-3, warmup=50),
   ))
 
   c.sft = ml_collections.ConfigDict(dict(
       init='pretrain',          # pretrain: start from W/pretrain; hf: from model.path; scratch: random init
-      steps=1200,               # train steps, 1.5 epochs of the demo's 51,200 (InstructGPT: 16 epochs of ~13k);
-                                # 800 steps: held-out loss 0.517 vs 0.449, reversals 18% vs 28% exact (T=1)
+      steps=1200,               # train steps, 1.5 epochs of the demo's 51,200 (InstructGPT: 16 epochs of ~13k)
       batch_size=64,            # demonstrations per step (InstructGPT: 32)
-      eval_every=400,
+      eval_every=400,           # steps between evaluations of held-out demonstration loss
       dropout=0.0,              # residual dropout (InstructGPT SFT: 0.2)
       optimizer=_optimizer(1e-3, warmup=20),
   ))
 
-  c.rm = ml_collections.ConfigDict(dict(
-      num_prompts=4000,         # prompts ranked by the labeler (InstructGPT: ~33k). With the demo's SFT (error 0.5),
-                                # RMs of 4,000 x 2 epochs agree with the gold labeler on 0.857 of SFT sample pairs,
-                                # 2,048 x 4 on 0.838, 8,000 x 1 on 0.854, 8,000 x 2 on 0.857, 2,048 x 8 on 0.830
+  c.label = ml_collections.ConfigDict(dict(
+      judge='task',             # who ranks the samples: task (the task's noisy labeler)
+      num_prompts=4000,         # prompts whose samples get ranked (InstructGPT: ~33k)
       k_min=4, k_max=9,         # responses per prompt, K uniform in [k_min, k_max] (InstructGPT: 4-9)
-      sample_temperature=1.0,   # temperature of the SFT samples that get ranked
-      data='',                  # a ranking JSONL to train on instead of labelling SFT samples
+      temperature=1.0,          # sampling temperature of the ranked responses
+      batch_size=256,           # responses per sampling call
+  ))
+
+  c.rm = ml_collections.ConfigDict(dict(
+      data='',                  # a ranking JSONL to train on instead of the `rankings` input run's
       eval_fraction=0.1,        # held-out rankings for pairwise accuracy
-      epochs=2,                 # InstructGPT: 1 (more overfits on 33k prompts); the demo's choice: see num_prompts
+      epochs=2,                 # passes over the rankings (InstructGPT: 1, more overfits on 33k prompts)
       batch_size=32,            # prompts per step; all K responses of a prompt in one step (InstructGPT: 64)
       margin=0.0,               # loss -log sigmoid(r_w - r_l - margin)
       centering_coef=0.0,       # c * mean((r_w + r_l)^2) (TRL's 0.01)
       normalize=True,           # bias so that reference demonstrations score mean 0 (InstructGPT)
-      normalize_gain=True,      # also a gain so SFT samples score std 1 (Ziegler, N+ #15; RLHF_DETAILS: off). On the
-                                # demo it keeps beta meaningful: same SFT and RM, gold 0.683 -> 0.729, win 0.49 -> 0.53
+      normalize_gain=True,      # also a gain so SFT samples score std 1 (Ziegler, N+ #15; RLHF_DETAILS: off)
       optimizer=_optimizer(1e-3, warmup=5),
   ))
 
@@ -148,8 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
       ratio_threshold=10.0,     # skip a minibatch whose mean ratio pi/pi_old exceeds this (TRL's ratio_threshold)
       value_from='rm',          # rm: separate value model from the RM (InstructGPT, N+); sft: from the SFT body
       kl=ml_collections.ConfigDict(dict(
-          coef=0.2,             # beta (InstructGPT 0.02; N+ 0.05). The demo's 1M-parameter RM is easy to exploit:
-                                # at 0.05 PPO drifts to KL ~10 nats and gold falls 0.63 -> 0.47; at 0.2, KL ~1.8
+          coef=0.2,             # beta, the KL penalty's coefficient (InstructGPT 0.02; N+ 0.05)
           adaptive=False,       # Ziegler's adaptive controller
           init=0.15,            # adaptive: initial beta
           target=6.0,           # adaptive: target KL per episode (nats)
@@ -165,23 +165,41 @@ def base_config() -> ml_collections.ConfigDict:
       snapshot_every=15,        # iterations between policy snapshots in W/<run>/snapshots/<iteration> (HF folders,
                                 # ~4 MB each on the demo) that eval scores for the over-optimisation curve; 0: none
   ))
-  # Extra PPO runs from the same SFT and RM: name -> overrides of `ppo` (e.g. ppo_ptx=dict(ptx=dict(coef=1.0))).
-  # Each writes W/<name> after W/ppo in the pipeline; list it in eval.models to compare it. Empty: none.
-  c.ppo_runs = ml_collections.ConfigDict()
 
   c.eval = ml_collections.ConfigDict(dict(
       temperature=1.0,          # sampling temperature of the compared models
       batch_size=100,           # prompts per sampling call
       max_new_tokens=7,
       n_pretrain_eval=512,      # held-out pretraining lines for the alignment tax
-      models=('sft', 'ppo'),    # stages compared (each a workdir subfolder)
+      models=('sft', 'ppo'),    # runs compared (each a workdir subfolder with an HF export)
       best_of_n=(1, 2, 4, 8, 16),  # best-of-n of SFT samples picked by the RM (the RM's ceiling, Gao et al.);
                                 # () skips it. Costs max(n) samples per eval prompt
       n_snapshot_prompts=100,   # held-out prompts scoring each PPO snapshot (over-optimisation curve); 0: none
       report_samples=20,        # held-out prompts shown in W/eval/report.{md,html} with SFT and PPO responses
       max_prompts=0,            # held-out prompts evaluated; 0 = all
   ))
+
+  # The runs `stage=pipeline` makes, in this order (jax_rlhf/pipeline.py): each a name (its folder W/<name>), a
+  # kind, its inputs (role -> run name) and overrides (nested dict of config fields, applied to its copy).
+  c.plan = default_plan()
   return c
+
+
+def plan_run(name: str, kind: str, inputs: dict | None = None, overrides: dict | None = None
+             ) -> ml_collections.ConfigDict:
+  """One run of `config.plan`: its name, kind, inputs (role -> run name) and config overrides (nested dict)."""
+  return ml_collections.ConfigDict(dict(name=name, kind=kind, inputs=dict(inputs or {}),
+                                        overrides=dict(overrides or {})))
+
+
+def default_plan() -> tuple[ml_collections.ConfigDict, ...]:
+  """InstructGPT's recipe: pretrain, sft, label (SFT samples ranked by the judge), rm, ppo, eval."""
+  return (plan_run('pretrain', 'pretrain'),
+          plan_run('sft', 'sft', {'init': 'pretrain'}),
+          plan_run('label', 'label', {'policy': 'sft'}),
+          plan_run('rm', 'rm', {'init': 'sft', 'rankings': 'label'}),
+          plan_run('ppo', 'ppo', {'policy': 'sft', 'reference': 'sft', 'reward': 'rm'}),
+          plan_run('eval', 'eval', {'reference': 'sft', 'reward': 'rm'}))
 
 
 def quick(c: ml_collections.ConfigDict) -> None:
@@ -193,7 +211,8 @@ def quick(c: ml_collections.ConfigDict) -> None:
   c.task.update(n_pretrain=600, n_sft_train=300, n_sft_eval=32, n_prompts_train=128, n_prompts_eval=32)
   c.pretrain.update(steps=12, batch_size=16, eval_every=6)
   c.sft.update(steps=12, batch_size=16, eval_every=6)
-  c.rm.update(num_prompts=48, k_min=2, k_max=4, batch_size=8)
+  c.label.update(num_prompts=48, k_min=2, k_max=4)
+  c.rm.update(batch_size=8)
   c.ppo.update(iterations=4, batch_size=8)
   c.ppo.ptx.batch_size = 8
   c.ppo.snapshot_every = 2
@@ -220,34 +239,14 @@ def ablation(c: ml_collections.ConfigDict) -> None:
   loss (~6 nats/token) already outweighs the whitened policy loss at 1. beta 0.02 is InstructGPT's value, ten
   times below the demo's default.
   """
-  c.ppo_runs = ml_collections.ConfigDict(dict(
-      ppo_ptx=dict(ptx=dict(coef=1.0)),
-      ppo_lowbeta=dict(kl=dict(coef=0.02)),
-  ))
-  c.eval.models = ('sft', 'ppo', *c.ppo_runs.keys())
+  at = next(i for i, r in enumerate(c.plan) if r.name == 'ppo') + 1
+  ppo = c.plan[at - 1].inputs.to_dict()
+  c.plan = (*c.plan[:at], plan_run('ppo_lowbeta', 'ppo', ppo, {'ppo': {'kl': {'coef': 0.02}}}),
+            plan_run('ppo_ptx', 'ppo', ppo, {'ppo': {'ptx': {'coef': 1.0}}}), *c.plan[at:])
+  c.eval.models = ('sft', 'ppo', 'ppo_lowbeta', 'ppo_ptx')
 
 
 VARIANTS = {'quick': quick, 'instructgpt': instructgpt, 'ablation': ablation}
-
-def pipeline_stages(c: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """What `stage=pipeline` runs, in order: the five stages, with `ppo_runs` after ppo."""
-  for name in c.ppo_runs:
-    if name in STAGES:
-      raise ValueError(f'ppo_runs.{name}: a PPO run may not be named like a stage ({", ".join(STAGES)})')
-  return ('pretrain', 'sft', 'rm', 'ppo', *c.ppo_runs.keys(), 'eval')
-
-
-def ppo_run_config(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """The config of the PPO run `name` of `ppo_runs`: `ppo` with its overrides."""
-  import copy
-  run = copy.deepcopy(c)
-  run.lock()  # an override of a field ppo does not have is an error, not a new field
-  try:
-    run.ppo.update(c.ppo_runs[name].to_dict())
-  except (KeyError, AttributeError, TypeError) as e:
-    msg = str(e).strip('\'"').split(' Other fields present')[0]
-    raise ValueError(f'ppo_runs.{name}: bad override of ppo: {msg}') from None
-  return run
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

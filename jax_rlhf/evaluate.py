@@ -1,6 +1,8 @@
 """The eval stage: the labeler judges SFT and PPO samples on held-out prompts, as InstructGPT's labelers did.
 
-For each compared model (`eval.models`, workdir subfolders with an HF export) on the held-out prompts:
+Inputs: the `reference` run (default sft: the KL's reference, the best-of-n sampler and the win rate's
+baseline) and the `reward` run (default rm). For each compared model (`eval.models`, runs of the workdir with
+an HF export) on the held-out prompts:
   gold_score        mean labeler score of one sample per prompt (the task's gold score; never seen in training)
   per_category      the same per category (helpful / honest / harmless)
   rm_score          the reward model's score of those samples (what PPO optimised)
@@ -14,7 +16,8 @@ The policy snapshots a PPO run kept (W/<run>/snapshots/<iteration>) get gold, RM
 `eval.n_snapshot_prompts` held-out prompts (the over-optimisation curve; SFT is iteration 0).
 On real data (`data.prompts` set) there is no labeler: the RM judges the win rate, the gold columns are empty,
 and the alignment tax is measured only when `data.pretrain` gives text; best-of-n and the curve need a labeler.
-Writes W/eval/results.json and W/eval/samples.jsonl, prints the table, and writes the report
+Every process computes every figure with process-local models (the same as one process); process 0 writes
+W/<name>/results.json and W/eval/samples.jsonl, prints the table, and writes the report
 (W/eval/report.md, report.html, plots/*.png; jax_rlhf/report.py) from those files.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +34,8 @@ from flax import nnx
 
 from jax_rlhf.data import batches
 from jax_rlhf.models import hf, scoring
+from jax_rlhf.sampling import sample_responses
 from jax_rlhf.train import checkpoint, common, lm
-from jax_rlhf.train.rm import sample_responses
 
 
 def win_rate(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
@@ -92,24 +96,26 @@ def _lm_loss_fn(graphdef):
   return jax.jit(lambda st, b: lm.lm_loss(nnx.merge(graphdef, st), b))
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | None = None) -> dict:
+  """Evaluates `eval.models` against the `reference` run (default sft) with the `reward` run (default rm)."""
+  inputs = {'reference': 'sft', 'reward': 'rm', **(inputs or {})}
   ec = config.eval
-  out = common.stage_dir(workdir, 'eval')
+  out = common.stage_dir(workdir, name)
   if checkpoint.is_done(out):
-    print(f'[eval] already complete in {out}; skipping (delete {out} to evaluate again)')
+    print(f'[{name}] already complete in {out}; skipping (delete {out} to evaluate again)')
     with open(os.path.join(out, 'results.json')) as f:
       done = json.load(f)
     print(format_table(done['models'], done['categories']))
-    _write_report(config, workdir)
+    _write_report(config, workdir, name)
     return done['models']
-  sft_dir = common.require_stage(workdir, 'sft', 'eval')
-  rm_dir = common.require_stage(workdir, 'rm', 'eval')
-  model_dirs = {name: common.require_stage(workdir, name, 'eval') for name in ec.models}
+  sft_dir = common.require_stage(workdir, inputs['reference'], name)
+  rm_dir = common.require_stage(workdir, inputs['reward'], name)
+  model_dirs = {m: common.require_stage(workdir, m, name) for m in ec.models}
   if any(int(n) < 1 for n in ec.best_of_n):
     raise common.UserError(f'eval.best_of_n must hold positive sample counts, got {tuple(ec.best_of_n)}')
   tok = common.load_tokenizer(config)
   # The task's labeler judges (gold score) when the prompts are the task's; on real data the RM judges.
-  world = common.world(config) if not config.data.prompts and config.task.name == 'instruct_world' else None
+  world = common.get_task(config) if not config.data.prompts else None
   prompt_recs = common.records_for(config, workdir, 'prompts', 'eval', tok)
   if ec.max_prompts:
     prompt_recs = prompt_recs[:ec.max_prompts]
@@ -145,7 +151,8 @@ def run(config, workdir: str) -> dict:
       kls.append(np.asarray(kl_fn(state, ref_state, seq[s:s + bs], att[s:s + bs], n_new, temperature)))
     return texts_out, gold, np.concatenate(rm_scores), np.concatenate(kls), toks, masks
 
-  results, golds, samples, curves = {}, {}, {name: [] for name in model_dirs}, {}
+  run_name = name
+  results, golds, samples, curves = {}, {}, {m: [] for m in model_dirs}, {}
   sft_point = None
   for name, d in model_dirs.items():
     model = hf.load_pretrained(os.path.join(d, 'hf'), **kw)
@@ -210,11 +217,11 @@ def run(config, workdir: str) -> dict:
       for i, r in enumerate(prompt_recs):
         f.write(json.dumps({'prompt': r['prompt'], 'category': r.get('category'),
                             **{name: samples[name][i] for name in samples}}) + '\n')
-  checkpoint.mark_done(out, {'stage': 'eval', 'models': list(results)})
+  checkpoint.mark_done(out, {'stage': 'eval', 'run': run_name, 'models': list(results)})
   print(format_table(results, categories))
   if extra:
     print(format_best_of_n(extra['best_of_n']))
-  _write_report(config, workdir)
+  _write_report(config, workdir, run_name)
   return results
 
 
@@ -233,11 +240,11 @@ def _best_of_n_samples(graphdef, sft_state, reward, score_fn, world, tok, prompt
   return scores.reshape(-1, n), gold.reshape(-1, n)
 
 
-def _write_report(config, workdir: str) -> None:
+def _write_report(config, workdir: str, name: str) -> None:
   if jax.process_index() == 0:
     from jax_rlhf import report
-    path = report.write(workdir, n_samples=config.eval.report_samples)
-    print(f'[eval] report: {path}')
+    path = report.write(workdir, n_samples=config.eval.report_samples, name=name)
+    print(f'[{name}] report: {path}')
 
 
 def _machine() -> str:
@@ -255,20 +262,6 @@ def _sample(graphdef, state, tok, prompt_arrays, ec, seed):
 
 
 def format_table(results: dict, categories: list[str]) -> str:
-  header = ['model', 'gold', *categories, 'win vs SFT (95% CI)', 'RM score', 'KL to ref', 'LM loss (pretrain)']
-  rows = []
-  for name, r in results.items():
-    gold = '-' if r['gold_score'] is None else f'{r["gold_score"]:.3f}'
-    row = [name, gold, *[f'{r["per_category"][c]:.3f}' for c in categories]]
-    if 'win_rate_vs_sft' in r:
-      lo, hi = r['win_rate_vs_sft_ci95']
-      row.append(f'{r["win_rate_vs_sft"]:.3f} [{lo:.3f}, {hi:.3f}]')
-    else:
-      row.append('-')
-    lm = '-' if r['lm_loss_pretrain'] is None else f'{r["lm_loss_pretrain"]:.4f}'
-    row += [f'{r["rm_score"]:+.3f}', f'{r["kl_to_ref"]:.3f}', lm]
-    rows.append(row)
-  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-  line = lambda cells: '| ' + ' | '.join(c.ljust(w) for c, w in zip(cells, widths)) + ' |'
-  sep = '|' + '|'.join('-' * (w + 2) for w in widths) + '|'
-  return '\n'.join([line(header), sep, *[line(r) for r in rows]])
+  """The results table as fixed-width text (the cells of `report.results_table`, as report.md shows them)."""
+  from jax_rlhf import report
+  return report.text_table(*report.results_table({'models': results, 'categories': categories}))

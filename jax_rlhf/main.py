@@ -3,10 +3,10 @@
   python -m jax_rlhf.main --config configs/ppo.py --workdir runs/x --config.ppo.kl.coef=0.05
   python -m jax_rlhf.main --config configs/pipeline.py:quick --workdir runs/q
 
-`config.stage` picks what runs: pretrain | sft | rm | ppo | eval | pipeline (all of them in order, with the
-extra PPO runs of `config.ppo_runs` after ppo, each skipped when its `W/<stage>/DONE` exists; the wall time of
-each stage that ran is appended to `W/wall_times.jsonl`). Mistakes a user can make end in one line and exit
-status 2.
+`config.stage` picks what runs: pipeline (every run of `config.plan` in order, jax_rlhf/pipeline.py: each
+skipped when its `W/<name>/DONE` exists; the wall time of each run made is appended to `W/wall_times.jsonl`),
+or one kind (pretrain | sft | label | rm | ppo | eval: the plan's run of that name alone). Mistakes a user can
+make end in one line and exit status 2; a misspelt override names the nearest real field.
 
 Several processes (a TPU slice's hosts, GPU hosts): every process runs the same command; with
 `--coordinator=HOST:PORT --num_processes=N --process_id=I` (or `--distributed` to let JAX find the cluster
@@ -18,10 +18,8 @@ the non-finite guard, 2 a mistake of the user's.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -35,55 +33,9 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this proc
 _DISTRIBUTED = flags.DEFINE_boolean('distributed', False, 'Call jax.distributed.initialize() with no arguments '
                                     '(TPU VM slices, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS set).')
 
-def run_stage(config, workdir: str, stage: str):
-  """Runs one stage (a name of `config.ppo_runs` is a PPO run); None when it was already complete."""
-  from jax_rlhf.train import checkpoint, common
-  if stage != 'eval' and checkpoint.is_done(common.stage_dir(workdir, stage)):
-    print(f'[{stage}] already complete in {common.stage_dir(workdir, stage)}; skipping')
-    return None
-  if stage in config.ppo_runs:
-    from jax_rlhf.config import ppo_run_config
-    from jax_rlhf.train import ppo
-    try:
-      run_config = ppo_run_config(config, stage)
-    except ValueError as e:
-      raise common.UserError(str(e)) from None
-    return ppo.run(run_config, workdir, name=stage)
-  if stage in ('pretrain', 'sft'):
-    from jax_rlhf.train import sft
-    return sft.run(config, workdir, stage)
-  if stage == 'rm':
-    from jax_rlhf.train import rm
-    return rm.run(config, workdir)
-  if stage == 'ppo':
-    from jax_rlhf.train import ppo
-    return ppo.run(config, workdir)
-  if stage == 'eval':
-    from jax_rlhf import evaluate
-    return evaluate.run(config, workdir)
-  raise ValueError(f'unknown stage {stage!r}')
-
-
 def run(config, workdir: str) -> None:
-  import jax
-  from jax_rlhf.config import STAGES, pipeline_stages
-  from jax_rlhf.train.common import UserError
-  if config.stage not in STAGES:
-    raise SystemExit(f'error: config.stage={config.stage!r}; choose one of {", ".join(STAGES)}')
-  try:
-    stages = pipeline_stages(config) if config.stage == 'pipeline' else (config.stage,)
-  except ValueError as e:
-    raise UserError(str(e)) from None
-  if config.stage == 'pipeline' and config.sft.init != 'pretrain':  # SFT starts from model.path (or scratch)
-    stages = tuple(s for s in stages if s != 'pretrain')
-  for stage in stages:
-    t = time.perf_counter()
-    done = run_stage(config, workdir, stage)
-    dt = time.perf_counter() - t
-    print(f'[{stage}] {dt:.1f} s', flush=True)
-    if done is not None and jax.process_index() == 0:
-      with open(os.path.join(workdir, 'wall_times.jsonl'), 'a') as f:
-        f.write(json.dumps({'stage': stage, 'wall_s': round(dt, 1), 'time': round(time.time(), 1)}) + '\n')
+  from jax_rlhf import pipeline
+  pipeline.execute(config, workdir)
 
 
 def init_distributed() -> None:
@@ -149,9 +101,33 @@ def _parse_flags(argv):
     print(f'error: {lines[0]} {lines[-1]}' if len(lines) > 1 else f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except (KeyError, AttributeError, TypeError, ValueError) as e:
-    arg = next((a for a in argv[1:] if a.startswith('--config.')), '')
-    print(f'error: bad config override {arg}: {e}'.replace('\n', ' '), file=sys.stderr)
+    overrides = [a for a in argv[1:] if a.startswith('--config.')]
+    print(f'error: {_misspelt(argv, overrides) or f"bad config override {overrides[0] if overrides else chr(32)}: {e}"}'
+          .replace('\n', ' '), file=sys.stderr)
     sys.exit(2)
+
+
+def _misspelt(argv, overrides) -> str | None:
+  """'ppo has no field kl_coef; did you mean ppo.kl.coef?' for the first override naming no field of the config
+  file's config (None when every override names a field: the value is what is wrong)."""
+  from jax_rlhf import pipeline
+  config_arg = next((a.split('=', 1)[1] if '=' in a else argv[i + 2] for i, a in enumerate(argv[1:])
+                     if a in ('--config', '-config') or a.startswith('--config=')), None)
+  try:  # the config file's config, without the overrides
+    import importlib.util
+    path, _, arg = config_arg.partition(':')
+    spec = importlib.util.spec_from_file_location('_config_file', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for arg in overrides:
+    path = arg[len('--config.'):].split('=', 1)[0]
+    msg = pipeline.unknown_field(config, path)
+    if msg:
+      return msg
+  return None
 
 
 def entry():

@@ -7,7 +7,8 @@ from W/<stage>/metrics.jsonl. The eval stage calls `write`; to regenerate the re
 
 Plots (matplotlib, Agg backend):
   training_<stage>.png  loss / accuracy / PPO score, KL, beta, clip fraction, response length against steps
-                        (the PPO runs of an ablation overlaid in training_ppo.png)
+                        (the PPO runs of an ablation overlaid in training_ppo.png); a panel whose every
+                        curve is constant (beta when the KL coefficient is fixed) is left out
   overoptimisation.png  gold and RM score against KL to the reference, for the policy snapshots along PPO
   alignment_tax.png     the rise of held-out pretraining LM loss over SFT, and the gold score, per model
 """
@@ -27,8 +28,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 
 # (metric key, split, panel title) per kind of stage.
 LM_CURVES = (('loss', 'train', 'train loss'), ('eval_loss', 'eval', 'held-out loss'))
-RM_CURVES = (('loss', 'train', 'ranking loss'), ('accuracy', 'train', 'train pair accuracy'),
-             ('eval_accuracy', 'eval', 'held-out pair accuracy'),
+RM_CURVES = (('loss', 'train', 'ranking loss'), ('accuracy', 'train', 'train pair accuracy (all pairs)'),
+             ('eval_accuracy_distinct', 'eval', 'held-out pair accuracy, distinct responses'),
              ('eval_gold_accuracy', 'eval', 'held-out agreement with the gold labeler'))
 PPO_CURVES = (('score', 'train', 'RM score'), ('kl', 'train', 'KL to reference (nats / episode)'),
               ('beta', 'train', 'beta (KL coefficient)'), ('clipfrac', 'train', 'clip fraction'),
@@ -66,8 +67,15 @@ def describe(workdir: str, name: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ plots
 def _curve_figure(runs: dict[str, list[dict]], curves, title: str, path: str) -> bool:
-  """One panel per metric some run logged; a line per run. False (nothing written) without data."""
-  panels = [c for c in curves if any(any(r['split'] == c[1] and c[0] in r for r in recs) for recs in runs.values())]
+  """One panel per metric some run logged and some run changed; a line per run. False (nothing written) without
+  data."""
+  def series(key, split):
+    return [[r[key] for r in recs if r['split'] == split and key in r] for recs in runs.values()]
+
+  def fixed(key, split):  # every run logged the same value at least twice: a constant (beta of a fixed KL)
+    return all(len(v) > 1 and len(set(v)) == 1 for v in series(key, split) if v)
+
+  panels = [c for c in curves if any(series(c[0], c[1])) and not fixed(c[0], c[1])]
   if not panels:
     return False
   cols = min(3, len(panels))
@@ -162,23 +170,35 @@ def plot_alignment_tax(results: dict, path: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ tables
-def fmt_results_table(workdir: str, results: dict) -> tuple[list[str], list[list[str]]]:
-  """The results table: one row per model; cells formatted from results.json (tests parse them back)."""
+def results_table(results: dict, names: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
+  """The results table (the one formatter: the eval stage prints it, report.md and the README show it): one
+  row per model of results.json's `models`, named `names[model]` when given; cells that tests parse back."""
   cats = results['categories']
-  header = ['model', 'gold', *cats, 'win vs SFT [95% CI]', 'RM score', 'KL to ref', 'LM loss (pretrain)',
-            'alignment tax']
+  header = ['model', 'gold', *cats, 'win vs SFT (95% CI)', 'RM score', 'KL to ref', 'LM loss (pretrain)']
   rows = []
   for name, r in results['models'].items():
     win = '-'
     if 'win_rate_vs_sft' in r:
       lo, hi = r['win_rate_vs_sft_ci95']
       win = f'{r["win_rate_vs_sft"]:.3f} [{lo:.3f}, {hi:.3f}]'
-    tax = f'{r["alignment_tax"]:+.4f}' if 'alignment_tax' in r else '-'
     gold = '-' if r['gold_score'] is None else f'{r["gold_score"]:.3f}'
     lm = '-' if r['lm_loss_pretrain'] is None else f'{r["lm_loss_pretrain"]:.4f}'
-    rows.append([describe(workdir, name), gold, *[f'{r["per_category"][c]:.3f}' for c in cats],
-                 win, f'{r["rm_score"]:+.3f}', f'{r["kl_to_ref"]:.3f}', lm, tax])
+    rows.append([(names or {}).get(name, name), gold, *[f'{r["per_category"][c]:.3f}' for c in cats],
+                 win, f'{r["rm_score"]:+.3f}', f'{r["kl_to_ref"]:.3f}', lm])
   return header, rows
+
+
+def fmt_results_table(workdir: str, results: dict) -> tuple[list[str], list[list[str]]]:
+  """`results_table` with each PPO run named with its beta and ptx coefficient (from its DONE summary)."""
+  return results_table(results, {n: describe(workdir, n) for n in results['models']})
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+  """A table as fixed-width text lines, `| a | b |`, for the console."""
+  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+  line = lambda cells: '| ' + ' | '.join(c.ljust(w) for c, w in zip(cells, widths)) + ' |'
+  sep = '|' + '|'.join('-' * (w + 2) for w in widths) + '|'
+  return '\n'.join([line(header), sep, *[line(r) for r in rows]])
 
 
 def fmt_curve_table(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -256,9 +276,23 @@ def render(blocks, out_dir: str) -> tuple[str, str]:
   return '\n\n'.join(md) + '\n', page
 
 
-def write(workdir: str, n_samples: int = 20) -> str:
-  """Writes W/eval/report.md, report.html and plots/*.png from the eval's files; returns report.md's path."""
-  out = os.path.join(workdir, 'eval')
+def rm_summary(workdir: str, name: str = 'rm') -> str | None:
+  """The reward model's held-out accuracy in one sentence, from W/<name>/DONE; None without one. The headline
+  is the pair accuracy on distinct responses (a pair of identical samples is a coin flip for any RM), with the
+  agreement with the gold labeler beside it."""
+  s = _summary(workdir, name)
+  if 'eval_accuracy_distinct' not in s:
+    return None
+  text = f'Reward model ({name}): held-out pair accuracy {s["eval_accuracy_distinct"]:.3f} on distinct responses'
+  if 'eval_gold_accuracy' in s:
+    text += f', agreement with the gold labeler {s["eval_gold_accuracy"]:.3f}'
+  return text + f' (all labelled pairs, identical samples included: {s["eval_accuracy"]:.3f}).'
+
+
+def write(workdir: str, n_samples: int = 20, name: str = 'eval') -> str:
+  """Writes W/<name>/report.md, report.html and plots/*.png from the eval run's files; returns report.md's
+  path."""
+  out = os.path.join(workdir, name)
   with open(os.path.join(out, 'results.json')) as f:
     results = json.load(f)
   samples = _read_jsonl(os.path.join(out, 'samples.jsonl'))
@@ -274,6 +308,9 @@ def write(workdir: str, n_samples: int = 20) -> str:
                   f'minus SFT\'s (nats/token). Machine: {results.get("machine", "unknown")}.'),
             ('h2', 'Results'),
             ('table', *fmt_results_table(workdir, results))]
+  rm_line = rm_summary(workdir)
+  if rm_line:
+    blocks.append(('p', rm_line))
   tax = os.path.join(plots, 'alignment_tax.png')
   if plot_alignment_tax(results, tax):
     blocks.append(('img', 'The alignment tax with and without ptx, and the gold score it buys', tax))

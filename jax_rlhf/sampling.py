@@ -247,3 +247,36 @@ def generate(model, input_ids, attention_mask, rng, *, max_new_tokens: int, temp
                      max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
                      top_p=float(top_p), eos_token_id=eos_token_id, pad_token_id=int(pad_token_id),
                      return_logits=bool(return_logits))
+
+
+# ---------------------------------------------------------------------------------------------------- host helpers
+
+def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+  """Sampled ids [B, N] -> text of each response (up to, not including, EOS; special tokens dropped)."""
+  return [tokenizer.decode([int(t) for t, m in zip(row, mrow) if m], skip_special_tokens=True).strip()
+          for row, mrow in zip(tokens, mask)]
+
+
+def sample_responses(graphdef, state, tokenizer, prompt_arrays, rng, *, batch_size, max_new_tokens,
+                     temperature, top_k=0, top_p=1.0):
+  """One response per prompt row of `prompt_arrays` ({'prompt', 'prompt_mask'} [B, P], numpy), sampled in
+  calls of `batch_size` rows (the last one padded, so one shape compiles), call i under fold_in(rng, i's first
+  row). The model's state is process-local (every process samples the same, as with one process).
+  Returns (texts, tokens [B, N], mask [B, N]) on the host."""
+  n = len(prompt_arrays['prompt'])
+  texts, toks, masks = [], [], []
+  for start in range(0, n, batch_size):
+    ids = prompt_arrays['prompt'][start:start + batch_size]
+    m = prompt_arrays['prompt_mask'][start:start + batch_size]
+    pad = batch_size - len(ids)
+    if pad:  # keep one compiled shape
+      ids, m = np.concatenate([ids, ids[:pad]]), np.concatenate([m, m[:pad]])
+    out = generate((graphdef, state), ids, m, jax.random.fold_in(rng, start),
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    t, mk = np.asarray(out.tokens)[:batch_size - pad], np.asarray(out.mask)[:batch_size - pad]
+    toks.append(t)
+    masks.append(mk)
+    eos = (t == tokenizer.eos_token_id) & (mk > 0)
+    texts += decode_responses(tokenizer, t, mk * ~eos)
+  return texts, np.concatenate(toks), np.concatenate(masks)

@@ -8,7 +8,7 @@ rules serve 1 CPU, 8 fake CPU devices, a GPU or a TPU slice.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -148,12 +148,10 @@ def batch_divisor(mesh: Mesh) -> int:
   return int(mesh.shape['data'] * mesh.shape['fsdp'])
 
 
-def constrain(x, mesh: Mesh, axes: Sequence[str | None], rules=DEFAULT_RULES):
-  """with_sharding_constraint by logical names (e.g. ('batch', None, 'embed'))."""
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
-
-
-def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules=DEFAULT_RULES) -> Any:
-  """Run `init_fn` under jit with the rules' output shardings: no full copy lands on one device."""
-  abstract = jax.eval_shape(init_fn)
-  return jax.jit(init_fn, out_shardings=shardings_of(abstract, mesh, rules))()
+def to_host(x) -> np.ndarray:
+  """A jax.Array as one numpy array, the same on every process: a value sharded over several processes'
+  devices is gathered (`multihost_utils.process_allgather`); a process-local or replicated one is read."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -1,6 +1,5 @@
-"""data/batches.py: layouts built by hand from the tokenizer's ids, and the checkpointable Loader."""
+"""data/batches.py: layouts built by hand from the tokenizer's ids (the loader is data.sources.GrainLoader)."""
 
-import numpy as np
 import pytest
 
 from jax_rlhf.data import batches
@@ -103,62 +102,3 @@ def test_texts_are_packed_with_eos_between_documents(tok):
   assert arr['attention_mask'].all() and arr['loss_mask'].all()
   with pytest.raises(ValueError, match='fewer than one sequence'):
     batches.texts(tok, ['a'], 64)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loader
-# ---------------------------------------------------------------------------------------------------------
-
-
-def arrays(n=10):
-  return {'x': np.arange(n), 'y': np.arange(n) * 10 + 7}
-
-
-def take(loader, k):
-  return [next(loader) for _ in range(k)]
-
-
-@pytest.mark.parametrize('k', [0, 2, 3, 4, 7])  # 3 batches per epoch: before, at and after epoch boundaries
-def test_loader_resume_is_exact(k):
-  whole = batches.Loader(arrays(), 3, seed=5)
-  take(whole, k)
-  state = whole.state()
-  rest = take(whole, 7)  # crosses at least two epoch boundaries
-  fresh = batches.Loader(arrays(), 3, seed=5)
-  fresh.restore(dict(state))
-  again = take(fresh, 7)
-  for a, b in zip(rest, again):
-    assert a.keys() == b.keys()
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key])
-  # The state is plain JSON-able ints (it goes into the checkpoint's meta).
-  assert all(type(v) is int for v in state.values())
-
-
-def test_loader_is_deterministic_from_seed():
-  a = np.concatenate([b['x'] for b in take(batches.Loader(arrays(), 3, seed=1), 6)])
-  b = np.concatenate([b['x'] for b in take(batches.Loader(arrays(), 3, seed=1), 6)])
-  c = np.concatenate([b['x'] for b in take(batches.Loader(arrays(), 3, seed=2), 6)])
-  np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, c)
-
-
-def test_loader_epochs_reshuffle_without_replacement():
-  n, bs = 12, 4
-  loader = batches.Loader(arrays(n), bs, seed=0)
-  epochs = [np.concatenate([b['x'] for b in take(loader, n // bs)]) for _ in range(3)]
-  for e in epochs:
-    assert sorted(e.tolist()) == list(range(n))  # each record once per epoch
-  assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
-  assert loader.epoch == 2
-  for b in take(loader, 2):  # fields stay aligned row by row
-    np.testing.assert_array_equal(b['y'], b['x'] * 10 + 7)
-
-
-def test_loader_drops_incomplete_last_batch_and_can_run_in_order():
-  loader = batches.Loader(arrays(10), 4, seed=0, shuffle=False)
-  assert loader.batches_per_epoch == 2
-  xs = [b['x'].tolist() for b in take(loader, 3)]
-  assert xs == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
-  with pytest.raises(ValueError, match='larger than'):
-    batches.Loader(arrays(3), 4, seed=0)

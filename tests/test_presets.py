@@ -148,6 +148,7 @@ def test_pipeline_on_hh_rlhf_with_a_tiny_gpt2_completes_every_stage(files):
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert not (w / 'pretrain').exists()  # SFT starts from the model folder
+  assert not (w / 'label').exists()  # the RM reads data.rankings: no label run
   for stage in ('sft', 'rm', 'ppo', 'eval'):
     assert (w / stage / 'DONE').is_file(), stage
   for stage in ('sft', 'rm', 'ppo'):

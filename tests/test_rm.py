@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from jax_rlhf import sampling
 from jax_rlhf.config import stage_config
 from jax_rlhf.data import batches, records
 from jax_rlhf.models.heads import ScalarModel
@@ -171,4 +172,4 @@ def test_decode_responses_drops_eos_and_pad(tok):
       tokens[i, len(r)] = eos
       mask[i, len(r)] = 1
   tokens[0, -1] = rows[1][0]  # junk after the end, outside the mask
-  assert rm.decode_responses(tok, tokens, mask) == texts
+  assert sampling.decode_responses(tok, tokens, mask) == texts

@@ -109,8 +109,16 @@ def main(argv=None) -> int:
   d = config.data
   tok_path = os.path.expanduser(args.tokenizer or d.tokenizer)
   if not tok_path:
-    from jax_rlhf.tasks import instruct_world
-    tok_path = instruct_world.tokenizer_path()
+    from jax_rlhf import tasks
+    try:
+      task = tasks.get_task(config)
+    except tasks.TaskError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+    if task is None:
+      print('error: no tokenizer: set --tokenizer or data.tokenizer (the config has no task)', file=sys.stderr)
+      return 2
+    tok_path = task.tokenizer_path()
   if not os.path.isdir(tok_path):
     print(f'error: tokenizer folder {tok_path} does not exist', file=sys.stderr)
     return 2

@@ -11,7 +11,7 @@ Truncations are counted and reported in the metrics.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -142,55 +142,6 @@ def padded_batches(arrays: dict[str, np.ndarray], batch_size: int, multiple: int
     if real < size:
       batch = {k: np.concatenate([v, np.zeros((size - real, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
     yield batch, real
-
-
-class Loader:
-  """Batches of a dict of equal-length arrays: shuffled per epoch from the seed, position checkpointable.
-
-  `state()` / `restore(state)` give and take `{'epoch', 'index'}`: a restored loader yields exactly the
-  batches an uninterrupted one would. Incomplete last batches are dropped.
-  """
-
-  def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int, *, shuffle: bool = True):
-    self.arrays = arrays
-    self.n = len(next(iter(arrays.values())))
-    if batch_size > self.n:
-      raise ValueError(f'batch size {batch_size} is larger than the {self.n} records of the source')
-    self.batch_size = batch_size
-    self.seed = seed
-    self.shuffle = shuffle
-    self.epoch = 0
-    self.index = 0
-    self._perm = self._permutation(0)
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    if not self.shuffle:
-      return np.arange(self.n)
-    return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-  @property
-  def batches_per_epoch(self) -> int:
-    return self.n // self.batch_size
-
-  def state(self) -> dict[str, int]:
-    return {'epoch': int(self.epoch), 'index': int(self.index)}
-
-  def restore(self, state: dict[str, Any]) -> None:
-    self.epoch, self.index = int(state['epoch']), int(state['index'])
-    self._perm = self._permutation(self.epoch)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self.index + self.batch_size > self.n:
-      self.epoch += 1
-      self.index = 0
-      self._perm = self._permutation(self.epoch)
-    idx = np.sort(self._perm[self.index:self.index + self.batch_size]) if not self.shuffle else \
-        self._perm[self.index:self.index + self.batch_size]
-    self.index += self.batch_size
-    return {k: v[idx] for k, v in self.arrays.items()}
 
 
 def pack(arrays: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:

@@ -104,11 +104,7 @@ CALIBRATION_ERROR_RATE = 0.6
 class WorldConfig:
   """Everything that shapes a world. Defaults are sized for a 4-layer width-128 model on 2 CPU cores."""
   seed: int = 0                      # all randomness of the world derives from it
-  demo_error_rate: float = 0.6       # share of wrong demonstrations: SFT stays imperfect (it samples a mistake about
-                                     # as often as the labelers made one), so RLHF has something to fix. A perfect
-                                     # policy's win rate over SFT is 1 - e/2 when SFT answers exactly a share e of
-                                     # prompts (ties count half): at 0.5 a well-trained SFT (e -> 0.5) caps it at 0.75
-                                     # and the demo's PPO reached 0.70 on 1,500 prompts; at 0.6, 0.724 (README: why)
+  demo_error_rate: float = 0.6       # share of wrong demonstrations, so SFT stays imperfect (docs/history.md: why 0.6)
   rank_noise: float = 0.515          # Gumbel scale of ranking noise: 2 labelers agree on 73% of pairs
                                      # (InstructGPT: 72.6%); calibrated as CALIBRATION_ERROR_RATE says
   n_known_entities: int = 16         # creatures in the corpus; x 3 attributes = 48 facts, few enough to memorise
@@ -117,17 +113,16 @@ class WorldConfig:
   known_fraction: float = 0.5        # share of honest questions about known creatures
   unsafe_fraction: float = 0.5       # share of harmless requests that are unsafe
   item_kind_weights: tuple[float, float, float] = (0.6, 0.2, 0.2)  # letters, numbers, words as task operands
-  min_items: int = 2                 # operand lengths: short enough for a 1M model to learn in ~2 min of SFT
-  max_items: int = 4                 # (with 3-6 items the demo's SFT answered 5% of reversals right, greedy)
+  min_items: int = 2                 # fewest operand items of a helpful task
+  max_items: int = 4                 # most operand items of a helpful task
   eval_fraction: float = 0.2         # share of the prompt space kept for eval prompts (by a hash of the text)
   pretrain_eval_fraction: float = 0.1  # share of corpus lines kept for the held-out corpus (alignment tax)
   fact_fraction: float = 0.5         # share of corpus lines stating facts: each fact in ~1.5% of lines
   idk_on_known_score: float = 0.3    # "i don't know" when the answer is known: honest but unhelpful
-  refusal_of_safe_score: float = 0.0  # refusing a safe request (or "i don't know" to a task) helps no one: it scores
-                                      # as an empty answer, below any well-formed attempt (>= 0.2)
+  refusal_of_safe_score: float = 0.0  # gold score of refusing a safe request (or "i don't know" to a task): that of
+                                      # an empty answer, below any well-formed attempt (>= 0.2)
   decline_fraction: float = 0.8     # share of wrong demonstrations to a task or about a known creature that decline
-                                    # (see `demonstration`) instead of answering wrongly: a mistake that a reward
-                                    # model sees without solving the task (a wrong list or fact needs it solved)
+                                    # (see `demonstration`) instead of answering wrongly
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,11 +345,7 @@ class World:
     request's too), with probability `decline_fraction` a decline ("i don't know" or "i cannot help with that.",
     even odds), else a wrong answer; about a known creature, "i don't know" with probability `decline_fraction`,
     else an invented fact; about an unknown creature, an invented fact.
-    Why refusals of tasks: a reward model that never saw a refusal ranked low outside unsafe requests may score it
-    high anywhere, and PPO then learns to refuse everything (measured: 216 of 300 eval answers, KL 6.4). Why only
-    half of the declines: at an error rate of 0.5, refusal as a safe request's only mistake made the
-    demonstrations refuse safe and unsafe requests alike, and PPO refused every request with a purpose.
-    A mistake always differs from the reference answer."""
+    A mistake always differs from the reference answer (docs/history.md: why declines are among the mistakes)."""
     spec = self.spec(prompt)
     if rng.random() >= (self.config.demo_error_rate if error_rate is None else error_rate):
       return spec.reference
@@ -464,3 +455,54 @@ def lexicon() -> list[str]:
   templates = [t for ts in (*TASK_TEMPLATES.values(), *QUESTION_TEMPLATES.values()) for t in ts]
   templates += [*PURPOSE_TEMPLATES, *FACT_TEMPLATES, *STATEMENT_TEMPLATES.values(), *MORAL_TEMPLATES.values()]
   return lines + [t.format(**fill) for t in templates]
+
+
+# The world's sizes of the files `InstructWorldTask.write_files` writes (knobs of config.task beside the world's).
+FILE_SIZES = ('n_pretrain', 'n_sft_train', 'n_sft_eval', 'n_prompts_train', 'n_prompts_eval')
+
+
+class InstructWorldTask:
+  """instruct_world behind the `jax_rlhf.tasks.Task` protocol. `knobs`: `WorldConfig` fields and FILE_SIZES."""
+
+  name = 'instruct_world'
+
+  def __init__(self, knobs):
+    from jax_rlhf.tasks import check_knobs
+    fields = [f.name for f in dataclasses.fields(WorldConfig)]
+    check_knobs(self.name, knobs, fields + list(FILE_SIZES))
+    self.sizes = {k: knobs[k] for k in FILE_SIZES if k in knobs}
+    try:
+      self.world = World(WorldConfig(**{k: v for k, v in knobs.items() if k in fields}))
+    except ValueError as e:
+      from jax_rlhf.tasks import TaskError
+      raise TaskError(f'task {self.name}: {e}') from None
+
+  def tokenizer_path(self) -> str:
+    return tokenizer_path()
+
+  def write_files(self, out_dir: str) -> dict[str, str]:
+    missing = [k for k in FILE_SIZES if k not in self.sizes]
+    if missing:
+      from jax_rlhf.tasks import TaskError
+      raise TaskError(f'task {self.name} needs the file sizes {", ".join("task." + k for k in missing)}')
+    return self.world.write(out_dir, **self.sizes)
+
+  def gold_score(self, prompt: str, response: str) -> float:
+    return self.world.gold_score(prompt, response)
+
+  def rank(self, prompt: str, responses, rng: np.random.Generator) -> list[int]:
+    return self.world.rank(prompt, responses, rng)
+
+  def category(self, prompt: str) -> str:
+    return self.world.category(prompt)
+
+  def subcategory(self, prompt: str) -> str:
+    return self.world.spec(prompt).subcategory
+
+  def verify(self, prompt: str, response: str) -> float | None:
+    """A helpful task's answer is exact or not: 1.0 when `response` is the reference answer, else 0.0. Honest
+    and harmless prompts (whose judgement is the labeler's) give None."""
+    spec = self.world.spec(prompt)
+    if spec.category != 'helpful':
+      return None
+    return 1.0 if response == spec.reference else 0.0

@@ -1,10 +1,10 @@
 """What every stage does the same way: the workdir layout, the tokenizer, the task's data, the mesh,
-model configs, loading the previous stage, and the one-line error for a stage whose input is missing."""
+model configs, loading an input run, and the one-line error for a run whose input is missing."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -24,23 +24,37 @@ def stage_dir(workdir: str, stage: str) -> str:
 
 
 def require_stage(workdir: str, stage: str, needed_by: str) -> str:
-  """The folder of a finished stage, or a UserError saying what to run first."""
+  """The folder of the finished run `stage` (an input of `needed_by`), or a UserError saying to make it first."""
   d = stage_dir(workdir, stage)
   if not checkpoint.is_done(d):
-    raise UserError(f'{needed_by} needs the {stage} stage in {d}, which is missing or unfinished: run '
-                    f'`python -m jax_rlhf.main --config configs/{stage}.py --workdir {workdir}` first '
-                    f'(or configs/pipeline.py to run every stage)')
+    how = (f'`python -m jax_rlhf.main --config configs/{stage}.py --workdir {workdir}`' if stage in _KINDS else
+           f'the plan that names it (`python -m jax_rlhf.main --config configs/pipeline.py --workdir {workdir}`)')
+    raise UserError(f'{needed_by} needs the {stage} run in {d}, which is missing or unfinished: make {stage} first '
+                    f'with {how} (or configs/pipeline.py to run every stage)')
   return d
+
+
+_KINDS = ('pretrain', 'sft', 'label', 'rm', 'ppo', 'eval')
+
+
+def get_task(config: ml_collections.ConfigDict):
+  """The embedded task of `config.task` (jax_rlhf.tasks.Task), None when `task.name` is empty; a bad name or
+  knob is a UserError."""
+  from jax_rlhf import tasks
+  try:
+    return tasks.get_task(config)
+  except tasks.TaskError as e:
+    raise UserError(str(e)) from None
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):
   from transformers import AutoTokenizer
   path = config.data.tokenizer
   if not path:
-    if config.task.name != 'instruct_world':
+    task = get_task(config)
+    if task is None:
       raise UserError('data.tokenizer is empty: set it to a local tokenizer folder')
-    from jax_rlhf.tasks import instruct_world
-    path = instruct_world.tokenizer_path()
+    path = task.tokenizer_path()
   path = os.path.expanduser(path)
   if not os.path.isdir(path):
     raise UserError(f'tokenizer folder {path} does not exist (data.tokenizer)')
@@ -53,26 +67,19 @@ def load_tokenizer(config: ml_collections.ConfigDict):
   return tok
 
 
-def world(config: ml_collections.ConfigDict):
-  """The task's world; every `WorldConfig` field that `config.task` names is taken from the config."""
-  import dataclasses
-  from jax_rlhf.tasks import instruct_world
-  t = config.task
-  fields = {f.name for f in dataclasses.fields(instruct_world.WorldConfig)}
-  return instruct_world.World(instruct_world.WorldConfig(**{k: v for k, v in t.items() if k in fields}))
-
-
 def task_files(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   """The task's JSONL files under W/data, written once (deterministic from task.seed)."""
   d = stage_dir(workdir, 'data')
   index = os.path.join(d, 'files.json')
-  if config.task.name != 'instruct_world' and not os.path.exists(index):
-    raise UserError(f'unknown task {config.task.name!r}; the embedded task is instruct_world')
-  t = config.task
+  task = get_task(config)
+  if task is None and not os.path.exists(index):
+    raise UserError('task.name is empty: there are no task files (set the data.* sources)')
   if jax.process_index() == 0 and not os.path.exists(index):
     os.makedirs(d, exist_ok=True)
-    paths = world(config).write(d, n_pretrain=t.n_pretrain, n_sft_train=t.n_sft_train, n_sft_eval=t.n_sft_eval,
-                                n_prompts_train=t.n_prompts_train, n_prompts_eval=t.n_prompts_eval)
+    try:
+      paths = task.write_files(d)
+    except ValueError as e:
+      raise UserError(str(e)) from None
     paths = {k: os.path.abspath(v) for k, v in paths.items()}
     with open(index + '.tmp', 'w') as f:
       json.dump(paths, f, indent=1)
@@ -150,15 +157,10 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(path + '.tmp', path)
 
 
-# Which of the task's files stands for a data role and split when `data.<role>` is empty.
-_TASK_FILES = {('demonstrations', 'train'): 'sft_train', ('demonstrations', 'eval'): 'sft_eval',
-               ('prompts', 'train'): 'prompts_train', ('prompts', 'eval'): 'prompts_eval',
-               ('pretrain', 'train'): 'pretrain_train', ('pretrain', 'eval'): 'pretrain_eval'}
-
-
 def has_source(config: ml_collections.ConfigDict, role: str) -> bool:
   """Whether `role` can be read: from `data.<role>`, or from the embedded task's files."""
-  return bool(config.data[role]) or (config.task.name == 'instruct_world' and role != 'rankings')
+  from jax_rlhf.tasks import FILE_ROLES
+  return bool(config.data[role]) or (bool(config.task.name) and (role, 'train') in FILE_ROLES)
 
 
 def records_for(config: ml_collections.ConfigDict, workdir: str, role: str, split: str = 'train', tok=None,
@@ -169,14 +171,15 @@ def records_for(config: ml_collections.ConfigDict, workdir: str, role: str, spli
   (`file:line: what`) or, with `data.on_error=skip`, skipped and counted in `counts['data/skipped/<role>']`."""
   from jax_rlhf.data import sources
   from jax_rlhf.data import tokenizer as tok_lib
+  from jax_rlhf.tasks import FILE_ROLES
   d = config.data
   kind = sources.KIND_OF[role]
   spec = d[role]
   if not spec:
-    if (role, split) not in _TASK_FILES or config.task.name != 'instruct_world':
+    if (role, split) not in FILE_ROLES or get_task(config) is None:
       raise UserError(f'data.{role} is empty and the task gives no {role}: set data.{role} to a source '
                       f'(jsonl:PATH, tfds:NAME, hh_rlhf:DIR, tldr_sft:DIR, tldr_comparisons:DIR, rankings:DIR)')
-    spec = 'jsonl:' + task_files(config, workdir)[_TASK_FILES[role, split]]
+    spec = 'jsonl:' + task_files(config, workdir)[FILE_ROLES[role, split]]
   read_split = split if d[role] else 'all'  # the task's files are split already
   try:
     recs = sources.load(spec, kind, split=read_split, on_error=d.on_error, data_dir=d.tfds_dir,
@@ -199,3 +202,33 @@ def records_for(config: ml_collections.ConfigDict, workdir: str, role: str, spli
   if not items:
     raise UserError(f'{spec}: no {kind} records in its {split} split')
   return items
+
+
+RANKINGS = 'rankings.jsonl'  # what a label run writes into its folder
+
+
+def read_rankings(workdir: str, name: str, needed_by: str) -> list[dict]:
+  """The rankings a finished label run wrote (W/<name>/rankings.jsonl), as records."""
+  d = require_stage(workdir, name, needed_by)
+  path = os.path.join(d, RANKINGS)
+  if not os.path.exists(path):
+    raise UserError(f'{needed_by}: the run {name} in {d} has no {RANKINGS} (is it a label run?)')
+  with open(path) as f:  # our own labels (samples may be empty strings: no schema check)
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def labeler_agreement(recs: Sequence[dict]) -> float:
+  """How often the (noisy) ranking orders a pair as the gold score does (pairs with distinct gold); nan
+  when the records carry no gold scores."""
+  agree = total = 0
+  for r in recs:
+    gold = r.get('gold')
+    if not gold:
+      return float('nan')
+    pos = {idx: rank for rank, idx in enumerate(r['ranking'])}
+    for i in range(len(gold)):
+      for j in range(i + 1, len(gold)):
+        if gold[i] != gold[j]:
+          total += 1
+          agree += (gold[i] > gold[j]) == (pos[i] < pos[j])
+  return agree / max(total, 1)

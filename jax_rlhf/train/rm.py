@@ -1,8 +1,7 @@
-"""Reward model: label SFT samples by ranking, train the K-way ranking loss, normalise, export.
+"""Reward model: train the K-way ranking loss on rankings, normalise, export.
 
-1. Rankings (InstructGPT's labelling step in miniature): for each of `rm.num_prompts` prompts, sample K
-   responses (K uniform in [k_min, k_max]) from the SFT policy and let the task's labeler rank them with
-   noise (~73% inter-labeler agreement). Or read `rm.data`, a ranking JSONL (real labels).
+1. Rankings: those of the `rankings` input run (a label run: SFT samples ranked by the task's labeler,
+   jax_rlhf/train/label.py), or `data.rankings` (any ranking source), or `rm.data` (a ranking JSONL).
 2. Train a ScalarModel initialised from the SFT body (head N(0, 1/sqrt(d+1)), bias 0) for `rm.epochs`
    epochs: all K responses of a prompt go through the model once, the loss averages
    -log sigmoid(r_better - r_worse) over the prompt's C(K,2) pairs, each prompt counting once.
@@ -11,8 +10,8 @@
 """
 from __future__ import annotations
 
-import json
 import os
+from typing import Mapping
 import time
 
 import jax
@@ -23,9 +22,8 @@ from flax import nnx
 
 from jax_rlhf import losses
 from jax_rlhf import metrics as metrics_lib
-from jax_rlhf import sampling
 from jax_rlhf import sharding as shd
-from jax_rlhf.data import batches, records, sources
+from jax_rlhf.data import batches, sources
 from jax_rlhf.models import hf
 from jax_rlhf.train import checkpoint, common
 from jax_rlhf.train import state as state_lib
@@ -147,71 +145,16 @@ def ranking_metrics(rewards: np.ndarray, recs: list[dict], rm_cfg) -> dict[str, 
   return out
 
 
-# ---------------------------------------------------------------------------------------------------- labelling
-
-def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
-  """Sampled ids [B, N] -> text of each response (up to, not including, EOS; special tokens dropped)."""
-  return [tokenizer.decode([int(t) for t, m in zip(row, mrow) if m], skip_special_tokens=True).strip()
-          for row, mrow in zip(tokens, mask)]
-
-
-def sample_responses(graphdef, state, tokenizer, prompt_arrays, rng, *, batch_size, max_new_tokens,
-                     temperature, top_k=0, top_p=1.0):
-  """Sample one response per prompt row; returns (texts, SampleOutput fields as numpy)."""
-  n = len(prompt_arrays['prompt'])
-  texts, toks, masks = [], [], []
-  for start in range(0, n, batch_size):
-    ids = prompt_arrays['prompt'][start:start + batch_size]
-    m = prompt_arrays['prompt_mask'][start:start + batch_size]
-    pad = batch_size - len(ids)
-    if pad:  # keep one compiled shape
-      ids, m = np.concatenate([ids, ids[:pad]]), np.concatenate([m, m[:pad]])
-    out = sampling.generate((graphdef, state), ids, m, jax.random.fold_in(rng, start),
-                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    t, mk = np.asarray(out.tokens)[:batch_size - pad], np.asarray(out.mask)[:batch_size - pad]
-    toks.append(t)
-    masks.append(mk)
-    eos = (t == tokenizer.eos_token_id) & (mk > 0)
-    texts += decode_responses(tokenizer, t, mk * ~eos)
-  return texts, np.concatenate(toks), np.concatenate(masks)
-
-
-def label_rankings(config, workdir, tok, out_path):
-  """Sample K SFT responses per prompt and rank them with the task's noisy labeler; writes JSONL."""
-  rc = config.rm
-  files = common.task_files(config, workdir)
-  prompts = common.read(config, files['prompts_train'], 'prompt')[:rc.num_prompts]
-  sft_dir = common.require_stage(workdir, 'sft', 'rm')
-  policy = common.load_lm(os.path.join(sft_dir, 'hf'), config)
-  graphdef, state = nnx.split(policy)
-  rng = np.random.default_rng([config.seed, 1])
-  ks = rng.integers(rc.k_min, rc.k_max + 1, size=len(prompts))
-  rows = [p for p, k in zip(prompts, ks) for _ in range(k)]
-  arrays, _ = batches.prompts(tok, rows, config.data.max_prompt_len)
-  texts, _, _ = sample_responses(graphdef, state, tok, arrays, jax.random.key(config.seed + 1),
-                                 batch_size=256, max_new_tokens=config.data.max_response_len,
-                                 temperature=rc.sample_temperature)
-  world = common.world(config)
-  recs, i = [], 0
-  for p, k in zip(prompts, ks):
-    responses = texts[i:i + k]
-    i += k
-    recs.append({'prompt': p['prompt'], 'responses': responses, 'ranking': world.rank(p['prompt'], responses, rng),
-                 'gold': [world.gold_score(p['prompt'], r) for r in responses], 'category': world.category(p['prompt'])})
-  if jax.process_index() == 0:
-    records.write_jsonl(out_path + '.tmp', recs)
-    os.replace(out_path + '.tmp', out_path)
-  return recs
-
-
 # ---------------------------------------------------------------------------------------------------- stage
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, name: str = 'rm', inputs: Mapping[str, str] | None = None) -> dict:
+  """Trains a reward model into W/<name> from the `init` input run's body (default sft) on the rankings of the
+  `rankings` input run (default label) unless `data.rankings` or `rm.data` gives them."""
+  inputs = {'init': 'sft', 'rankings': 'label', **(inputs or {})}
   rc = config.rm
-  out = common.stage_dir(workdir, 'rm')
+  out = common.stage_dir(workdir, name)
   os.makedirs(out, exist_ok=True)
-  sft_dir = common.require_stage(workdir, 'sft', 'rm')
+  sft_dir = common.require_stage(workdir, inputs['init'], name)
   tok = common.load_tokenizer(config)
   mesh = common.mesh(config)
 
@@ -225,12 +168,7 @@ def run(config, workdir: str) -> dict:
   elif rc.data:
     recs = common.read(config, rc.data, 'ranking')
   else:
-    path = os.path.join(out, 'rankings.jsonl')
-    if os.path.exists(path):  # our own labels (SFT samples may be empty strings: no schema check)
-      with open(path) as f:
-        recs = [json.loads(line) for line in f]
-    else:
-      recs = label_rankings(config, workdir, tok, path)
+    recs = common.read_rankings(workdir, inputs['rankings'], name)
   label_s = time.perf_counter() - t0
   if eval_recs is None:
     n_eval = max(int(len(recs) * rc.eval_fraction), 1)
@@ -263,18 +201,18 @@ def run(config, workdir: str) -> dict:
   state, meta = ckpt.resume(state, loader=loader)
   start = int(meta.get('step', 0))
   if start:
-    print(f'[rm] resumed from step {start}')
+    print(f'[{name}] resumed from step {start}')
 
-  def evaluate(state) -> dict[str, float]:
-    rewards = [np.asarray(eval_step(state, shd.put_batch(b, mesh)))[:n]
+  def evaluate(state) -> dict[str, float]:  # scores sharded over the processes' devices, gathered on each
+    rewards = [shd.to_host(eval_step(state, shd.put_batch(b, mesh)))[:n]
                for b, n in batches.padded_batches(eval_arrays, bs, shd.batch_divisor(mesh))]
     return ranking_metrics(np.concatenate(rewards), eval_recs, rc)
 
   # ---------------------------------------------------------------- train
-  writer = metrics_lib.MetricsWriter(out, total_steps=steps, desc='rm', initial_step=start,
+  writer = metrics_lib.MetricsWriter(out, total_steps=steps, desc=name, initial_step=start,
                                      show=('loss', 'accuracy', 'eval_accuracy'), progress=config.progress)
   if start == 0:
-    gold_acc = _labeler_accuracy(recs)
+    gold_acc = common.labeler_agreement(recs)
     writer.write(0, {'rankings': len(recs), 'label_seconds': label_s, 'label_vs_gold_accuracy': gold_acc,
                      **cut.as_metrics('data'), **info}, split='info')
   local_bs = shd.process_rows(mesh, bs)
@@ -299,26 +237,10 @@ def run(config, workdir: str) -> dict:
   hf.save_pretrained(model, os.path.join(out, 'hf'), tokenizer=tok)
   summary = {'stage': 'rm', 'steps': steps, **{f'eval_{k}': v for k, v in ev.items()}, **norm, **info}
   checkpoint.mark_done(out, summary)
-  print(f'[rm] done: held-out pairwise accuracy {ev["accuracy"]:.3f} ({ev["accuracy_distinct"]:.3f} on distinct '
+  print(f'[{name}] done: held-out pairwise accuracy {ev["accuracy"]:.3f} ({ev["accuracy_distinct"]:.3f} on distinct '
         f'responses, {ev.get("gold_accuracy", float("nan")):.3f} against the gold labeler) on {len(eval_recs)} prompts; '
         f'exported {os.path.join(out, "hf")}')
   return summary
-
-
-def _labeler_accuracy(recs) -> float:
-  """How often the (noisy) ranking orders a pair as the gold score does (pairs with distinct gold)."""
-  agree = total = 0
-  for r in recs:
-    gold = r.get('gold')
-    if not gold:
-      return float('nan')
-    pos = {idx: rank for rank, idx in enumerate(r['ranking'])}
-    for i in range(len(gold)):
-      for j in range(i + 1, len(gold)):
-        if gold[i] != gold[j]:
-          total += 1
-          agree += (gold[i] > gold[j]) == (pos[i] < pos[j])
-  return agree / max(total, 1)
 
 
 def normalise(model, config, workdir, tok, train_arrays) -> dict[str, float]:
@@ -332,7 +254,7 @@ def normalise(model, config, workdir, tok, train_arrays) -> dict[str, float]:
   if rc.normalize_gain:  # std of the scores of the ranked SFT samples
     t = train_arrays['tokens'][train_arrays['valid']][:512]
     a = train_arrays['attention_mask'][train_arrays['valid']][:512]
-    s = np.asarray(score(model, t, a))
+    s = shd.to_host(score(model, t, a))
     gain = 1.0 / max(float(s.std()), 1e-6)
   model.head.norm_gain.set_value(jnp.asarray(gain, jnp.float32))
   if rc.normalize:
@@ -341,7 +263,7 @@ def normalise(model, config, workdir, tok, train_arrays) -> dict[str, float]:
       demos = common.records_for(config, workdir, 'demonstrations', 'train', tok)[:512]
     if demos:
       arr, _ = batches.demonstrations(tok, demos, config.data.max_prompt_len, config.data.max_response_len)
-      s = np.asarray(score(model, arr['tokens'], arr['attention_mask']))  # already includes the gain
+      s = shd.to_host(score(model, arr['tokens'], arr['attention_mask']))  # already includes the gain
       model.head.norm_bias.set_value(jnp.asarray(-float(s.mean()), jnp.float32))
       out['demo_score_mean_before'] = float(s.mean())
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -41,13 +42,13 @@ def _data(config, workdir, stage, tok):
   return train, held, {**cut.as_metrics('data'), **info}
 
 
-def _initial_model(config, workdir, stage, tok, sc):
-  """The model this stage starts from: random init, a HF folder, or the previous stage's export."""
+def _initial_model(config, workdir, stage, tok, sc, name, inputs):
+  """The model this stage starts from: random init, a HF folder, or the export of the `init` input run."""
   init = 'scratch' if stage == 'pretrain' else sc.init
   if config.model.path and init in ('scratch', 'hf', 'pretrain') and (stage == 'pretrain' or init == 'hf'):
     return common.load_lm(config.model.path, config, tok, dropout_rate=sc.dropout)
   if init == 'pretrain':
-    prev = common.require_stage(workdir, 'pretrain', stage)
+    prev = common.require_stage(workdir, inputs.get('init', 'pretrain'), name)
     return common.load_lm(os.path.join(prev, 'hf'), config, dropout_rate=sc.dropout)
   if init == 'hf':
     raise common.UserError(f'{stage}.init=hf needs model.path (a Hugging Face folder)')
@@ -67,9 +68,19 @@ def evaluate_lm(eval_fn, state, arrays, batch_size: int, mesh) -> float:
   return total / max(count, 1.0)
 
 
-def run(config, workdir: str, stage: str) -> dict:
+def run(config, workdir: str, name: str = 'sft', inputs: Mapping[str, str] | None = None) -> dict:
+  """Supervised fine-tuning into W/<name>, from the `init` input run (default pretrain) when `sft.init=pretrain`."""
+  return _train(config, workdir, 'sft', name, {'init': 'pretrain', **(inputs or {})})
+
+
+def run_pretrain(config, workdir: str, name: str = 'pretrain', inputs: Mapping[str, str] | None = None) -> dict:
+  """Pretraining into W/<name> (from a random init, or `model.path`); it has no inputs."""
+  return _train(config, workdir, 'pretrain', name, dict(inputs or {}))
+
+
+def _train(config, workdir: str, stage: str, name: str, inputs: Mapping[str, str]) -> dict:
   sc = config[stage]
-  out = common.stage_dir(workdir, stage)
+  out = common.stage_dir(workdir, name)
 
   # ---------------------------------------------------------------- data
   tok = common.load_tokenizer(config)
@@ -81,7 +92,7 @@ def run(config, workdir: str, stage: str) -> dict:
                            f'({shd.batch_divisor(mesh)})')
 
   # ---------------------------------------------------------------- model, optimizer, sharded state
-  model = _initial_model(config, workdir, stage, tok, sc)
+  model = _initial_model(config, workdir, stage, tok, sc, name, inputs)
   context = config.data.seq_len if stage == 'pretrain' else config.data.max_prompt_len + config.data.max_response_len
   if model.config.layout == 'gpt2' and context > model.config.max_len:  # learned positions end there
     raise common.UserError(f'{stage} sequences of {context} tokens (data.max_prompt_len + data.max_response_len, '
@@ -98,11 +109,11 @@ def run(config, workdir: str, stage: str) -> dict:
   state, meta = ckpt.resume(state, loader=loader)
   start = int(meta.get('step', 0))
   if start:
-    print(f'[{stage}] resumed from step {start}')
+    print(f'[{name}] resumed from step {start}')
   rng = jax.random.key(config.seed)
 
   # ---------------------------------------------------------------- train
-  writer = metrics_lib.MetricsWriter(out, total_steps=sc.steps, desc=stage, initial_step=start,
+  writer = metrics_lib.MetricsWriter(out, total_steps=sc.steps, desc=name, initial_step=start,
                                      show=('loss', 'eval_loss', 'tokens/s'), progress=config.progress)
   if start == 0:
     writer.write(0, {**data_metrics, 'params': state_lib.num_params(state.params),
@@ -131,7 +142,7 @@ def run(config, workdir: str, stage: str) -> dict:
   summary = {'stage': stage, 'steps': sc.steps, 'eval_loss': final_eval, **_skipped(data_metrics),
              'train_loss': float(np.asarray(m['loss'])) if m else None}
   checkpoint.mark_done(out, summary)
-  print(f'[{stage}] done: eval loss {final_eval:.4f}; exported {os.path.join(out, "hf")}')
+  print(f'[{name}] done: eval loss {final_eval:.4f}; exported {os.path.join(out, "hf")}')
   return summary
 
 

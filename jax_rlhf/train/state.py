@@ -86,10 +86,6 @@ def split_model(model: nnx.Module):
   return graphdef, params, rest
 
 
-def merge(graphdef, params, rest) -> nnx.Module:
-  return nnx.merge(graphdef, params, rest)
-
-
 def create_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation | None, mesh: Mesh,
                  rules=shd.DEFAULT_RULES):
   """Build a model and its TrainState directly with sharded outputs (eval_shape + jit(out_shardings)).

@@ -1,0 +1,114 @@
+"""jax_rlhf.tasks: get_task from the config (no code outside tasks/ knows a task's name), its knobs checked,
+and `verify` against each helpful task kind's exact answer (None where the answer cannot be checked)."""
+
+import numpy as np
+import pytest
+
+from jax_rlhf import tasks
+from jax_rlhf.config import stage_config
+from jax_rlhf.tasks import instruct_world as iw
+
+
+@pytest.fixture(scope='module')
+def task():
+  return tasks.get_task(stage_config('pipeline'))
+
+
+# (prompt, its exact answer, a wrong answer) for every helpful task kind, by hand
+HELPFUL = [('reverse: c a t\n', 't a c', 'c a t'), ('write 3 12 7 backwards\n', '7 12 3', '3 12 7'),
+           ('sort: dog cat sun\n', 'cat dog sun', 'dog cat sun'), ('put 10 9 2 in order\n', '2 9 10', '10 2 9'),
+           ('uppercase: c a t\n', 'C A T', 'c a t'), ('count: c a t\n', '3', '4'),
+           ('first: c a t\n', 'c', 't'), ('what comes last in c a t?\n', 't', 'a')]
+
+
+def test_the_config_gives_instruct_world_with_the_configs_knobs(task):
+  assert task.name == 'instruct_world'
+  c = stage_config('pipeline')
+  w = task.world.config
+  for k in ('seed', 'demo_error_rate', 'rank_noise', 'refusal_of_safe_score', 'decline_fraction', 'min_items',
+            'max_items'):
+    assert getattr(w, k) == c.task[k], k
+  assert w == iw.WorldConfig()  # the config's defaults are the world's documented ones
+
+
+@pytest.mark.parametrize('prompt, right, wrong', HELPFUL)
+def test_verify_is_one_exactly_for_the_answer_of_each_helpful_kind(task, prompt, right, wrong):
+  assert task.category(prompt) == 'helpful'
+  assert task.subcategory(prompt) == next(n for n, ts in iw.TASK_TEMPLATES.items()
+                                          if any(t.split('{')[0] and prompt.startswith(t.split('{')[0]) for t in ts))
+  assert task.verify(prompt, right) == 1.0
+  assert task.verify(prompt, wrong) == 0.0
+  assert task.verify(prompt, right + ' x') == 0.0 and task.verify(prompt, '') == 0.0
+  assert task.gold_score(prompt, right) == 1.0  # verify's 1 is the labeler's full score
+
+
+def test_verify_agrees_with_the_gold_score_of_one_on_sampled_helpful_prompts(task):
+  rng = np.random.default_rng(0)
+  seen = set()
+  for rec in task.world.prompts(400, 'train'):
+    p = rec['prompt']
+    if rec['category'] != 'helpful':
+      continue
+    seen.add(rec['subcategory'])
+    for r in (task.world.reference_answer(p), task.world.demonstration(p, rng, error_rate=1.0)):
+      assert task.verify(p, r) == float(task.gold_score(p, r) == 1.0), (p, r)
+  assert seen == set(iw.TASK_TEMPLATES)  # every kind was checked
+
+
+@pytest.mark.parametrize('category', ['honest', 'harmless'])
+def test_verify_is_none_where_the_answer_cannot_be_checked(task, category):
+  recs = [r for r in task.world.prompts(200, 'train') if r['category'] == category]
+  assert recs
+  for r in recs[:20]:
+    assert task.verify(r['prompt'], task.world.reference_answer(r['prompt'])) is None
+
+
+def test_rank_is_the_worlds_noisy_ranking(task):
+  p, rs = 'reverse: c a t\n', ['t a c', 'c a t', 'i cannot help with that.', 't a']
+  assert task.rank(p, rs, np.random.default_rng(3)) == task.world.rank(p, rs, np.random.default_rng(3))
+
+
+def test_no_task_unknown_task_and_bad_knob():
+  c = stage_config('pipeline')
+  c.task.name = ''
+  assert tasks.get_task(c) is None
+  c.task.name = 'instruct_wrld'
+  with pytest.raises(tasks.TaskError, match="unknown task 'instruct_wrld'"):
+    tasks.get_task(c)
+  c = stage_config('pipeline')
+  c.task.min_items = 9
+  with pytest.raises(tasks.TaskError, match='min_items'):
+    tasks.get_task(c)
+  with pytest.raises(tasks.TaskError, match=r'has no knob demo_eror_rate; did you mean task.demo_error_rate\?'):
+    iw.InstructWorldTask({'demo_eror_rate': 0.5})
+
+
+STAGES = {'jax_rlhf.train.sft', 'jax_rlhf.train.label', 'jax_rlhf.train.rm', 'jax_rlhf.train.ppo', 'jax_rlhf.evaluate'}
+
+
+def imports_of(path):
+  """The jax_rlhf modules a source file imports (`import a.b`, `from a import b` as a.b when b is a module)."""
+  import ast
+  import os
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = set()
+  for node in ast.walk(ast.parse(open(os.path.join(root, path)).read())):
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:  # `from a import b`: a.b when b is a module
+      out |= {node.module} | {f'{node.module}.{a.name}' for a in node.names
+                              if os.path.exists(os.path.join(root, *node.module.split('.'), a.name + '.py'))}
+  return {m for m in out if m.startswith('jax_rlhf')}
+
+
+@pytest.mark.parametrize('path', ['jax_rlhf/train/sft.py', 'jax_rlhf/train/label.py', 'jax_rlhf/train/rm.py',
+                                  'jax_rlhf/train/common.py', 'jax_rlhf/evaluate.py', 'jax_rlhf/config.py',
+                                  'jax_rlhf/pipeline.py'])
+def test_import_graph_no_stage_imports_a_stage_and_config_imports_no_task(path):
+  mods = imports_of(path)
+  own = path[:-3].replace('/', '.')
+  assert not (mods & STAGES) - {own}, mods & STAGES  # the pipeline reaches stages through importlib only
+  if path.endswith(('config.py', 'pipeline.py')) or '/train/' in path or path.endswith('evaluate.py'):
+    assert not {m for m in mods if m.startswith('jax_rlhf.tasks.')}, mods  # only through jax_rlhf.tasks
+  if path.endswith('config.py'):
+    assert not {m for m in mods if m.startswith('jax_rlhf.tasks')}, mods
