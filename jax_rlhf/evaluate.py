@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_rlhf import rl
+from jax_rlhf import benchmarks, rl
 from jax_rlhf.data import batches
 from jax_rlhf.models import hf
 from jax_rlhf.train import checkpoint, common, lm
@@ -106,6 +106,8 @@ def run(config, workdir: str) -> dict:
     print(format_table(done['models'], done['categories']))
     _write_report(config, workdir)
     return done['models']
+  # ---- benchmarks (jax_rlhf/benchmarks.py): their files are read first, so a bad one stops the stage at once
+  bench = benchmarks.Benchmarks(config) if benchmarks.enabled(ec) else None
   sft_dir = common.require_stage(workdir, 'sft', 'eval')
   rm_dir = common.require_stage(workdir, 'rm', 'eval')
   model_dirs = {name: common.require_stage(workdir, name, 'eval') for name in ec.models}
@@ -171,6 +173,8 @@ def run(config, workdir: str) -> dict:
         'eos_fraction': float(has_eos.mean()),
         'n_prompts': len(prompt_recs),
     }
+    if bench:  # TruthfulQA / toxicity / lm-eval of this model
+      results[name].update(bench(model, tok))
     golds[name] = gold if world else rm_scores  # the judge of the win rate
     samples[name] = [{'response': t, 'gold': float(g) if world else None, 'rm': float(r)}
                      for t, g, r in zip(texts_out, golds[name], rm_scores)]
@@ -200,6 +204,7 @@ def run(config, workdir: str) -> dict:
   if 'sft' in results and pre:
     for name in results:
       results[name]['alignment_tax'] = results[name]['lm_loss_pretrain'] - results['sft']['lm_loss_pretrain']
+  benchmarks.add_alignment_tax(results)
   extra = {}
   if ec.best_of_n and 'sft' in golds and world:
     bon_scores, bon_gold = _best_of_n_samples(graphdef, ref_state, reward, score_fn, world, tok, prompt_recs,
@@ -216,6 +221,8 @@ def run(config, workdir: str) -> dict:
                             **{name: samples[name][i] for name in samples}}) + '\n')
   checkpoint.mark_done(out, {'stage': 'eval', 'models': list(results)})
   print(format_table(results, categories))
+  if bench:
+    print(benchmarks.format_table(results))
   if extra:
     print(format_best_of_n(extra['best_of_n']))
   _write_report(config, workdir)
