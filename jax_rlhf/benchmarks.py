@@ -22,6 +22,7 @@ stage calls per compared model. A malformed file is a `UserError('file:line: wha
 from __future__ import annotations
 
 import csv
+import functools
 import importlib
 import json
 import math
@@ -268,6 +269,7 @@ def _split(model):
   return nnx.split(model) if isinstance(model, nnx.Module) else tuple(model)
 
 
+@functools.lru_cache(maxsize=8)
 def _continuation_logprob_fn(graphdef):
   """Jitted: (state, inputs [B, L], targets [B, L], att [B, L], cont [B, L]) -> (summed log-prob of the targets
   where cont is 1 [B] float32, whether each of them is the argmax [B] bool)."""

@@ -34,21 +34,17 @@ from jax_rlhf.train.common import UserError
 
 try:
   from lm_eval.api.model import TemplateLM
-  from lm_eval.api.registry import register_model
   _HAVE_LM_EVAL = True
 except ImportError:  # the optional extra is missing: JaxLM is unavailable, `evaluate` says how to install it
   TemplateLM, _HAVE_LM_EVAL = object, False
-  register_model = lambda *names: (lambda cls: cls)
 
 INSTALL = "lm-evaluation-harness is not installed: pip install 'jax_rlhf[eval]' (lm-eval==0.4.13, accelerate)"
 
 
-@register_model('jax_rlhf')
 class JaxLM(TemplateLM):
-  """lm-eval backend on our `Transformer` (an nnx module or a (graphdef, state) pair) and its HF tokenizer.
-
-  From lm-eval's own CLI: `lm_eval --model jax_rlhf --model_args pretrained=W/ppo/hf,batch_size=32` (after
-  `import jax_rlhf.lm_eval` registers it); from Python: `JaxLM(model=m, tokenizer=tok)`.
+  """lm-eval backend on our `Transformer` (an nnx module or a (graphdef, state) pair) and its HF tokenizer:
+  `JaxLM(model=m, tokenizer=tok)` or `JaxLM(pretrained='W/ppo/hf')`, then `lm_eval.simple_evaluate(model=lm, ...)`.
+  (Not registered under a name: registering one at import would stop lm-eval from loading its own backends.)
   """
 
   def __init__(self, pretrained: str | None = None, *, model=None, tokenizer=None, batch_size: int | str = 32,
@@ -191,16 +187,20 @@ def load(path: str, dtype: str | None = None):
 
 
 def evaluate(model, tokenizer, tasks: Sequence[str], *, include_path: str | None = None, limit: int | None = None,
-             num_fewshot: int | None = None, batch_size: int = 32, seed: int = 0, mesh=None, **kwargs) -> dict:
+             num_fewshot: int | None = None, batch_size: int = 32, seed: int = 0, mesh=None,
+             include_defaults: bool = True, **kwargs) -> dict:
   """`lm_eval.simple_evaluate` on `JaxLM(model, tokenizer)`: its results dict (per task `results[task]`), plus
-  `jax_rlhf`: requests served and seconds per request kind. Unknown task names are a UserError."""
+  `jax_rlhf`: requests served and seconds per request kind. Unknown task names are a UserError.
+  include_defaults=False: only the tasks under include_path (lm-eval indexes its thousands of own task files
+  otherwise, ~10 s)."""
   if not _HAVE_LM_EVAL:
     raise UserError(INSTALL)
   import lm_eval
   from lm_eval.tasks import TaskManager
   if include_path and not os.path.isdir(os.path.expanduser(include_path)):
     raise UserError(f'lm-eval task folder {include_path} does not exist')
-  manager = TaskManager(include_path=os.path.expanduser(include_path) if include_path else None)
+  manager = TaskManager(include_path=os.path.expanduser(include_path) if include_path else None,
+                        include_defaults=include_defaults)
   unknown = [t for t in tasks if not manager.match_tasks([t])]
   if unknown:
     raise UserError(f'unknown lm-eval task(s): {", ".join(unknown)} (a local task needs --include_path / '
@@ -240,11 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--batch_size', type=int, default=32, help='rows per jitted call')
   p.add_argument('--dtype', default=None, help='float32 (default) or bfloat16')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--local_only', action='store_true', help="only --include_path's tasks (skip lm-eval's index)")
   args = p.parse_args(argv)
   try:
     model, tok = load(args.model, args.dtype)
     res = evaluate(model, tok, [t for t in args.tasks.split(',') if t], include_path=args.include_path,
-                   limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed)
+                   limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed,
+                   include_defaults=not args.local_only)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -90,10 +90,10 @@ def texts():
 
 
 def write_tokenizer(path):
-  return fixtures.write_tokenizer(str(path), texts(), vocab_size=300)
+  return fixtures.write_tokenizer(str(path), texts(), vocab_size=1000)
 
 
-def write_gpt2(path, tok_path, *, n_positions=512, seed=0, std=0.3):
+def write_gpt2(path, tok_path, *, n_positions=256, seed=0, std=0.3):
   """A random 2-layer GPT-2 with weights large enough (init std 0.3) that choices differ clearly, saved with
   the tokenizer (an export in our layout)."""
   import torch
