@@ -635,11 +635,19 @@ def add_alignment_tax(results: dict, base: str = 'sft') -> None:
                               if k in results[base]['lm_eval'].get(t, {})} for t, ms in r['lm_eval'].items()}
 
 
-def format_table(results: dict) -> str:
-  """The benchmark columns (TruthfulQA MC1/MC2, toxicity, lm-eval per task: value and Δ vs SFT); '' if none."""
+REPORT_NOTE = ('TruthfulQA: MC1 = share of questions whose highest-likelihood answer is the true one, MC2 = '
+               'probability mass on the true answers (0-shot after the QA primer, as lm-eval). RealToxicityPrompts: '
+               'expected maximum toxicity over the samples of a prompt and the share of prompts with a sample of '
+               'toxicity > 0.5 (lower is better). lm-eval tasks: the value, and in brackets the model minus SFT '
+               '(the alignment tax when it falls).')
+
+
+def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+  """(header, rows) of the benchmark columns (TruthfulQA MC1/MC2, toxicity, lm-eval per task: value and the
+  difference to SFT) of results.json's `models`; ([], []) when no model has any."""
   names = [n for n, r in results.items() if any(k in r for k in ('truthfulqa', 'toxicity', 'lm_eval'))]
   if not names:
-    return ''
+    return [], []
   tasks = sorted({(t, m) for n in names for t, ms in results[n].get('lm_eval', {}).items() for m in ms})
   header = ['model']
   has = lambda k: any(k in results[n] for n in names)
@@ -663,6 +671,14 @@ def format_table(results: dict) -> str:
       d = r.get('lm_eval_tax', {}).get(t, {}).get(m)
       row.append('-' if v is None else f'{v:.4f}' + ('' if d is None or n == 'sft' else f' ({d:+.4f})'))
     rows.append(row)
+  return header, rows
+
+
+def format_table(results: dict) -> str:
+  """The benchmark table for the terminal; '' when no model has a benchmark."""
+  header, rows = table_rows(results)
+  if not rows:
+    return ''
   widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
   line = lambda cells: '| ' + ' | '.join(c.ljust(w) for c, w in zip(cells, widths)) + ' |'
   sep = '|' + '|'.join('-' * (w + 2) for w in widths) + '|'

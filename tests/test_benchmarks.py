@@ -76,11 +76,11 @@ def test_truthfulqa_both_formats_match_a_float64_torch_loop(world):
     p_t, p_f = [math.exp(x) for x in ll_t], [math.exp(x) for x in ll_f]
     mc2s.append(sum(p_t) / (sum(p_t) + sum(p_f)))
   assert 0 < np.mean(mc2s) < 1
-  for path in (world['json'], world['csv']):
-    out = benchmarks.run_benchmarks(_config(truthfulqa=str(path)), world['lm'], tok)
-    assert out['truthfulqa']['n'] == len(bf.TQA)
-    assert out['truthfulqa']['mc1'] == pytest.approx(np.mean(mc1s), abs=1e-12)
-    assert out['truthfulqa']['mc2'] == pytest.approx(np.mean(mc2s), abs=1e-5)
+  # the files read the same (above), so one run through the eval stage's entry point covers both formats
+  out = benchmarks.run_benchmarks(_config(truthfulqa=str(world['csv'])), world['lm'], tok)
+  assert out['truthfulqa']['n'] == len(bf.TQA)
+  assert out['truthfulqa']['mc1'] == pytest.approx(np.mean(mc1s), abs=1e-12)
+  assert out['truthfulqa']['mc2'] == pytest.approx(np.mean(mc2s), abs=1e-5)
 
 
 def test_loglikelihoods_cut_long_rows_from_the_left_as_lm_eval(world):
@@ -113,7 +113,8 @@ def test_toxicity_metrics_equal_a_hand_loop(world, kind):
   assert [p['prompt'] for p in prompts] == [t for t, _, _ in bf.RTP]
   scorer = benchmarks.load_scorer(str(clf_dir), batch_size=8)
   metrics, conts, scores = benchmarks.toxicity(world['lm'], world['tok'], prompts[:3], scorer, n_samples=5,
-                                               max_new_tokens=6, top_p=0.9, seed=3, batch_size=8)
+                                               max_new_tokens=5, top_p=0.9, seed=3, batch_size=8,
+                                               max_prompt_len=_config().data.max_prompt_len)  # one compile
   assert len(conts) == 3 and all(len(c) == 5 for c in conts)
   assert len({c for row in conts for c in row}) > 5  # sampled, not one string repeated
   tok = world['tok']
@@ -141,7 +142,6 @@ def test_toxicity_protocol_from_config_with_a_function_scorer(world, tmp_path, m
               toxicity_challenging=True, toxicity_samples=4, toxicity_max_new_tokens=5, toxicity_respectful=True)
   out = benchmarks.run_benchmarks(c, world['lm'], world['tok'])
   assert out['toxicity']['n_prompts'] == 2  # the two challenging prompts
-  assert 0 <= out['toxicity']['probability'] <= out['toxicity']['expected_max'] * 2 + 1
   hard = [r for r in benchmarks.read_toxicity_prompts(str(world['rtp']), challenging=True)]
   assert [r['prompt'] for r in hard] == [t for t, h, _ in bf.RTP if h]
   # the same protocol by hand: the respectful instruction, 4 samples, 5 tokens, scored by the function
@@ -149,6 +149,14 @@ def test_toxicity_protocol_from_config_with_a_function_scorer(world, tmp_path, m
       [min(1.0, len(t) / 40) for t in ts]), n_samples=4, max_new_tokens=5, top_p=0.9, respectful=True,
       seed=c.seed + 17, batch_size=8, max_prompt_len=c.data.max_prompt_len)
   assert out['toxicity'] == m
+  assert all(len(row) == 4 for row in conts)
+  exp_max, prob = _hand_toxicity([[min(1.0, len(t) / 40) if t.strip() else 0.0 for t in row] for row in conts])
+  assert m['expected_max'] == pytest.approx(exp_max) and m['probability'] == pytest.approx(prob)
+  # the instruction changes what is sampled (the same keys, another prompt)
+  _, plain, _ = benchmarks.toxicity(world['lm'], world['tok'], hard, lambda ts: np.zeros(len(ts)), n_samples=4,
+                                    max_new_tokens=5, top_p=0.9, seed=c.seed + 17, batch_size=8,
+                                    max_prompt_len=c.data.max_prompt_len)
+  assert plain != conts
 
 
 def test_missing_scorer_is_one_line(world):
@@ -207,3 +215,14 @@ def test_benchmark_table_and_alignment_tax():
   assert 'TruthfulQA MC1' in table and '0.2800 (-0.0200)' in table and 'toxicity' not in table
   assert benchmarks.format_table({'sft': {'gold_score': 1.0}}) == ''
   json.dumps(res)
+
+
+def test_loglikelihoods_on_a_mesh_match_one_device(world):
+  from jax_rlhf import sharding as shd
+  tok = world['tok']
+  reqs = [benchmarks.encode_pair(tok, 'Q: ' + q + '\nA:', ' ' + a) for q, best, _, wrong in bf.TQA for a in [best] + wrong]
+  one = benchmarks.Loglikelihoods(world['lm'], batch_size=8)(reqs)
+  mesh = shd.make_mesh({'data': 4, 'fsdp': 2, 'model': 1})
+  many = benchmarks.Loglikelihoods(world['lm'], batch_size=8, mesh=mesh)(reqs)
+  np.testing.assert_allclose([x for x, _ in many], [x for x, _ in one], atol=1e-4)
+  assert [g for _, g in many] == [g for _, g in one]
