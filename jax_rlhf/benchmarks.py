@@ -283,7 +283,7 @@ def _continuation_logprob_fn(graphdef):
   return jax.jit(f)
 
 
-def length_bucket(n: int, cap: int, smallest: int = 16) -> int:
+def length_bucket(n: int, cap: int, smallest: int = 32) -> int:
   """The padded length of a row of n tokens: the next power of two >= n (at least `smallest`), at most `cap`."""
   b = smallest
   while b < n:

@@ -104,6 +104,8 @@ def run(config, workdir: str) -> dict:
     with open(os.path.join(out, 'results.json')) as f:
       done = json.load(f)
     print(format_table(done['models'], done['categories']))
+    if benchmarks.format_table(done['models']):  # TruthfulQA / toxicity / lm-eval, when measured
+      print(benchmarks.format_table(done['models']))
     _write_report(config, workdir)
     return done['models']
   # ---- benchmarks (jax_rlhf/benchmarks.py): their files are read first, so a bad one stops the stage at once

@@ -216,14 +216,14 @@ def evaluate(model, tokenizer, tasks: Sequence[str], *, include_path: str | None
 
 
 def task_metrics(res: dict) -> dict[str, dict[str, float]]:
-  """{task: {metric: value}} of a simple_evaluate result: numeric metrics only, lm-eval's ',none' filter
-  suffix dropped, stderr entries left out."""
+  """{task: {metric: value}} of a simple_evaluate result: its 'metric,filter' entries, the ',none' filter suffix
+  dropped, stderr entries and bookkeeping (alias, sample_len) left out."""
   out = {}
   for task, ms in (res.get('results') or {}).items():
     vals = {}
     for k, v in ms.items():
-      name, _, filt = k.partition(',')
-      if isinstance(v, (int, float)) and not isinstance(v, bool) and 'stderr' not in name and name != 'alias':
+      name, comma, filt = k.partition(',')
+      if comma and isinstance(v, (int, float)) and not isinstance(v, bool) and 'stderr' not in name:
         vals[name if filt in ('', 'none') else f'{name},{filt}'] = float(v)
     out[task] = vals
   return out
