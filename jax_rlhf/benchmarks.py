@@ -181,7 +181,8 @@ def _read_truthfulqa_csv(path: str) -> list[dict]:
     reader = csv.DictReader(f)
     missing = [c for c in _CSV_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
-      raise UserError(f'{path}:1: missing column(s) {", ".join(missing)} (TruthfulQA.csv has {", ".join(_CSV_COLUMNS)})')
+      raise UserError(f'{path}:1: missing column(s) {", ".join(missing)} '
+                      f'(TruthfulQA.csv has {", ".join(_CSV_COLUMNS)})')
     start = 2
     for row in reader:
       try:

@@ -172,7 +172,8 @@ BAD = {
     'mc_task.json': ('[\n {"question": "Q1?", "mc1_targets": {"a": 1, "b": 0}, "mc2_targets": {"a": 1, "b": 0}},\n'
                      ' {"question": "Q2?", "mc1_targets": {"a": 1, "b": 1}, "mc2_targets": {"a": 1, "b": 0}}\n]\n',
                      r'mc_task.json:3: mc1_targets must have exactly one true choice, got 2$'),
-    'broken.json': ('[\n {"question": "Q1?",\n  "mc1_targets": {"a": 1 "b": 0}}\n]\n', r'broken.json:3: not valid JSON'),
+    'broken.json': ('[\n {"question": "Q1?",\n  "mc1_targets": {"a": 1 "b": 0}}\n]\n',
+                    r'broken.json:3: not valid JSON'),
     'TruthfulQA.csv': ('Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n'
                        'A,B,Q1?,yes,yes,no,s\nA,B,Q2?,,yes,no,s\n', r'TruthfulQA.csv:3: empty Best Answer$'),
     'nocol.csv': ('Type,Question,Best Answer\nA,Q?,x\n', r'nocol.csv:1: missing column\(s\) Correct Answers'),
@@ -220,7 +221,8 @@ def test_benchmark_table_and_alignment_tax():
 def test_loglikelihoods_on_a_mesh_match_one_device(world):
   from jax_rlhf import sharding as shd
   tok = world['tok']
-  reqs = [benchmarks.encode_pair(tok, 'Q: ' + q + '\nA:', ' ' + a) for q, best, _, wrong in bf.TQA for a in [best] + wrong]
+  reqs = [benchmarks.encode_pair(tok, 'Q: ' + q + '\nA:', ' ' + a)
+          for q, best, _, wrong in bf.TQA for a in [best] + wrong]
   one = benchmarks.Loglikelihoods(world['lm'], batch_size=8)(reqs)
   mesh = shd.make_mesh({'data': 4, 'fsdp': 2, 'model': 1})
   many = benchmarks.Loglikelihoods(world['lm'], batch_size=8, mesh=mesh)(reqs)

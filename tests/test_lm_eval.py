@@ -87,10 +87,11 @@ def setup(tmp_path_factory):
   shutil.copy(os.path.join(src, 'utils.py'), tasks / 'utils.py')
   for name in ('truthfulqa_mc1.yaml', 'truthfulqa_mc2.yaml'):
     text = open(os.path.join(src, name)).read()
-    text = text.replace('dataset_path: truthfulqa/truthful_qa\n', f'dataset_path: json\ndataset_kwargs:\n  data_files:\n'
-                        f'    validation: {tasks}/tqa.jsonl\n').replace('dataset_name: multiple_choice\n', '')
-    (tasks / ('local_' + name)).write_text(text.replace('task: truthfulqa_mc', 'task: local_truthfulqa_mc')
-                                           .replace('include: truthfulqa_mc1.yaml', 'include: local_truthfulqa_mc1.yaml'))
+    local = (f'dataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {tasks}/tqa.jsonl\n')
+    text = text.replace('dataset_path: truthfulqa/truthful_qa\n', local).replace('dataset_name: multiple_choice\n', '')
+    text = text.replace('task: truthfulqa_mc', 'task: local_truthfulqa_mc')
+    text = text.replace('include: truthfulqa_mc1.yaml', 'include: local_truthfulqa_mc1.yaml')
+    (tasks / ('local_' + name)).write_text(text)
   return d
 
 
