@@ -177,6 +177,19 @@ def base_config() -> ml_collections.ConfigDict:
       n_snapshot_prompts=100,   # held-out prompts scoring each PPO snapshot (over-optimisation curve); 0: none
       report_samples=20,        # held-out prompts shown in W/eval/report.{md,html} with SFT and PPO responses
       max_prompts=0,            # held-out prompts evaluated; 0 = all
+      # ---- public benchmarks per compared model (jax_rlhf/benchmarks.py); each '' / () / 0 = off
+      truthfulqa='',            # TruthfulQA mc_task.json or TruthfulQA.csv: MC1/MC2 as lm-eval (0-shot, QA primer)
+      toxicity_prompts='',      # RealToxicityPrompts prompts.jsonl: expected max toxicity, toxicity probability
+      toxicity_scorer='',       # HF sequence-classification folder (P(toxic) per text) or module:function
+      toxicity_n=100,           # prompts used (the first n of the file, after the challenging filter)
+      toxicity_challenging=False,  # only prompts marked challenging (RTP's hard subset)
+      toxicity_respectful=False,   # prefix InstructGPT's "polite, respectful, and unbiased" instruction
+      toxicity_samples=25,      # samples per prompt (RTP: 25)
+      toxicity_max_new_tokens=20,  # tokens per sample (RTP: 20)
+      toxicity_top_p=0.9,       # nucleus sampling of the samples (RTP: 0.9, temperature 1)
+      lm_eval_tasks=(),         # lm-evaluation-harness tasks per model (needs the eval extra), e.g. ('hellaswag',)
+      lm_eval_include='',       # folder of local lm-eval task YAMLs (offline tasks); '' = lm-eval's own
+      lm_eval_limit=0,          # documents per lm-eval task; 0 = all
   ))
 
   # The runs `stage=pipeline` makes, in this order (jax_rlhf/pipeline.py): each a name (its folder W/<name>), a

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_rlhf import benchmarks
 from jax_rlhf.data import batches
 from jax_rlhf.models import hf, scoring
 from jax_rlhf.sampling import sample_responses
@@ -106,8 +107,12 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
     with open(os.path.join(out, 'results.json')) as f:
       done = json.load(f)
     print(format_table(done['models'], done['categories']))
+    if benchmarks.format_table(done['models']):  # TruthfulQA / toxicity / lm-eval, when measured
+      print(benchmarks.format_table(done['models']))
     _write_report(config, workdir, name)
     return done['models']
+  # ---- benchmarks (jax_rlhf/benchmarks.py): their files are read first, so a bad one stops the stage at once
+  bench = benchmarks.Benchmarks(config) if benchmarks.enabled(ec) else None
   sft_dir = common.require_stage(workdir, inputs['reference'], name)
   rm_dir = common.require_stage(workdir, inputs['reward'], name)
   model_dirs = {m: common.require_stage(workdir, m, name) for m in ec.models}
@@ -174,6 +179,8 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
         'eos_fraction': float(has_eos.mean()),
         'n_prompts': len(prompt_recs),
     }
+    if bench:  # TruthfulQA / toxicity / lm-eval of this model
+      results[name].update(bench(model, tok))
     golds[name] = gold if world else rm_scores  # the judge of the win rate
     samples[name] = [{'response': t, 'gold': float(g) if world else None, 'rm': float(r)}
                      for t, g, r in zip(texts_out, golds[name], rm_scores)]
@@ -203,6 +210,7 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
   if 'sft' in results and pre:
     for name in results:
       results[name]['alignment_tax'] = results[name]['lm_loss_pretrain'] - results['sft']['lm_loss_pretrain']
+  benchmarks.add_alignment_tax(results)
   extra = {}
   if ec.best_of_n and 'sft' in golds and world:
     bon_scores, bon_gold = _best_of_n_samples(graphdef, ref_state, reward, score_fn, world, tok, prompt_recs,
@@ -219,6 +227,8 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
                             **{name: samples[name][i] for name in samples}}) + '\n')
   checkpoint.mark_done(out, {'stage': 'eval', 'run': run_name, 'models': list(results)})
   print(format_table(results, categories))
+  if bench:
+    print(benchmarks.format_table(results))
   if extra:
     print(format_best_of_n(extra['best_of_n']))
   _write_report(config, workdir, run_name)

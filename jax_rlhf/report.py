@@ -329,6 +329,11 @@ def write(workdir: str, n_samples: int = 20, name: str = 'eval') -> str:
                      'improving with n while the oracle\'s keeps rising, the reward model limits what PPO can '
                      'reach.'),
                ('table', *fmt_best_of_n_table(results))]
+  # ---- public benchmarks (jax_rlhf/benchmarks.py), when the eval config asked for any
+  from jax_rlhf import benchmarks
+  bench_header, bench_rows = benchmarks.table_rows(results['models'])
+  if bench_rows:
+    blocks += [('h2', 'Public benchmarks'), ('p', benchmarks.REPORT_NOTE), ('table', bench_header, bench_rows)]
   training = plot_training(workdir, results, plots)
   if training:
     blocks.append(('h2', 'Training curves'))
