@@ -1,0 +1,188 @@
+"""The GRPO family against independent float64 numpy loops written from the papers' equations, on fresh random
+inputs: group / leave-one-out / REINFORCE++ advantages, the KL estimators, the loss-side beta controller."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from padding import garbage_at_pads, right_padded_mask
+
+from jax_rlhf import rl
+
+# ---------------------------------------------------------------------------------------------------------
+# float64 references (plain loops)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ref_group_advantages(rewards, g, scale, eps):
+  b = len(rewards)
+  out = np.zeros(b)
+  all_mean = sum(rewards) / b
+  batch_std = math.sqrt(sum((r - all_mean) ** 2 for r in rewards) / max(b - 1, 1))
+  for i in range(b):
+    group = [rewards[j] for j in range(b) if j // g == i // g]
+    mean = sum(group) / g
+    std = math.sqrt(sum((r - mean) ** 2 for r in group) / max(g - 1, 1))
+    a = rewards[i] - mean
+    if scale == 'group':
+      a /= std + eps
+    elif scale == 'batch':
+      a /= batch_std + eps
+    out[i] = a
+  return out
+
+
+def ref_rloo(rewards, g):
+  b = len(rewards)
+  out = np.zeros(b)
+  for i in range(b):
+    others = [rewards[j] for j in range(b) if j // g == i // g and j != i]
+    out[i] = rewards[i] - sum(others) / len(others)
+  return out
+
+
+def ref_kl(d, kind):
+  """d = logp - ref_logp (float64 scalar)."""
+  if kind == 'k1':
+    return d
+  if kind == 'k2':
+    return 0.5 * d * d
+  return math.exp(-d) - 1.0 + d
+
+
+def ref_reinforce_pp(logp, ref_logp, score, mask, beta, group_size, kind, gamma, eps):
+  b, n = logp.shape
+  lengths = mask.sum(1).astype(int)
+  rewards = np.zeros((b, n))
+  for i in range(b):
+    for t in range(lengths[i]):
+      rewards[i, t] = -beta * ref_kl(float(logp[i, t]) - float(ref_logp[i, t]), kind)
+    if lengths[i]:
+      rewards[i, lengths[i] - 1] += score[i]
+  ret = np.zeros((b, n))
+  if group_size is None:
+    for i in range(b):
+      running = 0.0
+      for t in reversed(range(lengths[i])):
+        running = rewards[i, t] + gamma * running
+        ret[i, t] = running
+  else:
+    totals = rewards.sum(1)
+    for i in range(b):
+      group = [totals[j] for j in range(b) if j // group_size == i // group_size]
+      ret[i, :lengths[i]] = totals[i] - sum(group) / len(group)
+  vals = [ret[i, t] for i in range(b) for t in range(lengths[i])]
+  mean = sum(vals) / len(vals)
+  var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+  adv = np.zeros((b, n))
+  for i in range(b):
+    for t in range(lengths[i]):
+      adv[i, t] = (ret[i, t] - mean) / math.sqrt(var + eps)
+  return adv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Advantage estimators
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('scale', ['group', 'batch', 'none'])
+@pytest.mark.parametrize('b,g', [(12, 4), (6, 2), (8, 8)])
+def test_group_advantages_equal_float64_loop(scale, b, g):
+  rng = np.random.default_rng(b * 10 + g)
+  rewards = rng.normal(size=b) * 2.0 + 0.5
+  got = rl.group_advantages(rewards.astype(np.float32), g, scale=scale, eps=1e-4)
+  assert got.shape == (b,) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, ref_group_advantages(list(rewards.astype(np.float32)), g, scale, 1e-4),
+                             rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize('scale', ['group', 'batch', 'none'])
+def test_equal_rewards_in_a_group_give_advantage_zero(scale):
+  rng = np.random.default_rng(1)
+  rewards = rng.normal(size=(4, 4))
+  rewards[1] = 0.7  # group 1 all equal
+  rewards[3] = -2.0  # group 3 all equal
+  adv = np.asarray(rl.group_advantages(rewards.reshape(-1).astype(np.float32), 4, scale=scale))
+  np.testing.assert_array_equal(adv.reshape(4, 4)[[1, 3]], 0.0)
+  assert np.all(np.abs(adv.reshape(4, 4)[[0, 2]]) > 0)
+  loo = np.asarray(rl.rloo_advantages(rewards.reshape(-1).astype(np.float32), 4)).reshape(4, 4)
+  np.testing.assert_allclose(loo[[1, 3]], 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize('b,g', [(12, 4), (6, 2), (9, 3)])
+def test_rloo_equals_explicit_leave_one_out_loop(b, g):
+  rng = np.random.default_rng(b + g)
+  rewards = rng.normal(size=b).astype(np.float32)
+  got = jax.jit(rl.rloo_advantages, static_argnums=1)(rewards, g)
+  np.testing.assert_allclose(got, ref_rloo(list(rewards.astype(np.float64)), g), rtol=1e-5, atol=1e-6)
+
+
+def test_estimators_reject_a_group_size_that_does_not_divide_the_batch():
+  with pytest.raises(ValueError, match='divide'):
+    rl.group_advantages(jnp.zeros(6), 4)
+  with pytest.raises(ValueError, match='>= 2'):
+    rl.rloo_advantages(jnp.zeros(6), 1)
+  with pytest.raises(ValueError, match='scale'):
+    rl.group_advantages(jnp.zeros(4), 2, scale='std')
+
+
+@pytest.mark.parametrize('kind', ['k1', 'k2', 'k3'])
+def test_kl_estimate_equals_float64_formula(kind):
+  rng = np.random.default_rng({'k1': 1, 'k2': 2, 'k3': 3}[kind])
+  logp = (rng.normal(size=(5, 7)) - 2.0).astype(np.float32)
+  ref_logp = (logp + rng.normal(size=(5, 7)) * 0.5).astype(np.float32)
+  mask = right_padded_mask(rng, 5, 7)
+  got = jax.jit(rl.kl_estimate, static_argnums=2)(garbage_at_pads(rng, logp, mask), ref_logp, kind, mask)
+  want = np.array([[ref_kl(float(logp[i, t]) - float(ref_logp[i, t]), kind) if mask[i, t] else 0.0
+                    for t in range(7)] for i in range(5)])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  unmasked = rl.kl_estimate(logp, ref_logp, kind)  # no mask: every entry
+  want_all = np.vectorize(lambda d: ref_kl(d, kind))(logp.astype(np.float64) - ref_logp)
+  np.testing.assert_allclose(unmasked, want_all, rtol=1e-5, atol=1e-6)
+  if kind != 'k1':
+    assert np.all(np.asarray(unmasked) >= 0)
+
+
+def test_kl_shaped_rewards_uses_kl_estimate():
+  rng = np.random.default_rng(4)
+  logp, ref_logp = rng.normal(size=(2, 3, 6)).astype(np.float32)
+  mask = right_padded_mask(rng, 3, 6)
+  for kind in ('k1', 'k3'):
+    _, kl = rl.kl_shaped_rewards(logp, ref_logp, np.zeros(3, np.float32), mask, 0.1, kind)
+    np.testing.assert_array_equal(kl, rl.kl_estimate(logp, ref_logp, kind, mask=mask))
+
+
+@pytest.mark.parametrize('group_size,gamma', [(None, 1.0), (None, 0.9), (3, 1.0)])
+@pytest.mark.parametrize('kind', ['k1', 'k3'])
+def test_reinforce_pp_equals_float64_loop(group_size, gamma, kind):
+  rng = np.random.default_rng(7 + (group_size or 0) + int(gamma * 10))
+  b, n = 6, 8
+  logp = (rng.normal(size=(b, n)) - 1.0).astype(np.float32)
+  ref_logp = (logp + 0.3 * rng.normal(size=(b, n))).astype(np.float32)
+  mask = right_padded_mask(rng, b, n)
+  mask[-1, :2] = True  # every row has a token (the shared helper leaves the last one empty)
+  score = rng.normal(size=b).astype(np.float32)
+  fn = jax.jit(rl.reinforce_pp_advantages, static_argnames=('group_size', 'kl_kind', 'gamma'))
+  adv, kl = fn(garbage_at_pads(rng, logp, mask), ref_logp, score, mask, 0.05, group_size=group_size,
+               kl_kind=kind, gamma=gamma)
+  want = ref_reinforce_pp(logp, ref_logp, score, mask, 0.05, group_size, kind, gamma, 1e-8)
+  np.testing.assert_allclose(adv, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(kl)[~mask], 0.0)
+  np.testing.assert_allclose(np.asarray(adv)[mask].mean(), 0.0, atol=1e-5)  # whitened over the batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss-side KL controller
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('kl', [0.0, 0.05, 0.09, 0.11, 0.5])
+def test_adaptive_loss_beta_update_follows_ziegler_rule(kl):
+  beta, target, horizon, n = 0.04, 0.1, 1000.0, 16
+  err = min(max(kl / target - 1.0, -0.2), 0.2)
+  got = float(jax.jit(rl.adaptive_loss_beta_update)(beta, kl, n, target, horizon))
+  assert got == pytest.approx(beta * (1.0 + err * n / horizon), rel=1e-6)
+  assert (got > beta) == (kl > target) and (got < beta) == (kl < target)
