@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from padding import garbage_at_pads, right_padded_mask
 
-from jax_rlhf import rl
+from jax_rlhf import losses, rl
 
 # ---------------------------------------------------------------------------------------------------------
 # float64 references (plain loops)
@@ -186,3 +186,113 @@ def test_adaptive_loss_beta_update_follows_ziegler_rule(kl):
   got = float(jax.jit(rl.adaptive_loss_beta_update)(beta, kl, n, target, horizon))
   assert got == pytest.approx(beta * (1.0 + err * n / horizon), rel=1e-6)
   assert (got > beta) == (kl > target) and (got < beta) == (kl < target)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GRPO policy loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ref_grpo_loss(logp, old_logp, adv, mask, clip_low, clip_high, aggregation, constant_len, ratio_level,
+                  ref_logp, beta, kind):
+  b, n = logp.shape
+  lengths = mask.sum(1).astype(int)
+  per_seq, tokens, total = [], 0, 0.0
+  counts = dict(low=0, high=0, kl=0.0, ratio=0.0, approx=0.0)
+  for i in range(b):
+    d = [float(logp[i, t]) - float(old_logp[i, t]) for t in range(lengths[i])]
+    seq_ratio = math.exp(sum(d) / len(d)) if d else 1.0
+    s = 0.0
+    for t in range(lengths[i]):
+      a = float(adv[i]) if adv.ndim == 1 else float(adv[i, t])
+      ratio = math.exp(d[t]) if ratio_level == 'token' else seq_ratio
+      l = max(-a * ratio, -a * min(max(ratio, 1 - clip_low), 1 + clip_high))
+      kl = ref_kl(float(logp[i, t]) - float(ref_logp[i, t]), kind) if ref_logp is not None else 0.0
+      l += beta * kl
+      s += l
+      counts['low'] += ratio < 1 - clip_low and a < 0
+      counts['high'] += ratio > 1 + clip_high and a > 0
+      counts['kl'] += kl
+      counts['ratio'] += ratio
+      counts['approx'] += 0.5 * d[t] ** 2
+    tokens += lengths[i]
+    total += s
+    if lengths[i]:
+      per_seq.append(s / lengths[i])
+  if aggregation == 'token':
+    loss = total / tokens
+  elif aggregation == 'sequence':
+    loss = sum(per_seq) / len(per_seq)
+  else:
+    loss = total / (b * (constant_len or n))
+  metrics = {'clipfrac_low': counts['low'] / tokens, 'clipfrac_high': counts['high'] / tokens,
+             'clipfrac': (counts['low'] + counts['high']) / tokens, 'kl': counts['kl'] / tokens,
+             'ratio_mean': counts['ratio'] / tokens, 'approx_kl': counts['approx'] / tokens}
+  return loss, metrics
+
+
+def _loss_inputs(seed, b=6, n=9, per_token_adv=False):
+  rng = np.random.default_rng(seed)
+  old_logp = (rng.normal(size=(b, n)) - 2.0).astype(np.float32)
+  logp = (old_logp + 0.3 * rng.normal(size=(b, n))).astype(np.float32)
+  ref_logp = (old_logp + 0.2 * rng.normal(size=(b, n))).astype(np.float32)
+  mask = right_padded_mask(rng, b, n)  # row 0 full, the last row empty
+  adv = rng.normal(size=(b, n) if per_token_adv else b).astype(np.float32)
+  return rng, logp, old_logp, ref_logp, adv, mask
+
+
+_grpo_loss = jax.jit(losses.grpo_policy_loss,
+                     static_argnames=('aggregation', 'constant_len', 'ratio_level', 'kl_kind'))
+
+
+@pytest.mark.parametrize('aggregation,constant_len', [('token', None), ('sequence', None), ('constant', None),
+                                                      ('constant', 32)])
+@pytest.mark.parametrize('ratio_level', ['token', 'sequence'])
+def test_grpo_policy_loss_equals_float64_loop(aggregation, constant_len, ratio_level):
+  rng, logp, old_logp, ref_logp, adv, mask = _loss_inputs(len(aggregation) + (constant_len or 0), b=16)
+  clip_low, clip_high = (0.2, 0.28) if ratio_level == 'token' else (0.03, 0.04)  # DAPO / a GSPO-like pair
+  loss, metrics = _grpo_loss(garbage_at_pads(rng, logp, mask), old_logp, adv, mask, clip_low=clip_low,
+                             clip_high=clip_high, aggregation=aggregation, constant_len=constant_len,
+                             ratio_level=ratio_level, ref_logp=ref_logp, beta=0.04, kl_kind='k3')
+  want_loss, want_metrics = ref_grpo_loss(logp, old_logp, adv, mask, clip_low, clip_high, aggregation,
+                                          constant_len, ratio_level, ref_logp, 0.04, 'k3')
+  assert float(loss) == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+  for k, v in want_metrics.items():
+    assert float(metrics[k]) == pytest.approx(v, rel=1e-5, abs=1e-6), k
+  assert want_metrics['clipfrac_low'] > 0 and want_metrics['clipfrac_high'] > 0  # both clips acted
+
+
+@pytest.mark.parametrize('kind', ['k1', 'k2', 'k3'])
+def test_grpo_policy_loss_per_token_advantages_and_each_kl(kind):
+  rng, logp, old_logp, ref_logp, adv, mask = _loss_inputs(11, per_token_adv=True)
+  loss, metrics = _grpo_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, aggregation='token',
+                             ref_logp=ref_logp, beta=0.1, kl_kind=kind)
+  want_loss, want_metrics = ref_grpo_loss(logp, old_logp, adv, mask, 0.2, 0.28, 'token', None, 'token',
+                                          ref_logp, 0.1, kind)
+  assert float(loss) == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+  assert float(metrics['kl']) == pytest.approx(want_metrics['kl'], rel=1e-5, abs=1e-6)
+
+
+def test_grpo_policy_loss_reduces_to_ppo_clipped_loss():
+  _, logp, old_logp, _, adv, mask = _loss_inputs(12, per_token_adv=True)
+  want, want_m = losses.clipped_policy_loss(logp, old_logp, adv, mask, clip=0.2)
+  got, got_m = losses.grpo_policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.2)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got_m['clipfrac'], want_m['clipfrac'], rtol=1e-6)
+  assert float(got_m['kl']) == 0.0
+
+
+def test_grpo_policy_loss_gradient_at_ratio_one_is_minus_advantage_weighted_score():
+  """At the first minibatch (logp == old_logp) the clip is inactive: d loss / d logp_t = -A_i / sum |o|."""
+  _, logp, _, _, adv, mask = _loss_inputs(13)
+  grad = jax.grad(lambda lp: losses.grpo_policy_loss(lp, logp, adv, mask, clip_low=0.2, clip_high=0.28)[0])(logp)
+  want = np.where(mask, -adv[:, None] / mask.sum(), 0.0)
+  np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-8)
+
+
+def test_grpo_policy_loss_rejects_unknown_options():
+  z = jnp.zeros((2, 3))
+  with pytest.raises(ValueError, match='aggregation'):
+    losses.grpo_policy_loss(z, z, jnp.zeros(2), z, aggregation='mean')
+  with pytest.raises(ValueError, match='ratio_level'):
+    losses.grpo_policy_loss(z, z, jnp.zeros(2), z, ratio_level='seq')
