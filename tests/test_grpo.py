@@ -344,3 +344,86 @@ def test_shared_prefill_equals_g_separate_prefills(layout):
   assert int(shared.num_steps) == int(separate.num_steps)
   tokens = np.asarray(shared.tokens).reshape(3, g, 10)
   assert all(len({tuple(r) for r in tokens[i]}) > 1 for i in range(3))  # the G rows of a prompt differ
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GRPO step functions: dynamic sampling, and the update on 8 devices vs one
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _grpo_config(**over):
+  import ml_collections
+  from jax_rlhf.config import base_config
+  c = base_config()
+  c.grpo.update({**dict(prompts_per_step=4, num_generations=4, max_new_tokens=6, num_iterations=2,
+                        num_minibatches=2, clip_low=0.2, clip_high=0.28), **over})
+  # eps 1e-3 as test_sharding: above the rounding noise of an 8-device gradient sum (see its comment)
+  c.grpo.optimizer = ml_collections.ConfigDict(dict(lr=3e-3, b1=0.9, b2=0.95, eps=1e-3, weight_decay=0.0,
+                                                    schedule='constant', end_lr_frac=0.1, warmup_steps=0,
+                                                    grad_clip=1.0))
+  return c
+
+
+def test_drop_equal_groups_keeps_informative_groups_in_a_fixed_batch():
+  from jax_rlhf.train import grpo
+  gc = _grpo_config(drop_equal_groups=True, oversample=2, num_generations=2, prompts_per_step=3).grpo
+  rewards = jnp.array([1., 1., 0., 1., 2., 2., 3., 3., 0., 5., 4., 4.])  # 6 groups of 2: groups 1 and 4 vary
+  exp = {'seq': jnp.arange(12)[:, None], 'mask': jnp.ones((12, 3)), 'has_eos': jnp.ones(12, bool)}
+  out, m = grpo.advantages(gc, exp, rewards, 0.0)
+  np.testing.assert_array_equal(out['seq'][:, 0], [2, 3, 8, 9, 0, 1])  # the two varied groups, then group 0
+  np.testing.assert_array_equal(out['mask'][:, 0], [1, 1, 1, 1, 0, 0])  # the all-equal filler is masked out
+  assert float(m['frac_reward_zero_std']) == pytest.approx(4 / 6)
+  np.testing.assert_allclose(out['advantages'][:4], ref_group_advantages([0., 1., 0., 5.], 2, 'group', 1e-4),
+                             rtol=1e-6)
+
+
+def test_overlong_mask_and_penalty():
+  from jax_rlhf.train import grpo
+  rewards = jnp.array([1., 2., 3., 4.])
+  exp = {'seq': jnp.zeros((4, 1)), 'mask': jnp.ones((4, 3)), 'has_eos': jnp.array([True, False, True, True])}
+  out, _ = grpo.advantages(_grpo_config(overlong='mask', num_generations=2).grpo, exp, rewards, 0.0)
+  np.testing.assert_array_equal(out['mask'][:, 0], [1, 0, 1, 1])
+  out, m = grpo.advantages(_grpo_config(overlong='penalty', overlong_penalty=-5.0, num_generations=2,
+                                        estimator='dr_grpo').grpo, exp, rewards, 0.0)
+  np.testing.assert_allclose(out['advantages'], [3.0, -3.0, -0.5, 0.5])
+  assert float(m['reward']) == pytest.approx((1 - 5 + 3 + 4) / 4)
+
+
+@pytest.mark.parametrize('estimator,where', [('grpo', 'loss'),
+                                             pytest.param('reinforce_pp', 'reward', marks=pytest.mark.slow)])
+def test_grpo_update_on_8_devices_equals_one_device(estimator, where):
+  from flax import nnx
+  from jax_rlhf import sharding as shd
+  from jax_rlhf.models.heads import ScalarModel
+  from jax_rlhf.models.transformer import Transformer, preset
+  from jax_rlhf.train import grpo
+  c = _grpo_config(estimator=estimator, aggregation='sequence')
+  c.grpo.kl.update(coef=0.04, where=where, estimator='k3')
+  cfg = preset('tiny', vocab_size=128, pad_token_id=1, eos_token_id=0)
+  prompts = np.random.default_rng(0).integers(2, 128, (4, 5)).astype(np.int32)
+  batch = {'prompt': prompts, 'prompt_mask': np.ones_like(prompts)}
+  out = {}
+  for shape in [(1, 1, 1), (2, 2, 2)]:
+    mesh = shd.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+    trainer = grpo.GRPOTrainer(c, mesh, Transformer(cfg, rngs=nnx.Rngs(0)), Transformer(cfg, rngs=nnx.Rngs(0)),
+                               ScalarModel(cfg, rngs=nnx.Rngs(1)), (0, 1))
+    st = trainer.states
+    exp, em = trainer.experience(st['policy'], st['ref'], st['reward'], shd.put_batch(batch, mesh),
+                                 jax.random.key(3), jnp.float32(0.04))
+    if 'exp' not in out:
+      out['exp'] = jax.device_get(exp)  # both meshes update from the same rollout
+    st['policy'], um = trainer.update(st['policy'], shd.put_batch(out['exp'], mesh), jax.random.key(4),
+                                      jnp.float32(0.04))
+    out[shape] = (jax.device_get(exp), jax.device_get(um), jax.device_get(st['policy'].params))
+  (e1, m1, p1), (e8, m8, p8) = out[(1, 1, 1)], out[(2, 2, 2)]
+  np.testing.assert_array_equal(e8['seq'], e1['seq'])  # the same rollout on 8 devices
+  np.testing.assert_allclose(e8['advantages'], e1['advantages'], rtol=1e-5, atol=1e-5)
+  assert float(m1['ratio_mean']) != 1.0 and float(m1['kl']) > 0  # the second pass saw a moved policy
+  for k in ('loss', 'clipfrac', 'kl', 'entropy', 'grad_norm'):
+    assert float(m8[k]) == pytest.approx(float(m1[k]), rel=1e-4, abs=1e-6), k
+  moved = 0
+  for a, b, init in zip(jax.tree.leaves(p1), jax.tree.leaves(p8),
+                        jax.tree.leaves(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param))):
+    np.testing.assert_allclose(b, a, atol=2e-5)
+    moved += int(np.any(np.abs(np.asarray(a) - np.asarray(init)) > 1e-4))
+  assert moved > 0
