@@ -320,7 +320,7 @@ def _tiny_model(layout):
   return graphdef, nnx.from_flat_state(flat)
 
 
-@pytest.mark.parametrize('layout', ['gpt2', 'llama'])
+@pytest.mark.parametrize('layout', ['llama'])  # grouped-query cache and rotary positions (gpt2's: test_sampling)
 def test_shared_prefill_equals_g_separate_prefills(layout):
   from jax_rlhf import sampling
   model = _tiny_model(layout)
@@ -397,7 +397,7 @@ def test_grpo_update_on_8_devices_equals_one_device(estimator, where):
   from jax_rlhf.models.heads import ScalarModel
   from jax_rlhf.models.transformer import Transformer, preset
   from jax_rlhf.train import grpo
-  c = _grpo_config(estimator=estimator, aggregation='sequence')
+  c = _grpo_config(estimator=estimator, aggregation='sequence', max_new_tokens=4)
   c.grpo.kl.update(coef=0.04, where=where, estimator='k3')
   cfg = preset('tiny', vocab_size=128, pad_token_id=1, eos_token_id=0)
   prompts = np.random.default_rng(0).integers(2, 128, (4, 5)).astype(np.int32)
@@ -408,16 +408,17 @@ def test_grpo_update_on_8_devices_equals_one_device(estimator, where):
     trainer = grpo.GRPOTrainer(c, mesh, Transformer(cfg, rngs=nnx.Rngs(0)), Transformer(cfg, rngs=nnx.Rngs(0)),
                                ScalarModel(cfg, rngs=nnx.Rngs(1)), (0, 1))
     st = trainer.states
-    exp, em = trainer.experience(st['policy'], st['ref'], st['reward'], shd.put_batch(batch, mesh),
-                                 jax.random.key(3), jnp.float32(0.04))
-    if 'exp' not in out:
-      out['exp'] = jax.device_get(exp)  # both meshes update from the same rollout
+    if 'exp' not in out:  # one rollout (on one device) that both meshes update from
+      exp, _ = trainer.experience(st['policy'], st['ref'], st['reward'], shd.put_batch(batch, mesh),
+                                  jax.random.key(3), jnp.float32(0.04))
+      out['exp'] = jax.device_get(exp)
+      assert np.any(out['exp']['advantages'] != 0)
     st['policy'], um = trainer.update(st['policy'], shd.put_batch(out['exp'], mesh), jax.random.key(4),
                                       jnp.float32(0.04))
-    out[shape] = (jax.device_get(exp), jax.device_get(um), jax.device_get(st['policy'].params))
-  (e1, m1, p1), (e8, m8, p8) = out[(1, 1, 1)], out[(2, 2, 2)]
-  np.testing.assert_array_equal(e8['seq'], e1['seq'])  # the same rollout on 8 devices
-  np.testing.assert_allclose(e8['advantages'], e1['advantages'], rtol=1e-5, atol=1e-5)
+    if shape == (2, 2, 2):  # really sharded
+      assert len(st['policy'].params['wte'].sharding.device_set) == 8
+    out[shape] = (jax.device_get(um), jax.device_get(st['policy'].params))
+  (m1, p1), (m8, p8) = out[(1, 1, 1)], out[(2, 2, 2)]
   assert float(m1['ratio_mean']) != 1.0 and float(m1['kl']) > 0  # the second pass saw a moved policy
   for k in ('loss', 'clipfrac', 'kl', 'entropy', 'grad_norm'):
     assert float(m8[k]) == pytest.approx(float(m1[k]), rel=1e-4, abs=1e-6), k

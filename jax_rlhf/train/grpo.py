@@ -30,7 +30,7 @@ from flax import nnx
 from jax_rlhf import losses, rl, sampling
 from jax_rlhf import sharding as shd
 from jax_rlhf.train import state as state_lib
-# TODO(house-core merge): response_logprobs moves to jax_rlhf.models.scoring (same signature); import it there.
+# house-core moves response_logprobs to jax_rlhf.models.scoring (same signature): import it from there once merged.
 from jax_rlhf.train.ppo import response_logprobs
 
 ESTIMATORS = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp')
