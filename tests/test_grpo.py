@@ -428,3 +428,17 @@ def test_grpo_update_on_8_devices_equals_one_device(estimator, where):
     np.testing.assert_allclose(b, a, atol=2e-5)
     moved += int(np.any(np.abs(np.asarray(a) - np.asarray(init)) > 1e-4))
   assert moved > 0
+
+
+def test_grpo_config_errors_are_one_line():
+  from jax_rlhf.train import grpo
+  grpo.check_config(_grpo_config().grpo)  # the defaults (with the test's sizes) pass
+  for over, match in [(dict(estimator='ppo'), 'estimator'), (dict(num_generations=1), 'num_generations'),
+                      (dict(overlong='cut'), 'overlong'), (dict(num_minibatches=3), 'divisible'),
+                      (dict(drop_equal_groups=True, oversample=1), 'oversample')]:
+    with pytest.raises(ValueError, match=match):
+      grpo.check_config(_grpo_config(**over).grpo)
+  c = _grpo_config(estimator='reinforce_pp')
+  c.grpo.kl.estimator = 'k2'
+  with pytest.raises(ValueError, match='k1'):
+    grpo.check_config(c.grpo)

@@ -69,6 +69,9 @@ def check_config(gc) -> None:
     raise ValueError(f'grpo.num_generations must be >= 2 (a group needs a baseline), got {gc.num_generations}')
   if gc.kl.where not in ('loss', 'reward'):
     raise ValueError(f"grpo.kl.where must be 'loss' or 'reward', got {gc.kl.where!r}")
+  if gc.estimator == 'reinforce_pp' and gc.kl.estimator not in ('k1', 'k3'):
+    raise ValueError(f"grpo.kl.estimator must be 'k1' or 'k3' for reinforce_pp (a per-token reward), got "
+                     f'{gc.kl.estimator!r}')
   if gc.overlong not in ('none', 'mask', 'penalty'):
     raise ValueError(f"grpo.overlong must be 'none', 'mask' or 'penalty', got {gc.overlong!r}")
   if (gc.prompts_per_step * gc.num_generations) % gc.num_minibatches:
