@@ -166,6 +166,42 @@ def base_config() -> ml_collections.ConfigDict:
                                 # ~4 MB each on the demo) that eval scores for the over-optimisation curve; 0: none
   ))
 
+  # GRPO and its critic-free family (jax_rlhf/train/grpo.py; ../shared/POSTTRAINING_DETAILS.md section 2).
+  c.grpo = ml_collections.ConfigDict(dict(
+      iterations=120,           # rollouts (each followed by num_iterations x num_minibatches updates)
+      prompts_per_step=16,      # prompts (groups) per rollout that the update sees
+      num_generations=8,        # G samples per prompt, one shared prefill (TRL 8; DeepSeekMath 64; DAPO 16)
+      estimator='grpo',         # grpo (group-normalised) | dr_grpo (no std) | rloo (leave-one-out) | reinforce_pp
+      scale_rewards='group',    # grpo: divide by the group's std | batch (the batch's std) | none (= dr_grpo)
+      adv_eps=1e-4,             # grpo: added to the std (TRL 1e-4)
+      reinforce_pp_baseline=True,  # reinforce_pp: subtract the group's mean return first (verl REINFORCE++-baseline)
+      num_iterations=1,         # updates per rollout, ratio against the rollout's frozen log-probs (TRL mu 1)
+      num_minibatches=1,        # minibatches per update pass over the rollout
+      clip_low=0.2,             # ratio clip below 1 (TRL/DeepSeekMath 0.2; GSPO 3e-4)
+      clip_high=0.2,            # ratio clip above 1 (TRL: = clip_low; DAPO 0.28; GSPO 4e-4)
+      aggregation='token',      # token (token mean: DAPO, TRL default) | sequence (DeepSeekMath eq. 3) | constant
+                                # (sum / (rows x max_new_tokens): Dr. GRPO)
+      ratio_level='token',      # token | sequence (GSPO: exp of the mean token log-ratio)
+      temperature=1.0,          # sampling temperature; log-probs use logits / T (TRL 1.0)
+      top_k=0, top_p=1.0,       # no filtering (the ratio assumes the unfiltered distribution)
+      max_new_tokens=7,         # response tokens sampled; a response without EOS by then is "overlong"
+      overlong='none',          # none | mask (drop overlong responses from the loss: DAPO) | penalty
+      overlong_penalty=-1.0,    # overlong='penalty': the reward of a response without EOS
+      drop_equal_groups=False,  # DAPO dynamic sampling: groups whose rewards are all equal (no gradient) are
+                                # replaced by groups of extra prompts, inside a fixed compiled batch
+      oversample=2,             # drop_equal_groups: prompts sampled per rollout = prompts_per_step x oversample
+      kl=ml_collections.ConfigDict(dict(
+          coef=0.04,            # beta (DeepSeekMath 0.04; TRL 0.0 since v0.18; DAPO/GSPO 0); 0 skips the reference
+          where='loss',         # loss (beta x kl per token in the loss: GRPO) | reward (r - beta sum_t kl: RLOO);
+                                # reinforce_pp always puts a per-token KL in the reward
+          estimator='k3',       # k1 | k2 | k3 per token (DeepSeekMath eq. 4 and TRL: k3; reward side: k1 or k3)
+          adaptive=False,       # beta follows Ziegler's rule toward `target` (rl.adaptive_loss_beta_update)
+          target=0.05,          # adaptive: target KL in nats per token (the loss-side token mean)
+          horizon=10000,        # adaptive: horizon in responses (Ziegler 10000)
+      )),
+      optimizer=_optimizer(3e-4, schedule='constant', eps=1e-5),  # demo-sized lr; TRL/DeepSeekMath 1e-6 on real LMs
+  ))
+
   c.eval = ml_collections.ConfigDict(dict(
       temperature=1.0,          # sampling temperature of the compared models
       batch_size=100,           # prompts per sampling call

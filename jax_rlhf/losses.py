@@ -11,7 +11,7 @@ returns (loss, metrics) or (loss, n_tokens); metrics are flat dicts of scalars.
 import jax
 import jax.numpy as jnp
 
-from jax_rlhf.rl import _float, _valid, logprobs_from_logits, masked_mean
+from jax_rlhf.rl import _float, _valid, kl_estimate, logprobs_from_logits, masked_mean
 
 
 def token_cross_entropy(logits, targets, mask):
@@ -96,6 +96,84 @@ def clipped_policy_loss(logp, old_logp, advantages, mask, clip=0.2):
       'clipfrac': masked_mean((clipped > unclipped).astype(logp.dtype), valid),
       'approx_kl': masked_mean(0.5 * jnp.square(log_ratio), valid),
       'ratio_mean': masked_mean(ratio, valid),
+  }
+  return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GRPO family: asymmetric clip, token / sequence / constant aggregation, GSPO's sequence ratio, KL in the loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def grpo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, aggregation='token',
+                     constant_len=None, ratio_level='token', ref_logp=None, beta=0.0, kl_kind='k3'):
+  """The critic-free clipped surrogate of the GRPO family, per token, as a loss to minimise:
+
+    ratio_t  = exp(logp_t - old_logp_t)                                    ratio_level='token' (PPO, GRPO)
+    ratio_t  = exp(1/|o| sum_s (logp_s - old_logp_s))  for every t        ratio_level='sequence' (GSPO,
+                                                                           Zheng et al. 2025, eq. 7)
+    l_t      = max(-A ratio_t, -A clip(ratio_t, 1 - clip_low, 1 + clip_high)) + beta * kl_t
+                                                                           (DeepSeekMath eq. 3; DAPO eq. 8)
+    kl_t     = kl_estimate(logp_t, ref_logp_t, kl_kind)                   (k3: DeepSeekMath eq. 4)
+
+  aggregated over the valid tokens of the (mini)batch by `aggregation`:
+    'token'    : sum_{i,t} l_t / sum_i |o_i|                   token mean (DAPO eq. 8; TRL loss_type 'dapo')
+    'sequence' : mean_i (1/|o_i| sum_t l_t)                    per-response mean, then over responses with at
+                                                               least one token (DeepSeekMath eq. 3; TRL 'grpo')
+    'constant' : sum_{i,t} l_t / (B * L)                       L = constant_len (default N, the padded
+                                                               length): Dr. GRPO (Liu et al. 2025; TRL 'dr_grpo')
+
+  DAPO: clip_low 0.2, clip_high 0.28; GSPO: 3e-4 / 4e-4 with ratio_level='sequence'. With clip_low ==
+  clip_high, ratio_level='token', aggregation='token' and beta 0 this is `clipped_policy_loss`.
+
+  logp, old_logp, mask  # [B, N]; advantages  # [B] (one per response, broadcast to its tokens) or [B, N];
+  ref_logp  # [B, N] or None (no KL term); beta: scalar, may be traced (the adaptive controller's).
+  metrics (token means over valid tokens): clipfrac_low (ratio < 1 - clip_low where A < 0: the lower clip
+  acts, as TRL), clipfrac_high (ratio > 1 + clip_high where A > 0), clipfrac (their sum), approx_kl
+  (0.5 (logp - old_logp)^2), ratio_mean, kl (mean kl_t; 0 without ref_logp).
+  """
+  logp, old_logp, advantages = _float(logp), _float(old_logp), _float(advantages)
+  valid = jnp.broadcast_to(_valid(mask), logp.shape)  # [B, N]
+  if advantages.ndim == 1:
+    advantages = advantages[:, None]
+  advantages = jnp.where(valid, jnp.broadcast_to(advantages, logp.shape), 0.0)  # [B, N]
+  log_ratio = jnp.where(valid, logp - old_logp, 0.0)  # [B, N]; 0 on pads so exp never overflows there
+  if ratio_level == 'token':
+    ratio = jnp.exp(log_ratio)  # [B, N]
+  elif ratio_level == 'sequence':
+    seq_log_ratio = masked_mean(log_ratio, valid, axis=1)  # [B]
+    ratio = jnp.broadcast_to(jnp.exp(seq_log_ratio)[:, None], logp.shape)  # [B, N]
+  else:
+    raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
+  unclipped = -advantages * ratio  # [B, N]
+  clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, N]
+  per_token = jnp.maximum(unclipped, clipped)  # [B, N]
+  if ref_logp is not None:
+    kl = kl_estimate(logp, ref_logp, kl_kind, mask=valid)  # [B, N]
+    per_token = per_token + jnp.asarray(beta, per_token.dtype) * kl
+  else:
+    kl = jnp.zeros_like(per_token)
+
+  if aggregation == 'token':
+    loss = masked_mean(per_token, valid)
+  elif aggregation == 'sequence':
+    per_seq = masked_mean(per_token, valid, axis=1)  # [B]
+    loss = masked_mean(per_seq, valid.any(axis=1))
+  elif aggregation == 'constant':
+    length = logp.shape[1] if constant_len is None else constant_len
+    loss = jnp.sum(jnp.where(valid, per_token, 0.0)) / (logp.shape[0] * length)
+  else:
+    raise ValueError(f"aggregation must be 'token', 'sequence' or 'constant', got {aggregation!r}")
+
+  low = ((ratio < 1.0 - clip_low) & (advantages < 0)).astype(logp.dtype)
+  high = ((ratio > 1.0 + clip_high) & (advantages > 0)).astype(logp.dtype)
+  metrics = {
+      'clipfrac_low': masked_mean(low, valid),
+      'clipfrac_high': masked_mean(high, valid),
+      'clipfrac': masked_mean(low + high, valid),
+      'approx_kl': masked_mean(0.5 * jnp.square(log_ratio), valid),
+      'ratio_mean': masked_mean(ratio, valid),
+      'kl': masked_mean(kl, valid),
   }
   return loss, metrics
 

@@ -140,16 +140,10 @@ def kl_shaped_rewards(logp, ref_logp, score, mask, beta, estimator='k1'):
   A row with no valid token gets no score.
   """
   from jax_rlhf.models.scoring import last_real_index  # scoring imports this module
-  logp, ref_logp = _float(logp), _float(ref_logp)
-  valid = jnp.broadcast_to(_valid(mask), logp.shape)  # [B, N]
-  log_ratio = jnp.where(valid, logp - ref_logp, 0.0)  # [B, N]
-  if estimator == 'k1':
-    kl = log_ratio
-  elif estimator == 'k3':
-    kl = jnp.expm1(-log_ratio) + log_ratio
-  else:
+  if estimator not in ('k1', 'k3'):
     raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
-  kl = jnp.where(valid, kl, 0.0)  # [B, N]
+  valid = jnp.broadcast_to(_valid(mask), jnp.shape(logp))  # [B, N]
+  kl = kl_estimate(logp, ref_logp, estimator, mask=valid)  # [B, N], 0 at invalid positions
   rewards = -jnp.asarray(beta, kl.dtype) * kl  # [B, N]
   is_last = jax.nn.one_hot(last_real_index(valid), valid.shape[-1], dtype=jnp.bool_)  # [B, N]
   is_last = is_last & valid.any(axis=-1, keepdims=True)  # [B, N]; rows without tokens get no score
@@ -202,3 +196,145 @@ def entropy_from_logits(logits):
   logp = jax.nn.log_softmax(_float(logits), axis=-1)  # [B, T, V]
   p = jnp.exp(logp)  # [B, T, V]
   return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)  # [B, T]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Critic-free RL (GRPO family): KL estimators, group / leave-one-out / REINFORCE++ advantages, loss-side beta
+#
+# Rewards of a rollout with G samples per prompt are [B] group-major: row i belongs to group i // G, so
+# `rewards.reshape(B // G, G)` puts each prompt's G samples on one row.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def kl_estimate(logp, ref_logp, kind='k3', mask=None):
+  """Per-token estimators of KL(pi || pi_ref) from the sampled tokens' log-probs (Schulman, "Approximating
+  KL divergence", 2020; d = logp - ref_logp, the tokens drawn from pi):
+
+    k1 = d                                   (unbiased, can be negative; InstructGPT's reward KL)
+    k2 = 1/2 d^2                             (biased, >= 0, low variance)
+    k3 = exp(-d) - 1 + d                     (unbiased, >= 0; DeepSeekMath eq. 4, TRL's GRPO loss KL)
+
+  k3 is computed as expm1(-d) + d (exactly `kl_shaped_rewards`' float ops). logp, ref_logp  # [B, N] (any
+  equal shapes); mask  # [B, N] or None: with a mask, d is 0 at invalid positions before the estimator (so
+  garbage there never overflows) and the result is 0 there. Returns [B, N], float32 at least.
+  """
+  logp, ref_logp = _float(logp), _float(ref_logp)
+  if mask is None:
+    log_ratio = logp - ref_logp
+  else:
+    valid = jnp.broadcast_to(_valid(mask), logp.shape)
+    log_ratio = jnp.where(valid, logp - ref_logp, 0.0)
+  if kind == 'k1':
+    kl = log_ratio
+  elif kind == 'k2':
+    kl = 0.5 * jnp.square(log_ratio)
+  elif kind == 'k3':
+    kl = jnp.expm1(-log_ratio) + log_ratio
+  else:
+    raise ValueError(f"kl estimator must be 'k1', 'k2' or 'k3', got {kind!r}")
+  if mask is not None:
+    kl = jnp.where(valid, kl, 0.0)
+  return kl
+
+
+def _groups(rewards, group_size):
+  """rewards [B] -> [B // G, G] (group-major rows), checking that G divides B (static shapes)."""
+  rewards = _float(rewards)
+  if rewards.ndim != 1:
+    raise ValueError(f'rewards must be [B], got shape {rewards.shape}')
+  b = rewards.shape[0]
+  if group_size < 1 or b % group_size:
+    raise ValueError(f'group_size {group_size} must be >= 1 and divide the batch {b}')
+  return rewards.reshape(b // group_size, group_size)
+
+
+def group_advantages(rewards, group_size, *, scale='group', eps=1e-4):
+  """GRPO's outcome advantage (DeepSeekMath sec. 4.1.2, "outcome supervision"), one scalar per response:
+
+    A_i = (r_i - mean_g(r)) / (std_g(r) + eps)           scale='group'  (DeepSeekMath; TRL default)
+    A_i = (r_i - mean_g(r)) / (std_B(r) + eps)           scale='batch'  (TRL scale_rewards='batch')
+    A_i =  r_i - mean_g(r)                               scale='none'   (Dr. GRPO, Liu et al. 2025)
+
+  mean_g, std_g over the G samples of response i's prompt; std with Bessel's correction (divide by G - 1, as
+  torch.std in TRL; a group of one has std 0); std_B the Bessel std of the whole batch. eps = 1e-4 as TRL.
+  rewards  # [B] group-major (row i in group i // G). Returns [B]; a group whose rewards are all equal gets
+  advantage 0 on each of its rows (whatever the scale).
+  """
+  r = _groups(rewards, group_size)  # [B/G, G]
+  g = group_size
+  centred = r - jnp.mean(r, axis=1, keepdims=True)  # [B/G, G]
+  if scale == 'group':
+    std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / max(g - 1, 1))  # [B/G, 1]
+  elif scale == 'batch':
+    flat = r.reshape(-1)
+    n = flat.shape[0]
+    std = jnp.sqrt(jnp.sum(jnp.square(flat - jnp.mean(flat))) / max(n - 1, 1))  # []
+  elif scale == 'none':
+    return centred.reshape(-1)
+  else:
+    raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+  return (centred / (std + eps)).reshape(-1)
+
+
+def rloo_advantages(rewards, group_size):
+  """REINFORCE Leave-One-Out (Kool et al. 2019; Ahmadian et al. 2024, eq. 6; TRL RLOOTrainer):
+
+    A_i = r_i - 1/(G-1) sum_{j in group(i), j != i} r_j  =  G/(G-1) (r_i - mean_g(r))
+
+  computed in the first form (the group sum minus r_i). rewards  # [B] group-major; G >= 2. Returns [B].
+  """
+  if group_size < 2:
+    raise ValueError(f'rloo_advantages needs group_size >= 2, got {group_size}')
+  r = _groups(rewards, group_size)  # [B/G, G]
+  others = (jnp.sum(r, axis=1, keepdims=True) - r) / (group_size - 1)  # [B/G, G]
+  return (r - others).reshape(-1)
+
+
+def reinforce_pp_advantages(logp, ref_logp, score, mask, beta, *, group_size=None, kl_kind='k1', gamma=1.0,
+                            eps=1e-8):
+  """REINFORCE++ (Hu 2025, arXiv 2501.03262; verl `compute_reinforce_plus_plus_outcome_advantage` and
+  `..._baseline_...`): the KL penalty goes into the per-token reward, no critic, whitening over the batch.
+
+    r_t = -beta * kl_t + [t == last] * score                 (kl_shaped_rewards, estimator kl_kind)
+    without a group (group_size=None):
+      G_t = sum_{s >= t} gamma^(s-t) r_s                     (return to go)
+      A_t = (G_t - mean) / sqrt(var + eps)                   mean/var over the batch's valid tokens
+    with a group baseline (REINFORCE++-baseline, group_size=G):
+      R_i = sum_t r_t - mean_{j in group(i)} sum_t r_t       (the whole response's return, minus its group's)
+      A_t = whiten(R_i broadcast to the tokens of response i)
+
+  var is Bessel-corrected, as verl's masked_whiten (ours `masked_whiten` is biased, Ziegler's). logp,
+  ref_logp, mask  # [B, N]; score  # [B] (read at EOS); beta scalar (may be traced); gamma static.
+  Returns (advantages, kl): both [B, N], 0 at invalid positions.
+  """
+  rewards, kl = kl_shaped_rewards(logp, ref_logp, score, mask, beta, kl_kind)  # [B, N] each
+  valid = jnp.broadcast_to(_valid(mask), rewards.shape)  # [B, N]
+  if group_size is None:
+    def step(running, r_t):  # r_t [B]; rewards past the last valid token are 0, so no reset is needed
+      running = r_t + gamma * running
+      return running, running
+    _, ret_t = jax.lax.scan(step, jnp.zeros(rewards.shape[:1], rewards.dtype), rewards.T, reverse=True)
+    returns = ret_t.T  # [B, N]
+  else:
+    total = jnp.sum(rewards, axis=1)  # [B]
+    centred = group_advantages(total, group_size, scale='none')  # [B]
+    returns = jnp.broadcast_to(centred[:, None], rewards.shape)  # [B, N]
+  mean = masked_mean(returns, valid)
+  var = masked_var(returns, valid, unbiased=True)
+  advantages = jnp.where(valid, (returns - mean) * jax.lax.rsqrt(var + eps), 0.0)
+  return advantages, kl
+
+
+def adaptive_loss_beta_update(beta, kl, n_steps, target, horizon):
+  """Adaptive coefficient of the loss-side KL penalty (GRPO's beta * kl in the loss), with Ziegler et al.'s
+  proportional rule (2019, sec. 2.2) moved from the reward to the loss:
+
+    e    = clip(KL / target - 1, -0.2, 0.2)
+    beta <- beta * (1 + e * n_steps / horizon)
+
+  KL here is what the loss penalises: the token mean of the chosen estimator (k3 by default) over the
+  rollout's valid tokens, so `target` is in nats per token (not per response, as PPO's reward-side
+  controller). n_steps: responses in the rollout. No library ships this (TRL, tunix: fixed beta; verl: only
+  for the reward-side KL). A beta of 0 stays 0, so start from beta > 0.
+  """
+  return adaptive_kl_update(beta, kl, n_steps, target, horizon)

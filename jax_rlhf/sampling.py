@@ -153,9 +153,15 @@ def inverse_cdf(logits, u):
 
 def sample(graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int], pad_token_id: int,
-           return_logits: bool = False) -> SampleOutput:
+           return_logits: bool = False, num_samples: int = 1) -> SampleOutput:
   """Pure, traceable sampler (see the module docstring). Call under jit with `graphdef` and every keyword
-  static; `state` is the model's `nnx.State`, `input_ids`/`attention_mask` `[B, P]` left-padded."""
+  static; `state` is the model's `nnx.State`, `input_ids`/`attention_mask` `[B, P]` left-padded.
+
+  `num_samples = G > 1` draws G responses per prompt (GRPO's group): each prompt is prefilled ONCE, and its
+  KV cache, slot mask and first logits are repeated to its G rows, so the outputs are `[B * G, ...]`,
+  group-major (row i answers prompt i // G). The decode is then exactly that of the prompts repeated with
+  `jnp.repeat(input_ids, G, axis=0)` under the same key; only the prefill's work is divided by G.
+  G = 1 is the plain sampler, op for op."""
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
   if temperature < 0:
@@ -164,6 +170,8 @@ def sample(graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens: i
     raise ValueError(f'top_p must be in (0, 1], got {top_p}')
   if top_k < 0:
     raise ValueError(f'top_k must be >= 0, got {top_k}')
+  if num_samples < 1:
+    raise ValueError(f'num_samples must be >= 1, got {num_samples}')
   eos_ids = (int(eos_token_id),) if isinstance(eos_token_id, (int, np.integer)) else tuple(int(e) for e in eos_token_id)
   if not eos_ids:
     raise ValueError('eos_token_id must name at least one token')
@@ -185,6 +193,12 @@ def sample(graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens: i
   slot_mask = jnp.concatenate([attention_mask, jnp.zeros((b, n), jnp.int32)], axis=1)  # [B, S]
   h, cache = model.hidden_states(input_ids, slot_mask, positions_from_mask(attention_mask), cache, 0)
   logits0 = model.logits(h[:, -1])  # [B, V]
+  if num_samples > 1:  # the group's G rows share their prompt's prefill: repeat it, group-major
+    def repeat(x):
+      return jnp.repeat(x, num_samples, axis=0)
+    cache = jax.tree.map(repeat, cache)  # [B * G, ...] per layer
+    slot_mask, logits0, prompt_len = repeat(slot_mask), repeat(logits0), repeat(prompt_len)
+    b = b * num_samples
 
   tok0, lp0 = _choose(logits0, jax.random.fold_in(rng, 0), temperature, top_k, top_p)
   done0 = _eos_hit(tok0, eos_ids)
@@ -223,7 +237,8 @@ def sample(graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens: i
   return SampleOutput(tokens, logprobs, mask, num_steps, all_logits)
 
 
-_STATIC = ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'eos_token_id', 'pad_token_id', 'return_logits')
+_STATIC = ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'eos_token_id', 'pad_token_id', 'return_logits',
+           'num_samples')
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=_STATIC)
@@ -233,8 +248,9 @@ def _sample_jit(graphdef, state, input_ids, attention_mask, rng, **kw):
 
 def generate(model, input_ids, attention_mask, rng, *, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int], pad_token_id: int,
-             return_logits: bool = False) -> SampleOutput:
-  """Jitted `sample`. `model` is an nnx `Transformer` or a `(graphdef, state)` pair."""
+             return_logits: bool = False, num_samples: int = 1) -> SampleOutput:
+  """Jitted `sample`. `model` is an nnx `Transformer` or a `(graphdef, state)` pair. `num_samples = G`: G
+  responses per prompt from one shared prefill, outputs `[B * G, ...]` group-major (see `sample`)."""
   if isinstance(model, nnx.Module):
     graphdef, state = nnx.split(model)
   else:
@@ -243,6 +259,11 @@ def generate(model, input_ids, attention_mask, rng, *, max_new_tokens: int, temp
     eos_token_id = int(eos_token_id)
   else:
     eos_token_id = tuple(int(e) for e in eos_token_id)
+  if num_samples != 1:
+    return _sample_jit(graphdef, state, jnp.asarray(input_ids), jnp.asarray(attention_mask), rng,
+                       max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
+                       top_p=float(top_p), eos_token_id=eos_token_id, pad_token_id=int(pad_token_id),
+                       return_logits=bool(return_logits), num_samples=int(num_samples))
   return _sample_jit(graphdef, state, jnp.asarray(input_ids), jnp.asarray(attention_mask), rng,
                      max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
                      top_p=float(top_p), eos_token_id=eos_token_id, pad_token_id=int(pad_token_id),

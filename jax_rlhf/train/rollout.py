@@ -61,11 +61,12 @@ def repeat_prompts(batch: Mapping[str, Any], group_size: int) -> dict:
 
 
 def _sample(graphdef, state, prompt, prompt_mask, rng, settings: Settings) -> sampling.SampleOutput:
-  """The one call of the sampler (a shared-prefill variant for G > 1 would switch here)."""
+  """The one call of the sampler: [B, P] prompts -> [B*G, N] group-major responses, each prompt prefilled once
+  and its KV cache shared by its G rows (`sampling.sample(num_samples=G)`)."""
   return sampling.sample(graphdef, nnx.merge_state(state.params, state.rest), prompt, prompt_mask, rng,
                          max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                          top_k=settings.top_k, top_p=settings.top_p, eos_token_id=settings.eos_id,
-                         pad_token_id=settings.pad_id)
+                         pad_token_id=settings.pad_id, num_samples=settings.group_size)
 
 
 def generate(graphdefs: Mapping[str, Any], states: Mapping[str, Any], batch: Mapping[str, Any], rng,
@@ -75,10 +76,10 @@ def generate(graphdefs: Mapping[str, Any], states: Mapping[str, Any], batch: Map
   graphdefs/states: {'policy', 'reference', ...} graphdefs and TrainStates; batch: {'prompt', 'prompt_mask'}
   [B, P] left-padded. Returns the rollout dict without 'scores' (see the module docstring).
   """
+  out = _sample(graphdefs['policy'], states['policy'], batch['prompt'], batch['prompt_mask'], rng, settings)
   batch = repeat_prompts(batch, settings.group_size)
   prompt, prompt_mask = batch['prompt'], batch['prompt_mask']  # [B*G, P]
   prompt_len = prompt.shape[1]
-  out = _sample(graphdefs['policy'], states['policy'], prompt, prompt_mask, rng, settings)
   tokens, mask = out.tokens, out.mask.astype(jnp.float32)  # [B*G, N]
   seq = jnp.concatenate([prompt, tokens], 1)  # [B*G, P+N]
   att = jnp.concatenate([prompt_mask, out.mask], 1)

@@ -1,0 +1,271 @@
+"""GRPO and its critic-free family (Dr. GRPO, DAPO, RLOO, REINFORCE++): the compiled step functions.
+
+No value model. Per rollout, for `prompts_per_step` prompts x G = `num_generations` samples each:
+
+  experience: sample G responses per prompt from ONE prefill per prompt (`sampling.sample(num_samples=G)`,
+              rows group-major: row i answers prompt i // G) -> reference log-probs of the sampled tokens
+              (teacher-forced, logits / T; only when a KL term is on) -> behaviour log-probs (only when the
+              policy moves before the last use of the rollout: num_iterations > 1 or several minibatches) ->
+              RM score at the last real token -> overlong handling -> `advantages`.
+  advantages: per-response rewards [B*G] (the RM's, and later the task's verifier or a user's function) ->
+              DAPO's dynamic sampling inside a fixed compiled batch (`drop_equal_groups`: groups whose rewards
+              are all equal are replaced by groups from the extra sampled prompts) -> advantages by
+              `grpo.estimator`: grpo (group-normalised), dr_grpo (no std), rloo (leave-one-out), reinforce_pp
+              (per-token KL in the reward, whitened returns).
+  update:     num_iterations x num_minibatches steps in one `lax.scan` of `losses.grpo_policy_loss`
+              (asymmetric clip, token / sequence / constant aggregation, optional GSPO sequence ratio,
+              beta x kl_estimate in the loss). With one update per rollout the ratio is exactly 1 and the old
+              log-probs are the loss's own (stop-gradient), as TRL; so no extra forward is spent on them.
+
+beta is fixed or follows `rl.adaptive_loss_beta_update` on the measured loss-side KL (a host scalar between
+rollouts). Equations and defaults: ../shared/POSTTRAINING_DETAILS.md, section 2.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jax_rlhf import losses, rl, sampling
+from jax_rlhf import sharding as shd
+from jax_rlhf.models import scoring
+from jax_rlhf.models.scoring import response_logprobs
+from jax_rlhf.train import state as state_lib
+
+ESTIMATORS = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp')
+
+
+def _merge(graphdef, st):
+  return nnx.merge(graphdef, st.params, st.rest)
+
+
+def _temperature(gc) -> float:
+  return gc.temperature if gc.temperature > 0 else 1.0
+
+
+def uses_ref(gc) -> bool:
+  """Whether the reference model is run: a KL term whose coefficient is, or may become, non-zero."""
+  return gc.kl.coef > 0 or gc.kl.adaptive or gc.estimator == 'reinforce_pp'
+
+
+def needs_old_logp(gc) -> bool:
+  """Whether the behaviour log-probs are computed at rollout time: the policy moves before their last use in
+  the ratio, or a KL in the reward needs them before the update."""
+  kl_in_reward = uses_ref(gc) and (gc.kl.where == 'reward' or gc.estimator == 'reinforce_pp')
+  return gc.num_iterations > 1 or gc.num_minibatches > 1 or kl_in_reward
+
+
+def sampled_prompts(gc) -> int:
+  """Prompts sampled per rollout: prompts_per_step, times `oversample` under DAPO's dynamic sampling."""
+  return gc.prompts_per_step * (gc.oversample if gc.drop_equal_groups else 1)
+
+
+def check_config(gc) -> None:
+  """Static checks of the `grpo` block (ValueError with one line; the stage turns it into a UserError)."""
+  if gc.estimator not in ESTIMATORS:
+    raise ValueError(f'grpo.estimator must be one of {" | ".join(ESTIMATORS)}, got {gc.estimator!r}')
+  if gc.num_generations < 2:
+    raise ValueError(f'grpo.num_generations must be >= 2 (a group needs a baseline), got {gc.num_generations}')
+  if gc.kl.where not in ('loss', 'reward'):
+    raise ValueError(f"grpo.kl.where must be 'loss' or 'reward', got {gc.kl.where!r}")
+  if gc.estimator == 'reinforce_pp' and gc.kl.estimator not in ('k1', 'k3'):
+    raise ValueError(f"grpo.kl.estimator must be 'k1' or 'k3' for reinforce_pp (a per-token reward), got "
+                     f'{gc.kl.estimator!r}')
+  if gc.overlong not in ('none', 'mask', 'penalty'):
+    raise ValueError(f"grpo.overlong must be 'none', 'mask' or 'penalty', got {gc.overlong!r}")
+  if (gc.prompts_per_step * gc.num_generations) % gc.num_minibatches:
+    raise ValueError(f'grpo: prompts_per_step x num_generations must be divisible by num_minibatches '
+                     f'({gc.num_minibatches})')
+  if gc.drop_equal_groups and gc.oversample < 2:
+    raise ValueError(f'grpo.oversample must be >= 2 with drop_equal_groups, got {gc.oversample}')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Experience
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rollout(g, gc, eos_id: int, pad_id: int, policy, ref, reward, batch, rng):
+  """G samples per prompt and everything the loss needs that does not depend on the rewards (pure).
+
+  g: graphdefs {policy, ref, reward}; policy/ref/reward: TrainStates (ref/reward may be None when unused);
+  batch: {'prompt', 'prompt_mask'} [Bp, P] left-padded. Returns (exp, metrics); exp holds [Bp*G, ...] rows,
+  group-major: seq/att [R, P+N], mask [R, N] float, has_eos [R], rm_score [R] (0 without a reward model),
+  ref_logp / old_logp [R, N] when used.
+  """
+  prompt, prompt_mask = batch['prompt'], batch['prompt_mask']  # [Bp, P]
+  p = prompt.shape[1]
+  n_gen = gc.num_generations
+  out = sampling.sample(g['policy'], nnx.merge_state(policy.params, policy.rest), prompt, prompt_mask, rng,
+                        max_new_tokens=gc.max_new_tokens, temperature=gc.temperature, top_k=gc.top_k,
+                        top_p=gc.top_p, eos_token_id=eos_id, pad_token_id=pad_id, num_samples=n_gen)
+  tokens = out.tokens  # [R, N], R = Bp * G
+  seq = jnp.concatenate([jnp.repeat(prompt, n_gen, axis=0), tokens], 1)  # [R, P+N]
+  att = jnp.concatenate([jnp.repeat(prompt_mask, n_gen, axis=0), out.mask], 1)  # [R, P+N]
+  mask = out.mask.astype(jnp.float32)  # [R, N]
+  has_eos = jnp.any((tokens == eos_id) & (out.mask > 0), axis=1)  # [R]
+  exp = {'seq': seq, 'att': att, 'mask': mask, 'has_eos': has_eos}
+  temp = _temperature(gc)
+  if ref is not None:
+    exp['ref_logp'], _ = response_logprobs(_merge(g['ref'], ref), seq, att, p, temp)
+  if needs_old_logp(gc):
+    exp['old_logp'], _ = response_logprobs(_merge(g['policy'], policy), seq, att, p, temp)
+  exp['rm_score'] = (scoring.reward_at_last(_merge(g['reward'], reward), seq, att) if reward is not None
+                     else jnp.zeros(tokens.shape[:1], jnp.float32))  # [R], at the last real token
+  metrics = {'response_length': jnp.mean(jnp.sum(mask, 1)), 'eos_fraction': jnp.mean(has_eos),
+             'rm_score': jnp.mean(exp['rm_score'])}
+  return exp, metrics
+
+
+def _select_groups(gc, rewards, exp):
+  """DAPO's dynamic sampling in a fixed compiled batch (Yu et al. 2025, sec. 3.2; verl `filter_groups`).
+
+  Of the Bs = prompts_per_step x oversample sampled groups, keeps prompts_per_step: those whose rewards are
+  not all equal first (in sampling order), then, if too few, all-equal ones with their loss masked out.
+  Returns (rewards [Bk*G], exp with Bk*G rows, keep [Bk*G] bool, frac_reward_zero_std over the sampled groups).
+  """
+  n_gen, k = gc.num_generations, gc.prompts_per_step
+  grouped = rewards.reshape(-1, n_gen)  # [Bs, G]
+  informative = jnp.any(grouped != grouped[:, :1], axis=1)  # [Bs]
+  frac_zero_std = 1.0 - jnp.mean(informative.astype(jnp.float32))
+  if not gc.drop_equal_groups:
+    return rewards, exp, jnp.ones(rewards.shape, jnp.bool_), frac_zero_std
+  order = jnp.argsort(~informative, stable=True)[:k]  # informative groups first, each kind in sampling order
+  rows = (order[:, None] * n_gen + jnp.arange(n_gen)[None, :]).reshape(-1)  # [Bk*G]
+  exp = jax.tree.map(lambda x: x[rows], exp)
+  keep = jnp.repeat(informative[order], n_gen)  # [Bk*G]
+  return rewards[rows], exp, keep, frac_zero_std
+
+
+def advantages(gc, exp, rewards, beta):
+  """From per-response rewards to what the update consumes (pure).
+
+  exp: `rollout`'s output; rewards [R] (already weighted and summed over the reward functions); beta scalar.
+  Overlong responses (no EOS within max_new_tokens): 'mask' drops them from the loss (DAPO), 'penalty' gives
+  them `overlong_penalty` instead of their reward (as PPO's missing-EOS penalty). Returns (exp, metrics): exp
+  with 'advantages' ([R] or [R, N] for reinforce_pp) and 'mask' (0 on the rows the loss ignores).
+  """
+  rewards = jnp.asarray(rewards, jnp.float32)
+  if gc.overlong == 'penalty':
+    rewards = jnp.where(exp['has_eos'], rewards, gc.overlong_penalty)
+  metrics = {'reward': jnp.mean(rewards), 'reward_std': jnp.std(rewards)}
+  rewards, exp, keep, frac_zero_std = _select_groups(gc, rewards, exp)
+  metrics['frac_reward_zero_std'] = frac_zero_std
+  if gc.overlong == 'mask':
+    keep = keep & exp['has_eos']
+  exp = dict(exp)
+  mask = exp['mask'] * keep[:, None].astype(jnp.float32)  # [R, N]
+  n_gen = gc.num_generations
+  kl_in_reward = gc.kl.where == 'reward' and 'ref_logp' in exp
+  if gc.estimator == 'reinforce_pp':
+    adv, _ = rl.reinforce_pp_advantages(
+        exp['old_logp'], exp['ref_logp'], rewards, mask, beta,
+        group_size=n_gen if gc.reinforce_pp_baseline else None, kl_kind=gc.kl.estimator)
+  else:
+    if kl_in_reward:  # sequence KL in the reward, as TRL's RLOO: r_i - beta sum_t kl_t
+      kl = rl.kl_estimate(exp['old_logp'], exp['ref_logp'], gc.kl.estimator, mask=exp['mask'])
+      rewards = rewards - beta * jnp.sum(kl, axis=1)
+    if gc.estimator == 'grpo':
+      adv = rl.group_advantages(rewards, n_gen, scale=gc.scale_rewards, eps=gc.adv_eps)
+    elif gc.estimator == 'dr_grpo':
+      adv = rl.group_advantages(rewards, n_gen, scale='none')
+    else:
+      adv = rl.rloo_advantages(rewards, n_gen)
+  exp['advantages'] = adv
+  exp['mask'] = mask
+  metrics['kept_fraction'] = jnp.mean(keep.astype(jnp.float32))
+  return exp, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Update
+# ---------------------------------------------------------------------------------------------------------
+
+
+def grpo_loss(g, gc, prompt_len: int, params, rest, mb, beta):
+  """The policy loss of one minibatch and its metrics (pure). mb: a minibatch of `advantages`' exp."""
+  policy = nnx.merge(g['policy'], params, rest)
+  logp, logits = response_logprobs(policy, mb['seq'], mb['att'], prompt_len, _temperature(gc))
+  old_logp = mb['old_logp'] if 'old_logp' in mb else jax.lax.stop_gradient(logp)
+  kl_in_loss = gc.kl.where == 'loss' and 'ref_logp' in mb and gc.estimator != 'reinforce_pp'
+  loss, m = losses.grpo_policy_loss(
+      logp, old_logp, mb['advantages'], mb['mask'], clip_low=gc.clip_low, clip_high=gc.clip_high,
+      aggregation=gc.aggregation, constant_len=gc.max_new_tokens, ratio_level=gc.ratio_level,
+      ref_logp=mb['ref_logp'] if kl_in_loss else None, beta=beta, kl_kind=gc.kl.estimator)
+  if 'ref_logp' in mb and not kl_in_loss:  # log the KL the reward already paid
+    m['kl'] = rl.masked_mean(rl.kl_estimate(logp, mb['ref_logp'], gc.kl.estimator, mask=mb['mask']), mb['mask'])
+  m['entropy'] = rl.masked_mean(rl.entropy_from_logits(logits), mb['mask'])
+  m['loss'] = loss
+  return loss, m
+
+
+def update(g, gc, tx, policy, exp, rng, beta):
+  """num_iterations x num_minibatches optimizer steps in one `lax.scan` (pure). Returns (policy, metrics)."""
+  exp = {k: v for k, v in exp.items() if k in ('seq', 'att', 'mask', 'advantages', 'ref_logp', 'old_logp')}
+  rows = exp['seq'].shape[0]
+  prompt_len = exp['seq'].shape[1] - exp['mask'].shape[1]
+  n_iter, n_mb = gc.num_iterations, gc.num_minibatches
+  mb_size = rows // n_mb
+  if n_mb == 1:  # every step sees the whole batch: no gather
+    idx = jnp.broadcast_to(jnp.arange(rows), (n_iter, rows))
+  else:
+    perms = jax.vmap(lambda k: jax.random.permutation(k, rows))(jax.random.split(rng, n_iter))
+    idx = perms[:, :mb_size * n_mb].reshape(n_iter * n_mb, mb_size)
+
+  def one(policy, i):
+    mb = jax.tree.map(lambda x: x[i], exp)
+    grad_fn = jax.value_and_grad(lambda pp: grpo_loss(g, gc, prompt_len, pp, policy.rest, mb, beta), has_aux=True)
+    (_, m), grads = grad_fn(policy.params)
+    upd, opt_state = tx.update(grads, policy.opt_state, policy.params)
+    policy = policy.replace(step=policy.step + 1, params=optax.apply_updates(policy.params, upd),
+                            opt_state=opt_state)
+    m['grad_norm'] = optax.tree.norm(grads)
+    return policy, m
+
+  policy, ms = jax.lax.scan(one, policy, idx)
+  metrics = jax.tree.map(jnp.mean, ms)
+  metrics['nonfinite_skipped'] = state_lib.nonfinite_counts(policy)[1]
+  metrics['beta'] = jnp.asarray(beta, jnp.float32)
+  return policy, metrics
+
+
+class GRPOTrainer:
+  """The policy's (trained) and the reference's and reward model's (frozen) sharded states, and the compiled
+  experience (rollout + in-graph RM reward + advantages) and update. `reward_model` None: no in-graph RM."""
+
+  def __init__(self, config, mesh, policy_model, ref_model, reward_model, tokenizer_ids):
+    gc = config.grpo
+    check_config(gc)
+    self.gc, self.mesh = gc, mesh
+    self.eos_id, self.pad_id = tokenizer_ids
+    self.tx = state_lib.make_optimizer(gc.optimizer, gc.iterations * gc.num_iterations * gc.num_minibatches)
+    g, st, sh = {}, {}, {}
+    models = {'policy': (policy_model, self.tx), 'ref': (ref_model if uses_ref(gc) else None, None),
+              'reward': (reward_model, None)}
+    for name, (model, tx) in models.items():
+      if model is None:
+        g[name], st[name], sh[name] = None, None, None
+        continue
+      g[name], st[name], sh[name] = state_lib.place_state(model, tx, mesh)
+    self.graphdefs, self.states, self.shardings = g, st, sh
+    rep, batch_sh = shd.replicated(mesh), shd.batch_sharding(mesh)
+
+    def experience(p, r, w, batch, key, beta):
+      exp, m = rollout(g, gc, self.eos_id, self.pad_id, p, r, w, batch, key)
+      exp, am = advantages(gc, exp, exp['rm_score'], beta)
+      return exp, {**m, **am}
+
+    self.experience = jax.jit(experience, in_shardings=(sh['policy'], sh['ref'], sh['reward'], batch_sh, rep, rep))
+    self.update = jax.jit(lambda p, e, k, beta: update(g, gc, self.tx, p, e, k, beta),
+                          in_shardings=(sh['policy'], batch_sh, rep, rep), out_shardings=(sh['policy'], rep),
+                          donate_argnums=(0,))
+
+  def step(self, prompts, rng, beta):
+    """One rollout and its updates: (experience metrics + update metrics)."""
+    st = self.states
+    k_exp, k_upd = jax.random.split(rng)
+    beta = jnp.float32(beta)
+    exp, em = self.experience(st['policy'], st['ref'], st['reward'], prompts, k_exp, beta)
+    st['policy'], um = self.update(st['policy'], exp, k_upd, beta)
+    return {**em, **um}
