@@ -228,3 +228,26 @@ def test_preset_config_files(name):
     assert c.model.param_dtype == 'float32' and c.mesh.fsdp == -1
     assert c.sft.optimizer.lr == 5e-6 and c.ppo.kl.coef == 0.05
     assert 1e-7 <= c.ppo.policy_optimizer.lr <= 1e-6
+
+
+def test_scanned_layout_loads_and_saves_the_same_folder(folders, tmp_path):
+  """scan_layers: the HF name map stacks on the way in and unstacks on the way out (LM and scalar model)."""
+  path = folders['qwen3']
+  ids, mask = _batch()
+  plain = hf.load_pretrained(path)
+  scanned = hf.load_pretrained(path, scan_layers=True, remat='full')
+  assert scanned.blocks.attn.q_norm.scale[...].shape == (2, 12)
+  np.testing.assert_allclose(_ours(scanned, ids, mask), _ours(plain, ids, mask), atol=1e-5)
+  hf.save_pretrained(scanned, tmp_path / 'out')
+  back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out', output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys'], info
+  assert _max_err(_torch_logits(back.eval(), ids, mask), _ours(plain, ids, mask), mask) < 1e-4
+  assert 'scan_layers' not in json.loads((tmp_path / 'out' / 'config.json').read_text())
+  rm = hf.load_pretrained_body(path, scan_layers=True)
+  rm_plain = hf.load_pretrained_body(path)
+  np.testing.assert_allclose(np.asarray(rm.score(jnp.asarray(ids), jnp.asarray(mask))),
+                             np.asarray(rm_plain.score(jnp.asarray(ids), jnp.asarray(mask))), atol=1e-5)
+  hf.save_pretrained(rm, tmp_path / 'rm')
+  again = hf.load_scalar_model(tmp_path / 'rm', scan_layers=True)
+  np.testing.assert_allclose(np.asarray(again.score(jnp.asarray(ids), jnp.asarray(mask))),
+                             np.asarray(rm_plain.score(jnp.asarray(ids), jnp.asarray(mask))), atol=1e-5)

@@ -18,6 +18,9 @@ Saving writes what `transformers.AutoModelForCausalLM` (LM) or `AutoModelForSequ
 (`TransformerConfig.hf_model_type`); a model built here maps by its features: gpt2 -> GPT2, llama with qk_norm
 -> Qwen3, with qkv bias -> Qwen2, with a sliding window -> Mistral, else Llama.
 
+Either block layout of our model (`scan_layers`: stacked on a leading 'layers' axis) loads and saves the same
+HF folder: the name map is per layer, and the stacked layout is converted on the way (`stack_blocks`).
+
 Not supported (one-line ValueError at load): RoPE scalings other than linear, dynamic and llama3 (yarn,
 longrope), partial rotary, Qwen2/Qwen3 sliding-window layers (Mistral's single window is supported), and
 attention/MLP biases that our llama layout has no place for.
@@ -45,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from jax_rlhf.models.heads import ScalarHead, ScalarModel
-from jax_rlhf.models.transformer import Transformer, TransformerConfig
+from jax_rlhf.models.transformer import Transformer, TransformerConfig, stack_blocks, unstack_blocks
 
 SUPPORTED_MODEL_TYPES = ('gpt2', 'llama', 'qwen2', 'qwen3', 'mistral')
 _PREFIX = {'gpt2': 'transformer.', 'llama': 'model.', 'qwen2': 'model.', 'qwen3': 'model.', 'mistral': 'model.'}
@@ -363,6 +366,8 @@ def state_to_hf(model: Transformer | ScalarModel, *, dtype: str | None = None) -
   if not scalar and not (body.has_lm_head or cfg.tie_embeddings):
     raise ValueError('this Transformer was built without an LM head (lm_head=False, untied); nothing to save as an LM')
   flat = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+  if cfg.scan_layers:
+    flat = unstack_blocks(flat)
   if scalar:
     gain = _host(flat.pop(('head', 'norm_gain')))
     flat[('head', 'kernel')] = _host(flat[('head', 'kernel')]) * gain
@@ -444,6 +449,8 @@ def read_weights(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
 def _build(abstract: nnx.Module, arrays: dict[tuple, Any], put_fn: PutFn | None) -> nnx.Module:
   """Fill an abstract (eval_shape) module with `arrays`, each cast to the dtype the module declares."""
   put = put_fn or (lambda x, _: jnp.asarray(x))
+  if abstract.config.scan_layers:  # the per-layer arrays of the name map -> the stacked blocks
+    arrays = stack_blocks(arrays, abstract.config.num_layers)
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
   left = sorted('/'.join(map(str, p)) for p, _ in flat if p not in arrays)
