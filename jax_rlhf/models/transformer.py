@@ -22,6 +22,9 @@ with one `jax.lax.scan`, so a deep model is traced and compiled once per block i
 the plain model's values; the scanned layout changes parameter paths (`blocks/attn/q` [L, D, H, Dh] instead of
 `blocks/<i>/attn/q`): `stack_blocks` / `unstack_blocks` convert flat states, and `models.hf` reads and writes
 either layout. The KV-cached decode runs in either layout (scanned: a stacked cache, see `init_cache`).
+Measured on XLA:CPU (bench/remat.py): remat lowers the compiled step's temporary memory only together with
+scan_layers; without scan the recomputation is in the program (optimization barriers and all) but the CPU
+scheduler runs it early, so the step's temp bytes are those of remat=none. Use remat with scan_layers.
 
 Usage (functional core): `graphdef, state = nnx.split(model)` once; jitted functions take `state` and
 call `nnx.merge(graphdef, state)` inside.
