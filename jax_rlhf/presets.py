@@ -1,4 +1,5 @@
-"""Presets for real models on real preference data: GPT-2 (124M) and Qwen2.5-0.5B, with Anthropic HH-RLHF or
+"""Presets for real models on real preference data: GPT-2 (124M), Qwen2.5-0.5B, Llama-3.2-1B, Qwen3-0.6B and
+Qwen3-1.7B, with Anthropic HH-RLHF or
 OpenAI's TL;DR (summarize-from-feedback), read from files the user downloaded. `configs/presets/*.py` call
 `preset_config(model, data, arg)`; `arg` is a comma list:
 
@@ -15,6 +16,15 @@ temperature 0.7, 53 response tokens, missing-EOS penalty -1) and InstructGPT (RM
 Scaled to smaller models: the learning rates are raised (GPT-2 124M: 1e-5 SFT and RM, 3e-6 PPO; Qwen2.5-0.5B:
 5e-6 SFT and RM, 1e-6 PPO) and the batches sized for one GPU or a TPU v4-8 (gradient accumulation is not
 needed at these sizes). The default step counts are about one epoch of each dataset.
+
+Llama 3.x and Qwen3 (the families people align now): Tulu 3 (Lambert et al. 2024, arXiv 2411.15124, and
+allenai/open-instruct docs/tulu3.md) on Llama-3.1-8B uses SFT lr 5e-6 (linear, 3% warm-up, batch 128), RM lr
+3e-6 (one epoch), PPO (RLVR) lr 3e-7 with KL beta 0.05, DPO lr 5e-7. Our smaller models take those values
+raised as above for the size: Llama-3.2-1B SFT 5e-6, RM 3e-6, PPO 5e-7; Qwen3-1.7B the same; Qwen3-0.6B the
+Qwen2.5-0.5B values (5e-6, 5e-6, 1e-6). KL beta stays N+'s 0.05 (the same value as Tulu 3). All three keep
+parameters in float32 and compute in bfloat16 like the presets above, sharded ZeRO-3 style (fsdp). Shapes:
+`jax_rlhf.models.transformer.PRESETS` (from the models' config.json files on the Hugging Face hub); the model
+itself is read from `model_dir` (its config.json wins).
 """
 from __future__ import annotations
 
@@ -28,6 +38,15 @@ MODELS = {
     'gpt2': dict(dir='~/models/gpt2', dtype='bfloat16', sft_lr=1e-5, rm_lr=1e-5, ppo_lr=3e-6, mesh=dict(data=-1, fsdp=1)),
     'qwen2.5-0.5b': dict(dir='~/models/Qwen2.5-0.5B', dtype='bfloat16', sft_lr=5e-6, rm_lr=5e-6, ppo_lr=1e-6,
                          mesh=dict(data=1, fsdp=-1)),  # ZeRO-3 style: parameters and Adam state sharded
+    # Llama 3.2 1B (base): rope_type llama3 (factor 32), GQA 32/8 heads, tied embeddings. Tulu 3's rates.
+    'llama-3.2-1b': dict(dir='~/models/Llama-3.2-1B', dtype='bfloat16', sft_lr=5e-6, rm_lr=3e-6, ppo_lr=5e-7,
+                         mesh=dict(data=1, fsdp=-1)),
+    # Qwen3 0.6B (base): q/k RMSNorm, head_dim 128 decoupled from width 1024, tied embeddings.
+    'qwen3-0.6b': dict(dir='~/models/Qwen3-0.6B-Base', dtype='bfloat16', sft_lr=5e-6, rm_lr=5e-6, ppo_lr=1e-6,
+                       mesh=dict(data=1, fsdp=-1)),
+    # Qwen3 1.7B (base): as 0.6B at width 2048; between Qwen2.5-0.5B's and Tulu 3's 8B rates.
+    'qwen3-1.7b': dict(dir='~/models/Qwen3-1.7B-Base', dtype='bfloat16', sft_lr=5e-6, rm_lr=3e-6, ppo_lr=5e-7,
+                       mesh=dict(data=1, fsdp=-1)),
 }
 DATA = {
     # HH-RLHF: SFT on the chosen responses (a ranking source gives its best response), RM on the pairs, PPO

@@ -2,7 +2,7 @@
 
 Mesh axes are `('data', 'fsdp', 'model')`. `fsdp` shards parameters and optimizer state (ZeRO-3 style),
 `model` is tensor parallelism, batches are split over `('data', 'fsdp')`. Parameters carry logical names
-(`vocab`, `embed`, `mlp`, `heads`, `kv`, `norm`); one rules table maps each logical name to a mesh axis
+(`vocab`, `embed`, `mlp`, `heads`, `kv`, `norm`, `layers`); one rules table maps each logical name to a mesh axis
 (or None = replicated). A dimension that the mesh axis does not divide is replicated instead, so the same
 rules serve 1 CPU, 8 fake CPU devices, a GPU or a TPU slice.
 """
@@ -27,6 +27,7 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ('heads', 'model'),
     ('kv', None),
     ('norm', None),
+    ('layers', None),  # the stacked blocks' leading axis (TransformerConfig.scan_layers): never sharded
 )
 
 

@@ -162,7 +162,8 @@ def _one_line_error(exc_type, fn, *needles):
 
 
 def test_clear_errors(hf_models, tmp_path):
-  _one_line_error(ValueError, lambda: hf.config_from_hf({'model_type': 'bert'}), "'bert'", 'gpt2, llama, qwen2')
+  _one_line_error(ValueError, lambda: hf.config_from_hf({'model_type': 'bert'}), "'bert'",
+                  'gpt2, llama, qwen2, qwen3, mistral')
   missing = str(tmp_path / 'nowhere')
   _one_line_error(FileNotFoundError, lambda: hf.load_pretrained(missing), missing)
   (tmp_path / 'empty').mkdir()
@@ -181,8 +182,8 @@ def test_clear_errors(hf_models, tmp_path):
 def test_unsupported_features_and_bad_tensors(hf_models, tmp_path):
   llama = _hf_config('llama').to_dict()
   _one_line_error(ValueError, lambda: hf.config_from_hf({**llama, 'rope_parameters': None,
-                                                          'rope_scaling': {'type': 'linear', 'factor': 2.0}}),
-                  'linear')
+                                                          'rope_scaling': {'type': 'yarn', 'factor': 2.0}}),
+                  'yarn')
   _one_line_error(ValueError, lambda: hf.config_from_hf({**llama, 'attention_bias': True}), 'attention_bias')
   qwen = _hf_config('qwen2').to_dict()
   _one_line_error(ValueError, lambda: hf.config_from_hf({**qwen, 'use_sliding_window': True, 'sliding_window': 8,

@@ -1,4 +1,5 @@
-"""Hugging Face folders <-> our models, for GPT-2, Llama and Qwen2, without torch.
+"""Hugging Face folders <-> our models, for GPT-2, Llama (RoPE scalings linear, dynamic, llama3), Qwen2, Qwen3 and
+Mistral, without torch.
 
     model = load_pretrained('path/to/hf_folder')          # Transformer; model(ids, attention_mask=m) -> logits
     rm = load_scalar_model('path/to/seq_cls_folder')      # ScalarModel from a *ForSequenceClassification folder
@@ -9,11 +10,20 @@ A folder holds `config.json` and `model.safetensors` (or a sharded `model.safete
 are read tensor by tensor with safetensors' numpy backend, so torch is never imported. Tensor names are
 mapped per family (`_rules`): GPT-2's Conv1D weights are stored [in, out] and its tied `lm_head` is absent;
 Llama/Qwen2 Linear weights are [out, in]; ours are q/k/v [D, H, Dh], o [H, Dh, D], MLP [in, out],
-lm_head [D, V]. Names are accepted with or without the base-model prefix (`transformer.` / `model.`).
+lm_head [D, V]; Qwen3's per-head `q_norm`/`k_norm` [Dh]. Names are accepted with or without the base-model
+prefix (`transformer.` / `model.`).
 
 Saving writes what `transformers.AutoModelForCausalLM` (LM) or `AutoModelForSequenceClassification`
-(ScalarModel) loads with no missing or unexpected weights. Our layouts map to: gpt2 -> GPT2, llama without
-qkv bias -> Llama, llama with qkv bias -> Qwen2.
+(ScalarModel) loads with no missing or unexpected weights. A loaded model saves as its own family
+(`TransformerConfig.hf_model_type`); a model built here maps by its features: gpt2 -> GPT2, llama with qk_norm
+-> Qwen3, with qkv bias -> Qwen2, with a sliding window -> Mistral, else Llama.
+
+Either block layout of our model (`scan_layers`: stacked on a leading 'layers' axis) loads and saves the same
+HF folder: the name map is per layer, and the stacked layout is converted on the way (`stack_blocks`).
+
+Not supported (one-line ValueError at load): RoPE scalings other than linear, dynamic and llama3 (yarn,
+longrope), partial rotary, Qwen2/Qwen3 sliding-window layers (Mistral's single window is supported), and
+attention/MLP biases that our llama layout has no place for.
 
 Scalar models: HF's `score` is a Linear(D, 1) without bias. Our head computes
 `(h . kernel + bias) * norm_gain + norm_bias`; it is saved folded: `score.weight = kernel * norm_gain` and the
@@ -38,13 +48,15 @@ import numpy as np
 from flax import nnx
 
 from jax_rlhf.models.heads import ScalarHead, ScalarModel
-from jax_rlhf.models.transformer import Transformer, TransformerConfig
+from jax_rlhf.models.transformer import Transformer, TransformerConfig, stack_blocks, unstack_blocks
 
-SUPPORTED_MODEL_TYPES = ('gpt2', 'llama', 'qwen2')
-_PREFIX = {'gpt2': 'transformer.', 'llama': 'model.', 'qwen2': 'model.'}
-_ARCH_LM = {'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}
+SUPPORTED_MODEL_TYPES = ('gpt2', 'llama', 'qwen2', 'qwen3', 'mistral')
+_PREFIX = {'gpt2': 'transformer.', 'llama': 'model.', 'qwen2': 'model.', 'qwen3': 'model.', 'mistral': 'model.'}
+_ARCH_LM = {'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
+            'qwen3': 'Qwen3ForCausalLM', 'mistral': 'MistralForCausalLM'}
 _ARCH_SCALAR = {'gpt2': 'GPT2ForSequenceClassification', 'llama': 'LlamaForSequenceClassification',
-                'qwen2': 'Qwen2ForSequenceClassification'}
+                'qwen2': 'Qwen2ForSequenceClassification', 'qwen3': 'Qwen3ForSequenceClassification',
+                'mistral': 'MistralForSequenceClassification'}
 _ACTIVATIONS = {'gelu_new': 'gelu_new', 'gelu_pytorch_tanh': 'gelu_new', 'gelu': 'gelu', 'silu': 'silu',
                 'swish': 'silu'}
 # HF buffers that may sit in a weights file but are not parameters.
@@ -62,17 +74,37 @@ def _first(x):
   return x[0] if isinstance(x, (list, tuple)) else x
 
 
-def _rope_theta(c: Mapping) -> float:
-  """RoPE base from `rope_parameters`/`rope_scaling` (transformers 5) or `rope_theta` (4.x); only plain RoPE."""
+def _rope(c: Mapping) -> dict:
+  """Our RoPE fields from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (4.x).
+
+  Supported: default, linear, dynamic (NTK) and llama3 scalings, one for all layers, full-width rotary.
+  """
   params = c.get('rope_parameters') or c.get('rope_scaling') or {}
   if not isinstance(params, Mapping) or any(isinstance(v, Mapping) for v in params.values()):
-    raise ValueError(f'unsupported per-layer RoPE parameters {params!r}; only one plain (default) RoPE is supported')
-  kind = params.get('rope_type', params.get('type', 'default'))
-  if kind not in (None, 'default'):
-    raise ValueError(f'unsupported RoPE scaling {kind!r} ({params!r}); only the default (unscaled) RoPE is supported')
+    raise ValueError(f'unsupported per-layer RoPE parameters {params!r}; only one RoPE for all layers is supported')
+  kind = params.get('rope_type', params.get('type', 'default')) or 'default'
+  if kind not in ('default', 'linear', 'dynamic', 'llama3'):
+    raise ValueError(f'unsupported RoPE scaling {kind!r} ({params!r}); supported: default, linear, dynamic, llama3')
   if params.get('partial_rotary_factor', c.get('partial_rotary_factor', 1.0)) not in (None, 1, 1.0):
     raise ValueError('unsupported partial_rotary_factor; only full-width RoPE is supported')
-  return float(params.get('rope_theta', c.get('rope_theta') or 10000.0))
+  out = dict(rope_theta=float(params.get('rope_theta', c.get('rope_theta') or 10000.0)), rope_type=kind)
+  if kind != 'default':
+    out['rope_factor'] = float(params['factor'])
+  if kind == 'llama3':
+    out.update(rope_low_freq_factor=float(params['low_freq_factor']),
+               rope_high_freq_factor=float(params['high_freq_factor']),
+               rope_original_max_len=int(params['original_max_position_embeddings']))
+  return out
+
+
+def _rope_to_hf(cfg: TransformerConfig) -> dict:
+  p = {'rope_type': cfg.rope_type, 'rope_theta': cfg.rope_theta}
+  if cfg.rope_type != 'default':
+    p['factor'] = cfg.rope_factor
+  if cfg.rope_type == 'llama3':
+    p.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+             original_max_position_embeddings=cfg.rope_original_max_len)
+  return p
 
 
 def config_from_hf(hf_config: Mapping | Any, **overrides) -> TransformerConfig:
@@ -113,33 +145,48 @@ def _config_from_hf(c: dict, overrides: dict) -> TransformerConfig:
   else:
     if c.get('mlp_bias'):
       raise ValueError(f'unsupported {mt} option mlp_bias=True (no MLP biases in the llama layout)')
-    if mt == 'llama' and c.get('attention_bias'):
-      raise ValueError('unsupported llama option attention_bias=True (its o_proj bias has no place in our '
+    if mt in ('llama', 'qwen3', 'mistral') and c.get('attention_bias'):
+      raise ValueError(f'unsupported {mt} option attention_bias=True (its o_proj bias has no place in our '
                        'llama layout; only q/k/v biases, as Qwen2, are supported)')
-    if mt == 'qwen2' and c.get('use_sliding_window') and c.get('sliding_window') is not None:
+    if mt in ('qwen2', 'qwen3') and c.get('use_sliding_window') and c.get('sliding_window') is not None:
       n, window = c['num_hidden_layers'], c['sliding_window']
       types = c.get('layer_types') or ['sliding_attention' if i >= c.get('max_window_layers', 28) else 'full'
                                        for i in range(n)]
       if 'sliding_attention' in types and window < c.get('max_position_embeddings', 32768):
-        raise ValueError(f'unsupported qwen2 sliding-window attention (window {window} on some layers); '
-                         'only full attention is supported')
+        raise ValueError(f'unsupported {mt} sliding-window attention (window {window} on some layers); '
+                         'only full attention is supported for this family')
+    if mt == 'mistral' and c.get('layer_types'):
+      raise ValueError('unsupported mistral option layer_types (alternating attention); one window for all '
+                       'layers is supported')
     kw = dict(vocab_size=c['vocab_size'], num_layers=c['num_hidden_layers'], num_heads=c['num_attention_heads'],
               num_kv_heads=c.get('num_key_value_heads') or c['num_attention_heads'], embed_dim=c['hidden_size'],
               mlp_dim=c['intermediate_size'], head_dim=c.get('head_dim'),
               max_len=c.get('max_position_embeddings', 2048), layout='llama',
-              norm_eps=c.get('rms_norm_eps', 1e-6), rope_theta=_rope_theta(c),
-              qkv_bias=mt == 'qwen2',
+              norm_eps=c.get('rms_norm_eps', 1e-6), **_rope(c), qkv_bias=mt == 'qwen2', qk_norm=mt == 'qwen3',
+              sliding_window=c.get('sliding_window') if mt == 'mistral' else None,
               tie_embeddings=c.get('tie_word_embeddings', False))
-  kw.update(activation=_ACTIVATIONS[act], initializer_range=c.get('initializer_range', 0.02), dropout_rate=0.0, **ids)
+  kw.update(activation=_ACTIVATIONS[act], initializer_range=c.get('initializer_range', 0.02), dropout_rate=0.0,
+            hf_model_type=mt, **ids)
   kw.update(overrides)
   return TransformerConfig(**kw)
 
 
 def model_type_of(cfg: TransformerConfig) -> str:
-  """The HF family our config is saved as: gpt2, qwen2 (llama layout with qkv bias) or llama."""
+  """The HF family our config is saved as: the one it was loaded from when that family can hold it, else
+  gpt2, qwen3 (llama layout with qk_norm), qwen2 (with qkv bias), mistral (with a sliding window) or llama."""
   if cfg.layout == 'gpt2':
     return 'gpt2'
-  return 'qwen2' if cfg.qkv_bias else 'llama'
+  fits = {'qwen3': cfg.qk_norm and not cfg.qkv_bias and cfg.sliding_window is None,
+          'qwen2': cfg.qkv_bias and not cfg.qk_norm and cfg.sliding_window is None,
+          'mistral': not cfg.qkv_bias and not cfg.qk_norm,
+          'llama': not cfg.qkv_bias and not cfg.qk_norm and cfg.sliding_window is None}
+  if cfg.hf_model_type in fits and fits[cfg.hf_model_type]:
+    return cfg.hf_model_type
+  for mt in ('qwen3', 'qwen2', 'llama', 'mistral'):
+    if fits[mt]:
+      return mt
+  raise ValueError(f'no HF family holds a llama-layout model with qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}, '
+                   f'sliding_window={cfg.sliding_window}')
 
 
 def config_to_hf(cfg: TransformerConfig, *, scalar: bool = False, dtype: str | None = None) -> dict:
@@ -162,12 +209,15 @@ def config_to_hf(cfg: TransformerConfig, *, scalar: bool = False, dtype: str | N
     c = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.ffn_dim,
              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
              head_dim=cfg.hdim, hidden_act=act, max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
-             rope_theta=cfg.rope_theta, rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
-             attention_dropout=0.0)
+             rope_theta=cfg.rope_theta, rope_parameters=_rope_to_hf(cfg), attention_dropout=0.0)
     if mt == 'llama':
       c.update(attention_bias=False, mlp_bias=False)
+    elif mt == 'mistral':
+      c.update(sliding_window=cfg.sliding_window)
     else:
       c.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+      if mt == 'qwen3':
+        c.update(attention_bias=False)
   arch = (_ARCH_SCALAR if scalar else _ARCH_LM)[mt]
   c.update(architectures=[arch], model_type=mt, tie_word_embeddings=cfg.tie_embeddings,
            initializer_range=cfg.initializer_range, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
@@ -234,6 +284,8 @@ def _rules(cfg: TransformerConfig, *, lm_head: bool, scalar: bool) -> list[_Rule
         if cfg.qkv_bias:
           rules.append(_one(p + f'self_attn.{n}_proj.bias', (heads * dh,), o + ('attn', n + '_bias'),
                             lambda x, heads=heads: x.reshape(heads, dh), lambda y: y.reshape(-1)))
+      if cfg.qk_norm:
+        rules += [_one(p + f'self_attn.{n}_norm.weight', (dh,), o + ('attn', f'{n}_norm', 'scale')) for n in 'qk']
       rules += [
           _one(p + 'self_attn.o_proj.weight', (d, h * dh), o + ('attn', 'o'), lambda x: t(x).reshape(h, dh, d),
                lambda y: t(y.reshape(h * dh, d))),
@@ -314,6 +366,8 @@ def state_to_hf(model: Transformer | ScalarModel, *, dtype: str | None = None) -
   if not scalar and not (body.has_lm_head or cfg.tie_embeddings):
     raise ValueError('this Transformer was built without an LM head (lm_head=False, untied); nothing to save as an LM')
   flat = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+  if cfg.scan_layers:
+    flat = unstack_blocks(flat)
   if scalar:
     gain = _host(flat.pop(('head', 'norm_gain')))
     flat[('head', 'kernel')] = _host(flat[('head', 'kernel')]) * gain
@@ -395,6 +449,8 @@ def read_weights(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
 def _build(abstract: nnx.Module, arrays: dict[tuple, Any], put_fn: PutFn | None) -> nnx.Module:
   """Fill an abstract (eval_shape) module with `arrays`, each cast to the dtype the module declares."""
   put = put_fn or (lambda x, _: jnp.asarray(x))
+  if abstract.config.scan_layers:  # the per-layer arrays of the name map -> the stacked blocks
+    arrays = stack_blocks(arrays, abstract.config.num_layers)
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
   left = sorted('/'.join(map(str, p)) for p, _ in flat if p not in arrays)

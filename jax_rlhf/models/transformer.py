@@ -1,8 +1,10 @@
-"""A decoder-only transformer for GPT-2 and Llama/Qwen2 layouts, in Flax NNX.
+"""A decoder-only transformer for GPT-2 and Llama/Qwen2/Qwen3/Mistral layouts, in Flax NNX.
 
 One `TransformerConfig` covers both layouts:
   gpt2:  learned positions, LayerNorm, GELU (tanh approximation), tied embeddings, biases everywhere.
-  llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied LM head; `qkv_bias` for Qwen2.
+  llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied LM head; `qkv_bias` for Qwen2, `qk_norm` for
+         Qwen3 (RMSNorm of each head's q and k before RoPE), `sliding_window` for Mistral, and RoPE frequency
+         scaling `rope_type` in linear | dynamic | llama3 (Llama 3.x), as transformers defines them.
 
 Every parameter carries *logical* axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`, `norm`); the mesh
 axes they map to live in one rules table (`jax_rlhf.sharding`). Model math never names a mesh axis.
@@ -11,6 +13,18 @@ Positions come from the attention mask (cumulative sum), so a left-padded prompt
 same prompt unpadded. The KV cache is an explicit pytree (`init_cache`), so the sampler can carry it
 through `lax.while_loop`; the model writes the new keys/values at `cache_index` and attends to every
 cache slot that is both valid (`attention_mask`) and not in the future.
+
+Memory and compile time at depth (`remat`, `scan_layers`): `remat` wraps each block's training forward in
+`jax.checkpoint` (full: only the block's input is kept for the backward pass, the rest is recomputed;
+dots_saveable: the matmul outputs are kept, the elementwise work is recomputed). `scan_layers` keeps the blocks
+as one `Block` whose parameters have a leading [L] axis (logical name 'layers', never sharded) and runs them
+with one `jax.lax.scan`, so a deep model is traced and compiled once per block instead of L times. Both give
+the plain model's values; the scanned layout changes parameter paths (`blocks/attn/q` [L, D, H, Dh] instead of
+`blocks/<i>/attn/q`): `stack_blocks` / `unstack_blocks` convert flat states, and `models.hf` reads and writes
+either layout. The KV-cached decode runs in either layout (scanned: a stacked cache, see `init_cache`).
+Measured on XLA:CPU (bench/remat.py): remat lowers the compiled step's temporary memory only together with
+scan_layers; without scan the recomputation is in the program (optimization barriers and all) but the CPU
+scheduler runs it early, so the step's temp bytes are those of remat=none. Use remat with scan_layers.
 
 Usage (functional core): `graphdef, state = nnx.split(model)` once; jitted functions take `state` and
 call `nnx.merge(graphdef, state)` inside.
@@ -23,11 +37,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-Cache = list  # one {'k': [B, Hkv, Dh, S], 'v': [B, Hkv, S, Dh]} per layer (the layouts the attention dots read)
+# One {'k': [B, Hkv, Dh, S], 'v': [B, Hkv, S, Dh]} per layer (the layouts the attention dots read); with
+# scan_layers one such dict whose arrays carry a leading [L] axis.
+Cache = list | dict
 
 LAYOUTS = ('gpt2', 'llama')
+ROPE_TYPES = ('default', 'linear', 'dynamic', 'llama3')
+# remat -> jax.checkpoint policy (None: save nothing, recompute the whole block in the backward pass).
+REMAT_POLICIES = {'none': None, 'full': None, 'dots_saveable': jax.checkpoint_policies.dots_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +64,17 @@ class TransformerConfig:
   layout: str = 'gpt2'               # 'gpt2' | 'llama' (Llama, Qwen2, Mistral-style)
   norm_eps: float = 1e-5
   rope_theta: float = 10000.0
+  rope_type: str = 'default'         # RoPE frequency scaling: default | linear | dynamic (NTK) | llama3
+  rope_factor: float = 1.0           # linear/dynamic/llama3: the context extension factor
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / this are divided by factor
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept
+  rope_original_max_len: int = 8192  # llama3: original_max_position_embeddings (the pre-extension context)
   qkv_bias: bool = False             # Qwen2: biases on q/k/v only (gpt2 always has biases)
+  qk_norm: bool = False              # Qwen3: RMSNorm over head_dim of every q and k head, before RoPE
+  sliding_window: int | None = None  # Mistral: a query attends to at most this many slots (itself included)
+  hf_model_type: str | None = None   # HF family saved as (set by hf.load_pretrained); None: from the layout
+  remat: str = 'none'                # activation checkpointing per block in training: none | full | dots_saveable
+  scan_layers: bool = False          # blocks stacked on a leading 'layers' axis and run by one lax.scan
   tie_embeddings: bool = True        # GPT-2 ties the LM head to the token embedding
   activation: str = 'gelu_new'       # gpt2: gelu_new (tanh approximation); llama: silu
   dropout_rate: float = 0.0          # residual/attention/embedding dropout; only applied when a dropout key is given
@@ -60,6 +90,14 @@ class TransformerConfig:
       raise ValueError(f'model layout must be one of {LAYOUTS}, got {self.layout!r}')
     if self.num_heads % self.kv_heads:
       raise ValueError(f'num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}')
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f'rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}')
+    if self.layout == 'gpt2' and (self.qk_norm or self.rope_type != 'default'):
+      raise ValueError('qk_norm and rope_type apply to the llama layout only')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}')
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f'sliding_window must be >= 1 or None, got {self.sliding_window}')
 
   @property
   def kv_heads(self) -> int:
@@ -82,7 +120,8 @@ class TransformerConfig:
       per_layer = 4 * d + d * (h + 2 * kv) * dh + (h + 2 * kv) * dh + h * dh * d + d + 2 * d * f + f + d
       rest = v * d + self.max_len * d + 2 * d
     else:
-      per_layer = 2 * d + d * (h + 2 * kv) * dh + (h + 2 * kv) * dh * self.qkv_bias + h * dh * d + 3 * d * f
+      per_layer = (2 * d + d * (h + 2 * kv) * dh + (h + 2 * kv) * dh * self.qkv_bias + h * dh * d + 3 * d * f
+                   + 2 * dh * self.qk_norm)
       rest = v * d + d
     head = v * d if (lm_head and not self.tie_embeddings) else 0
     return self.num_layers * per_layer + rest + head
@@ -100,6 +139,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                  bos_token_id=50256, pad_token_id=50256),
     'gpt2-medium': dict(vocab_size=50257, num_layers=24, num_heads=16, embed_dim=1024, max_len=1024,
                         eos_token_id=50256, bos_token_id=50256, pad_token_id=50256),
+    # The families aligned now, from their config.json on the Hugging Face hub (meta-llama/Llama-3.2-1B,
+    # Qwen/Qwen3-0.6B-Base, Qwen/Qwen3-1.7B-Base); fp32 like every preset (the training config sets dtypes).
+    'llama-3.2-1b': dict(vocab_size=128256, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, embed_dim=2048,
+                         mlp_dim=8192, max_len=131072, layout='llama', activation='silu', norm_eps=1e-5,
+                         rope_theta=500000.0, rope_type='llama3', rope_factor=32.0, rope_low_freq_factor=1.0,
+                         rope_high_freq_factor=4.0, rope_original_max_len=8192, tie_embeddings=True,
+                         bos_token_id=128000, eos_token_id=128001, pad_token_id=128001, hf_model_type='llama'),
+    'qwen3-0.6b': dict(vocab_size=151936, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, embed_dim=1024,
+                       mlp_dim=3072, max_len=32768, layout='llama', activation='silu', norm_eps=1e-6,
+                       rope_theta=1000000.0, qk_norm=True, tie_embeddings=True, bos_token_id=151643,
+                       eos_token_id=151643, pad_token_id=151643, hf_model_type='qwen3'),
+    'qwen3-1.7b': dict(vocab_size=151936, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, embed_dim=2048,
+                       mlp_dim=6144, max_len=32768, layout='llama', activation='silu', norm_eps=1e-6,
+                       rope_theta=1000000.0, qk_norm=True, tie_embeddings=True, bos_token_id=151643,
+                       eos_token_id=151643, pad_token_id=151643, hf_model_type='qwen3'),
 }
 
 
@@ -135,12 +189,13 @@ def _dropout(x, rate: float, key):
 class Norm(nnx.Module):
   """LayerNorm (gpt2) or RMSNorm (llama), computed in float32."""
 
-  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs, dim: int | None = None):
     self.rms = cfg.layout == 'llama'
     self.eps = cfg.norm_eps
-    self.scale = _param(rngs, (cfg.embed_dim,), ('norm',), cfg, init='ones')
+    dim = dim or cfg.embed_dim
+    self.scale = _param(rngs, (dim,), ('norm',), cfg, init='ones')
     if not self.rms:
-      self.bias = _param(rngs, (cfg.embed_dim,), ('norm',), cfg, init='zeros')
+      self.bias = _param(rngs, (dim,), ('norm',), cfg, init='zeros')
 
   def __call__(self, x):
     dtype = x.dtype
@@ -154,10 +209,53 @@ class Norm(nnx.Module):
     return y.astype(dtype)
 
 
-def rope(x, positions, theta: float):
-  """Rotary position embedding, HF's non-interleaved (rotate_half) convention. x: [B, T, H, Dh]."""
+def rope_inv_freq(cfg: TransformerConfig, positions=None):
+  """RoPE inverse frequencies [Dh/2] (float32) with transformers' scalings (`modeling_rope_utils`, v5):
+
+    default: theta^(-2i/Dh).
+    linear:  default / factor (positions divided by the factor).
+    llama3:  Llama 3.1's band-wise scaling (`_compute_llama3_parameters`): wavelengths 2 pi / f longer than
+             original_max_len / low_freq_factor are divided by factor, those shorter than
+             original_max_len / high_freq_factor kept, those between interpolated by
+             s = (original_max_len / wavelen - low) / (high - low): f' = (1 - s) f / factor + s f.
+    dynamic: NTK-aware (`_compute_dynamic_ntk_parameters`): the base becomes
+             theta * (factor * L / max_len - (factor - 1))^(Dh / (Dh - 2)) with L = max(seq_len, max_len) and
+             seq_len = max(positions) + 1 over the whole batch (traced), which is what transformers' rotary
+             module computes for a call on a fresh model. Stateless here: transformers also caches the
+             largest seq_len seen and keeps its frequencies for later calls that are shorter but still beyond
+             max_len; we do not. In a KV-cached decode the new tokens are rotated with the frequencies of
+             their own positions and the cached keys keep theirs, as transformers' generate does.
+  """
+  dh = cfg.hdim
+  exponent = np.arange(0, dh, 2, dtype=np.float32) / np.float32(dh)
+  if cfg.rope_type == 'dynamic':
+    if positions is None:
+      raise ValueError('dynamic RoPE needs the positions (its base depends on the sequence length)')
+    seq_len = jnp.maximum(jnp.max(positions).astype(jnp.float32) + 1.0, float(cfg.max_len))
+    base = cfg.rope_theta * (cfg.rope_factor * seq_len / cfg.max_len - (cfg.rope_factor - 1)) ** (dh / (dh - 2))
+    return 1.0 / (base ** jnp.asarray(exponent))
+  inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)  # float32, as transformers
+  if cfg.rope_type == 'linear':
+    inv_freq = inv_freq / np.float32(cfg.rope_factor)
+  elif cfg.rope_type == 'llama3':
+    factor, low, high, old = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+  return jnp.asarray(inv_freq)
+
+
+def rope(x, positions, theta: float | None = None, inv_freq=None):
+  """Rotary position embedding, HF's non-interleaved (rotate_half) convention. x: [B, T, H, Dh].
+
+  inv_freq [Dh/2] (from `rope_inv_freq`); without it, plain RoPE of base `theta`.
+  """
   dh = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))  # [Dh/2]
+  if inv_freq is None:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))  # [Dh/2]
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
   emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]  # [B, T, 1, Dh]
   x32 = x.astype(jnp.float32)
@@ -209,6 +307,9 @@ class Attention(nnx.Module):
       self.v_bias = _param(rngs, (kv, dh), ('heads', 'kv'), cfg, init='zeros')
     if cfg.layout == 'gpt2':
       self.o_bias = _param(rngs, (d,), ('embed',), cfg, init='zeros')
+    if cfg.qk_norm:
+      self.q_norm = Norm(cfg, rngs, dh)
+      self.k_norm = Norm(cfg, rngs, dh)
 
   def __call__(self, x, positions, mask, layer_cache, cache_index, dropout_key):
     """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, S] bool. Returns (y [B, T, D], new layer cache)."""
@@ -220,8 +321,11 @@ class Attention(nnx.Module):
     v = dense(x, self.v[...].astype(dt).reshape(d, kv * dh)).reshape(b, t, kv, dh)
     if self.has_qkv_bias:
       q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     if cfg.layout == 'llama':
-      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+      inv_freq = rope_inv_freq(cfg, positions)
+      q, k = rope(q, positions, inv_freq=inv_freq), rope(k, positions, inv_freq=inv_freq)
     if layer_cache is None:
       y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, Dh]; GQA when Hkv < H
     else:
@@ -322,11 +426,63 @@ def positions_from_mask(attention_mask):
 
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> Cache:
-  """A zero KV cache of `length` slots for every layer: [{'k': [B, Hkv, Dh, S], 'v': [B, Hkv, S, Dh]}]."""
+  """A zero KV cache of `length` slots for every layer: [{'k': [B, Hkv, Dh, S], 'v': [B, Hkv, S, Dh]}], or
+  with `cfg.scan_layers` one {'k': [L, B, Hkv, Dh, S], 'v': [L, B, Hkv, S, Dh]}."""
   dtype = jnp.dtype(dtype or cfg.dtype)
   k_shape = (batch, cfg.kv_heads, cfg.hdim, length)
   v_shape = (batch, cfg.kv_heads, length, cfg.hdim)
+  if cfg.scan_layers:
+    n = cfg.num_layers
+    return {'k': jnp.zeros((n,) + k_shape, dtype), 'v': jnp.zeros((n,) + v_shape, dtype)}
   return [{'k': jnp.zeros(k_shape, dtype), 'v': jnp.zeros(v_shape, dtype)} for _ in range(cfg.num_layers)]
+
+
+def _cache_slots(cache: Cache) -> int:
+  return cache['v'].shape[-2] if isinstance(cache, dict) else cache[0]['v'].shape[2]
+
+
+def _stacked_blocks(blocks: list['Block']) -> 'Block':
+  """One Block whose every parameter is the layers' parameters stacked on a new leading axis ('layers')."""
+  graphdef, first = nnx.split(blocks[0])
+  flats = [dict(nnx.to_flat_state(nnx.state(b))) for b in blocks]
+  stacked = []
+  for path, var in nnx.to_flat_state(first):
+    meta = var.get_metadata()
+    axes = ('layers',) + tuple(meta.get('out_sharding') or (None,) * var.get_value().ndim)
+    stacked.append((path, var.replace(jnp.stack([f[path].get_value() for f in flats]), out_sharding=axes)))
+  return nnx.merge(graphdef, nnx.from_flat_state(stacked))
+
+
+def stack_blocks(flat: dict[tuple, Any], num_layers: int) -> dict[tuple, Any]:
+  """A flat {path: array} state of the per-layer layout (`blocks/<i>/...`) -> the scanned layout
+  (`blocks/...`, arrays stacked on a leading [L] axis). Paths outside the blocks pass through; a path may
+  have a prefix (e.g. a ScalarModel's `transformer/`)."""
+  out, groups = {}, {}
+  for path, x in flat.items():
+    i = path.index('blocks') if 'blocks' in path else -1
+    if i >= 0 and i + 1 < len(path) and isinstance(path[i + 1], int):
+      groups.setdefault(path[:i + 1] + path[i + 2:], {})[path[i + 1]] = x
+    else:
+      out[path] = x
+  for path, layers in groups.items():
+    if sorted(layers) != list(range(num_layers)):
+      raise ValueError(f'{"/".join(map(str, path))}: layers {sorted(layers)}, expected 0..{num_layers - 1}')
+    xs = [layers[i] for i in range(num_layers)]
+    out[path] = np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs)
+  return out
+
+
+def unstack_blocks(flat: dict[tuple, Any]) -> dict[tuple, Any]:
+  """The inverse of `stack_blocks`: `blocks/...` [L, ...] -> `blocks/<i>/...`."""
+  out = {}
+  for path, x in flat.items():
+    if 'blocks' in path and not (path.index('blocks') + 1 < len(path) and isinstance(path[path.index('blocks') + 1], int)):
+      i = path.index('blocks')
+      for layer in range(x.shape[0]):
+        out[path[:i + 1] + (layer,) + path[i + 1:]] = x[layer]
+    else:
+      out[path] = x
+  return out
 
 
 @jax.custom_vjp
@@ -364,7 +520,8 @@ class Transformer(nnx.Module):
     self.wte = _param(rngs, (cfg.vocab_size, cfg.embed_dim), ('vocab', 'embed'), cfg)
     if cfg.layout == 'gpt2':
       self.wpe = _param(rngs, (cfg.max_len, cfg.embed_dim), (None, 'embed'), cfg, std=0.01)
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    blocks = [Block(cfg, rngs) for _ in range(cfg.num_layers)]  # the same draws in both layouts
+    self.blocks = _stacked_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.ln_f = Norm(cfg, rngs)
     self.has_lm_head = lm_head and not cfg.tie_embeddings
     if self.has_lm_head:
@@ -377,7 +534,11 @@ class Transformer(nnx.Module):
     input_ids: [B, T]. Without a cache, attention_mask is [B, T] (1 = real token) and positions default to
     its cumulative sum. With a cache of S slots, the T new tokens are written at slots
     [cache_index, cache_index + T), attention_mask is [B, S] (which slots hold real tokens, including the
-    new ones) and positions [B, T] must be given.
+    new ones) and positions [B, T] must be given. Mistral's sliding window counts slots, which is the
+    distance in tokens wherever the real tokens are contiguous (left-padded prompts, right padding, the
+    sampler's cache), as in transformers.
+
+    `cfg.remat` applies to the cache-free forward (training); `cfg.scan_layers` to both.
     """
     cfg = self.config
     b, t = input_ids.shape
@@ -392,26 +553,56 @@ class Transformer(nnx.Module):
     else:
       if attention_mask is None or positions is None:
         raise ValueError('decoding with a cache needs the [B, S] slot mask and the [B, T] positions')
-      s = cache[0]['v'].shape[2]
+      s = _cache_slots(cache)
       q_slots = cache_index + jnp.arange(t)
     key_ok = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S]
     causal = jnp.arange(s)[None, :] <= q_slots[:, None]  # [T, S]
+    if cfg.sliding_window is not None:  # transformers' sliding_window_overlay: kv_idx > q_idx - window
+      causal &= jnp.arange(s)[None, :] > q_slots[:, None] - cfg.sliding_window
     own = jnp.arange(s)[None, :] == q_slots[:, None]  # a pad query attends to itself: no empty rows
     mask = (key_ok & causal[None, None]) | own[None, None]  # [B, 1, T, S]
 
     x = self.wte[...].astype(dt)[input_ids]
     if cfg.layout == 'gpt2':
       x = x + self.wpe[...].astype(dt)[positions]
-    keys = [None] * (cfg.num_layers + 1)
+    keys = None
     if dropout_key is not None and cfg.dropout_rate > 0:
-      keys = list(jax.random.split(dropout_key, cfg.num_layers + 1))
-    x = _dropout(x, cfg.dropout_rate, keys[-1])
+      keys = jax.random.split(dropout_key, cfg.num_layers + 1)
+    x = _dropout(x, cfg.dropout_rate, None if keys is None else keys[-1])
+    x, new_cache = self._blocks(x, positions, mask, cache, cache_index, keys)
+    return self.ln_f(x), new_cache
+
+  def _blocks(self, x, positions, mask, cache, cache_index, keys):
+    """Run the L blocks (a Python loop, or one lax.scan over the stacked blocks), each under the remat
+    policy when training (no cache). keys: [L + 1] dropout keys or None. Returns (x, new cache)."""
+    cfg = self.config
+    remat = cfg.remat != 'none' and cache is None
+
+    def apply(graphdef, state, x, layer_cache, key):
+      return nnx.merge(graphdef, state)(x, positions, mask, layer_cache, cache_index, key)
+
+    if remat:  # static graphdef; the block's parameters, input and key are the checkpointed arguments
+      apply = jax.checkpoint(apply, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,), prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+
+      def step(x, xs):
+        layer_state, layer_cache, key = xs
+        return apply(graphdef, layer_state, x, layer_cache, key)
+
+      return jax.lax.scan(step, x, (state, cache, None if keys is None else keys[:-1]))
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.blocks):
-      x, layer_cache = block(x, positions, mask, None if cache is None else cache[i], cache_index, keys[i])
+      key = None if keys is None else keys[i]
+      layer_cache = None if cache is None else cache[i]
+      if remat:
+        graphdef, state = nnx.split(block)
+        x, layer_cache = apply(graphdef, state, x, layer_cache, key)
+      else:
+        x, layer_cache = block(x, positions, mask, layer_cache, cache_index, key)
       if cache is not None:
         new_cache.append(layer_cache)
-    return self.ln_f(x), new_cache
+    return x, new_cache
 
   def logits(self, h):
     """LM head on hidden states, float32 logits [..., V]."""
