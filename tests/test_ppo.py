@@ -333,10 +333,10 @@ def test_a_missing_input_run_names_the_run_to_make_first(tmp_path):
   """ppo.run's inputs map roles to runs; the first missing one is one UserError naming it (no models load)."""
   from jax_rlhf.train import common
   config = make_config()
-  with pytest.raises(common.UserError, match=r'ppo_b needs the sft stage'):
+  with pytest.raises(common.UserError, match=r'ppo_b needs the sft run'):
     ppo.load_models(config, str(tmp_path), 'ppo_b')
   for run in ('sft', 'rm'):
     (tmp_path / run).mkdir()
     (tmp_path / run / 'DONE').write_text('{}')
-  with pytest.raises(common.UserError, match=r'ppo_b needs the rm_v2 stage'):
+  with pytest.raises(common.UserError, match=r'ppo_b needs the rm_v2 run'):
     ppo.load_models(config, str(tmp_path), 'ppo_b', {'reward': 'rm_v2'})
