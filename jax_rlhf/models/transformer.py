@@ -324,8 +324,11 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     if cfg.layout == 'llama':
-      inv_freq = rope_inv_freq(cfg, positions)
-      q, k = rope(q, positions, inv_freq=inv_freq), rope(k, positions, inv_freq=inv_freq)
+      # plain RoPE keeps its in-graph frequencies (bitwise the numbers every earlier run trained with); the
+      # scalings take transformers' float32 frequencies from `rope_inv_freq`
+      inv_freq = None if cfg.rope_type == 'default' else rope_inv_freq(cfg, positions)
+      q = rope(q, positions, cfg.rope_theta, inv_freq=inv_freq)
+      k = rope(k, positions, cfg.rope_theta, inv_freq=inv_freq)
     if layer_cache is None:
       y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, Dh]; GQA when Hkv < H
     else:
