@@ -1,0 +1,123 @@
+"""The bf16 GEMM custom call (MKL, AMX): against XLA's dot of the same bf16 inputs, its VJP, the fallback,
+the build from an empty cache, and its partitioning over the 8 test devices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jax_rlhf import kernels
+from jax_rlhf import sharding as shd
+from jax_rlhf.kernels import build, gemm
+
+SHAPES = [(1, 1, 1), (3, 5, 7), (17, 33, 65), (128, 96, 40), (2, 300, 513)]  # (M, K, N), odd on purpose
+
+
+def _operands(m, k, n, trans_a, trans_b, seed=0):
+  ka, kb = jax.random.split(jax.random.key(seed))
+  a = jax.random.normal(ka, (k, m) if trans_a else (m, k)).astype(jnp.bfloat16)
+  b = jax.random.normal(kb, (n, k) if trans_b else (k, n)).astype(jnp.bfloat16)
+  return a, b
+
+
+def _reference(a, b, trans_a, trans_b):
+  """float64 numpy product of the same bf16 values."""
+  a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
+
+
+def _rel(x, ref):
+  return float(np.max(np.abs(np.asarray(x, np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+@pytest.mark.parametrize('trans_a', [False, True])
+@pytest.mark.parametrize('trans_b', [False, True])
+def test_gemm_matches_dot_of_same_bf16_inputs(trans_a, trans_b):
+  f = jax.jit(lambda a, b: kernels.gemm_bf16(a, b, trans_a=trans_a, trans_b=trans_b))
+  for m, k, n in SHAPES:
+    a, b = _operands(m, k, n, trans_a, trans_b)
+    y = f(a, b)
+    assert y.dtype == jnp.float32 and y.shape == (m, n)
+    ref = _reference(a, b, trans_a, trans_b)
+    xla = kernels.xla_dot(a.astype(jnp.float32), b.astype(jnp.float32), trans_a=trans_a, trans_b=trans_b)
+    assert _rel(y, ref) < 1e-3, (m, k, n)
+    assert _rel(y, np.asarray(xla, np.float64)) < 1e-3, (m, k, n)
+    assert np.all(np.isfinite(np.asarray(y)))
+
+
+def test_gemm_empty_contraction_is_zero():
+  a, b = jnp.zeros((4, 0), jnp.bfloat16), jnp.zeros((0, 3), jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(jax.jit(kernels.gemm_bf16)(a, b)), np.zeros((4, 3)))
+
+
+def test_matmul_vjp_equals_autodiff_of_xla_path():
+  kx, kw, kg = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (3, 11, 37)).astype(jnp.bfloat16)
+  w = (0.2 * jax.random.normal(kw, (37, 29))).astype(jnp.bfloat16)
+  g = jax.random.normal(kg, (3, 11, 29), jnp.float32)
+  assert kernels.use_mkl(jnp.bfloat16, jnp.bfloat16)  # this machine's CPU has AMX: the MKL path is under test
+  y, vjp = jax.vjp(kernels.matmul, x, w)
+  y_ref, vjp_ref = jax.vjp(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), x, w)
+  assert _rel(y, np.asarray(y_ref, np.float64)) < 1e-3
+  assert 'jax_rlhf_bf16_gemm' in str(jax.make_jaxpr(jax.grad(lambda x, w: kernels.matmul(x, w).sum()))(x, w))
+  for got, want in zip(jax.jit(vjp)(g), vjp_ref(g)):
+    assert got.dtype == want.dtype == jnp.bfloat16 and got.shape == want.shape
+    # the cotangent is rounded to bf16 before the product (autocast's backward); the XLA autodiff keeps it fp32
+    assert _rel(got.astype(jnp.float32), np.asarray(want.astype(jnp.float32), np.float64)) < 1e-2
+
+
+def _has_custom_call(f, *args) -> bool:
+  return 'jax_rlhf_bf16_gemm' in str(jax.make_jaxpr(f)(*args))
+
+
+def test_path_choice_and_forced_fallback(monkeypatch, capsys):
+  x, w = _operands(8, 16, 4, False, False)
+  f = lambda x, w: kernels.bf16_dot(x, w)  # noqa: E731
+  with kernels.mode('auto'):
+    assert _has_custom_call(f, x, w) == ('amx_bf16' in gemm.cpu_flags() or 'avx512_bf16' in gemm.cpu_flags())
+    assert not _has_custom_call(f, x.astype(jnp.float32), w.astype(jnp.float32))  # fp32: always XLA
+  with kernels.mode('xla'):
+    assert not _has_custom_call(f, x, w)
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(x, w)), np.asarray(kernels.xla_dot(x, w)))
+  assert 'bf16 matmuls run on XLA dot (forced' in capsys.readouterr().err
+  monkeypatch.setattr(gemm, 'cpu_flags', lambda: {'avx2', 'avx512f'})  # a CPU without AMX / AVX512-BF16
+  with kernels.mode('auto'):
+    assert not _has_custom_call(f, x, w)
+  assert 'neither AMX-BF16 nor AVX512-BF16' in capsys.readouterr().err
+  monkeypatch.setenv('JAX_RLHF_BF16_GEMM', 'xla')
+  kernels.set_mode(None)
+  assert kernels.get_mode() == 'xla' and not _has_custom_call(f, x, w)
+  monkeypatch.delenv('JAX_RLHF_BF16_GEMM')
+  kernels.set_mode(None)
+
+
+def test_fallback_without_mkl(monkeypatch):
+  def missing():
+    raise build.KernelUnavailable('MKL not found')
+  monkeypatch.setattr(build, 'find_mkl', missing)
+  monkeypatch.setattr(build, '_LOADED', {})
+  x, w = _operands(4, 8, 2, False, False)
+  with kernels.mode('auto'):
+    assert not _has_custom_call(lambda x, w: kernels.bf16_dot(x, w), x, w)
+
+
+def test_builds_from_an_empty_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv('JAX_RLHF_KERNEL_CACHE', str(tmp_path))
+  path = build.build()
+  assert path.startswith(str(tmp_path)) and path.endswith('.so')
+  assert build.build() == path  # cached: same key, no rebuild
+
+
+@pytest.mark.parametrize('trans_a,trans_b,spec_a,spec_b', [
+    (False, False, P(('data', 'fsdp'), None), P(None, 'model')),   # forward: tokens x weight
+    (False, True, P(('data', 'fsdp'), 'model'), P(None, 'model')),  # dx = g w^T: contraction sharded alike
+    (True, False, P(('data', 'fsdp'), None), P(('data', 'fsdp'), 'model')),  # dw = x^T g: tokens contracted
+    (False, False, P('data', 'fsdp'), P('fsdp', None)),            # FSDP-sharded contraction
+])
+def test_gemm_under_the_8_device_mesh(trans_a, trans_b, spec_a, spec_b):
+  mesh = shd.make_mesh((2, 2, 2))
+  a, b = _operands(16, 24, 8, trans_a, trans_b, seed=3)
+  a = jax.device_put(a, NamedSharding(mesh, spec_a))
+  b = jax.device_put(b, NamedSharding(mesh, spec_b))
+  y = jax.jit(lambda a, b: kernels.gemm_bf16(a, b, trans_a=trans_a, trans_b=trans_b))(a, b)
+  assert _rel(y, _reference(a, b, trans_a, trans_b)) < 1e-3
