@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_rlhf import kernels
+
 Cache = list  # one {'k': [B, Hkv, Dh, S], 'v': [B, Hkv, S, Dh]} per layer (the layouts the attention dots read)
 
 LAYOUTS = ('gpt2', 'llama')
@@ -174,16 +176,27 @@ def dense(x, w):
   (x2 [N, K], g2 [N, M]), one dot whose only layout change is the transposed x2. Left to autodiff (the
   einsums over [B, T, H, Dh]), XLA:CPU transposed the incoming gradient instead, and fused the whole
   backward residual chain into each transposed copy (~20% of a training step on this CPU). Same math.
+
+  bf16 x and w on a CPU with AMX: the forward and both backward products run on MKL's bf16 GEMM
+  (`jax_rlhf.kernels`, fp32 accumulation, rounded to bf16 as XLA's bf16 dot); everywhere else `jnp.dot`.
   """
-  return jnp.dot(x, w)
+  return _dense_fwd(x, w)[0]
 
 
 def _dense_fwd(x, w):
+  if kernels.use_mkl(x.dtype, w.dtype):
+    y = kernels.gemm_bf16(x.reshape(-1, x.shape[-1]), w).astype(x.dtype)
+    return y.reshape(*x.shape[:-1], w.shape[-1]), (x, w)
   return jnp.dot(x, w), (x, w)
 
 
 def _dense_bwd(res, g):
   x, w = res
+  if kernels.use_mkl(x.dtype, w.dtype, g.dtype):
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dx = kernels.gemm_bf16(g2, w, trans_b=True).reshape(x.shape)  # g w^T, w read transposed in place
+    dw = kernels.gemm_bf16(x2, g2, trans_a=True)  # x^T g, x read transposed in place
+    return dx.astype(x.dtype), dw.astype(w.dtype)
   dx = jnp.dot(g, w.T)
   dw = jnp.einsum('nk,nm->km', x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
   return dx.astype(x.dtype), dw.astype(w.dtype)
@@ -336,7 +349,11 @@ def tied_logits(h, wte):
   Its own VJP only to choose the weight gradient's form: autodiff yields dlogits^T h, for which XLA:CPU
   first materialises the transposed dlogits [V, N] (the largest tensor of a training step); here it is
   (h^T dlogits)^T, which transposes h [N, D] and the [D, V] result instead. Same math, same values.
+  bf16 h and wte on a CPU with AMX: MKL's bf16 GEMM (`jax_rlhf.kernels`) for all three products, reading
+  the transposed operands in place (dw = dlogits^T h directly).
   """
+  if kernels.use_mkl(h.dtype, wte.dtype):
+    return kernels.gemm_bf16(h.reshape(-1, h.shape[-1]), wte, trans_b=True).reshape(*h.shape[:-1], wte.shape[0])
   return jnp.einsum('...d,vd->...v', h, wte, preferred_element_type=jnp.float32)
 
 
@@ -346,6 +363,11 @@ def _tied_logits_fwd(h, wte):
 
 def _tied_logits_bwd(res, g):
   h, wte = res
+  if kernels.use_mkl(h.dtype, wte.dtype):
+    g2 = g.reshape(-1, g.shape[-1]).astype(h.dtype)  # fp32 dlogits rounded to bf16, as the XLA path does
+    dh = kernels.gemm_bf16(g2, wte).reshape(h.shape)
+    dw = kernels.gemm_bf16(g2, h.reshape(-1, h.shape[-1]), trans_a=True)  # [V, D]
+    return dh.astype(h.dtype), dw.astype(wte.dtype)
   dh = jnp.einsum('...v,vd->...d', g.astype(wte.dtype), wte, preferred_element_type=jnp.float32)
   h2 = h.reshape(-1, h.shape[-1])
   g2 = g.reshape(-1, g.shape[-1]).astype(h.dtype)
