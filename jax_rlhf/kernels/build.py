@@ -114,6 +114,10 @@ def load() -> object:
   if 'lib' in _LOADED:
     return _LOADED['lib']
   path = build()
+  # MKL's OpenMP threads spin for 200 ms after each GEMM by default, taking the cores from XLA's own threads
+  # between the products (a bf16 LM step on 2 cores: 2.6 s -> 1.9 s with 0, both under load). Read by the
+  # OpenMP runtime when it starts, i.e. at the first GEMM; a value the user set is kept.
+  os.environ.setdefault('KMP_BLOCKTIME', '0')
   try:
     lib = ctypes.cdll.LoadLibrary(path)
     handler = getattr(lib, SYMBOL)
