@@ -66,10 +66,11 @@ def run_stage(config, workdir: str, stage: str):
 
 def run(config, workdir: str) -> None:
   import jax
-  from jax_rlhf.config import STAGES, pipeline_stages
+  from jax_rlhf.config import STAGES, apply_cpu_bf16, pipeline_stages
   from jax_rlhf.train.common import UserError
   if config.stage not in STAGES:
     raise SystemExit(f'error: config.stage={config.stage!r}; choose one of {", ".join(STAGES)}')
+  apply_cpu_bf16(config)
   try:
     stages = pipeline_stages(config) if config.stage == 'pipeline' else (config.stage,)
   except ValueError as e:

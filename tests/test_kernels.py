@@ -190,3 +190,14 @@ def test_fp32_model_never_takes_the_gemm():
   with kernels.mode('auto'):
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda m: m(tokens).sum()))(model))
   assert 'jax_rlhf_bf16_gemm' not in jaxpr and 'bf16' not in jaxpr
+
+
+def test_cpu_bf16_preset_sets_bf16_compute_only_where_the_matrix_unit_runs():
+  from jax_rlhf.config import apply_cpu_bf16, stage_config
+  c = apply_cpu_bf16(stage_config('pipeline'))
+  assert not c.model.cpu_bf16 and c.model.dtype == 'float32'  # off by default: the fp32 demo is unchanged
+  c = apply_cpu_bf16(stage_config('pipeline', 'cpu_bf16'))
+  assert (c.model.dtype, c.model.param_dtype) == ('bfloat16', 'float32')  # this machine has AMX
+  with kernels.mode('xla'):  # a CPU without it (or TPU/GPU): left as it is
+    c = apply_cpu_bf16(stage_config('pipeline', 'cpu_bf16'))
+  assert c.model.dtype == 'float32'
