@@ -92,17 +92,20 @@ def build() -> str:
     return target
   if shutil.which(probe[0]) is None:
     raise KernelUnavailable(f'no C++ compiler {probe[0]!r} to build the bf16 GEMM (set $CXX)')
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, '.lock'), 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if os.path.exists(target):  # another process built it while we waited
-      return target
-    tmp = f'{target}.{os.getpid()}.tmp'
-    proc = subprocess.run(_command(SOURCE, tmp, lib, include), capture_output=True, text=True)
-    if proc.returncode != 0:
-      last = (proc.stderr.strip().splitlines() or ['?'])[-1]
-      raise KernelUnavailable(f'compiling {SOURCE} failed: {last}')
-    os.replace(tmp, target)
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, '.lock'), 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if os.path.exists(target):  # another process built it while we waited
+        return target
+      tmp = f'{target}.{os.getpid()}.tmp'
+      proc = subprocess.run(_command(SOURCE, tmp, lib, include), capture_output=True, text=True)
+      if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ['?'])[-1]
+        raise KernelUnavailable(f'compiling {SOURCE} failed: {last}')
+      os.replace(tmp, target)
+  except OSError as e:  # a read-only or full cache folder: say so, and let the caller fall back
+    raise KernelUnavailable(f'cannot build into {folder} ({e}); set $JAX_RLHF_KERNEL_CACHE') from e
   return target
 
 
