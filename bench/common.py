@@ -209,9 +209,14 @@ def parser(doc: str) -> argparse.ArgumentParser:
   p.add_argument('--quiet', type=float, default=0.0, metavar='LOAD',
                  help='before timing, wait (at most --quiet-wait s) until the 1-minute load average is below LOAD')
   p.add_argument('--quiet-wait', type=float, default=600.0, metavar='S')
+  return p
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """`--dtype float32|bfloat16` for the benches that train (lm_step, ppo_iteration)."""
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
                  help='compute dtype (parameters stay fp32); bfloat16 runs the projections on the CPU\'s AMX '
-                      'through MKL where it has one (jax_rlhf.kernels), and compares with the peer\'s bf16 line')
+                      'through MKL where it has one (jax_rlhf.kernels), and compares with the peer\'s bf16 runs')
   return p
 
 

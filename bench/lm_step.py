@@ -81,7 +81,7 @@ def time_step(cfg, label: str) -> tuple[list[float], float, float, object, objec
 
 
 def main():
-  args = common.parser(__doc__).parse_args()
+  args = common.add_dtype_arg(common.parser(__doc__)).parse_args()
   bf16 = args.dtype == 'bfloat16'
   cfg = preset('yardstick', dtype=args.dtype, param_dtype='float32')
   pdt = jnp.bfloat16 if bf16 else jnp.float32

@@ -92,7 +92,7 @@ def run_trl_defaults() -> dict:
 
 
 def main():
-  args = common.parser(__doc__).parse_args()
+  args = common.add_dtype_arg(common.parser(__doc__)).parse_args()
   c = config(args.dtype)
   cfg = preset('yardstick', dtype=args.dtype, param_dtype='float32')
   mesh = shd.make_mesh((1, 1, 1))
