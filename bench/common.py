@@ -72,11 +72,18 @@ def fmt(s: dict, work: float | None = None, unit: str = 'tok/s') -> str:
 
 
 def matmul_peak_flops(n: int = 2048, runs: int = 10, dtype=jnp.float32) -> float:
-  """This machine's JAX matmul peak: a jitted n^3 matmul, best of `runs`, counted as 2 n^3 FLOP."""
+  """This machine's JAX matmul peak: a jitted n^3 matmul, best of `runs`, counted as 2 n^3 FLOP.
+
+  bfloat16: the product the model's bf16 projections use (`kernels.bf16_dot`: MKL's AMX GEMM where the CPU has
+  it, else XLA's bf16 dot), bf16 in, fp32 out."""
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (n, n), dtype)
   b = jax.random.normal(kb, (n, n), dtype)
-  mm = jax.jit(jnp.matmul)
+  if jnp.dtype(dtype) == jnp.bfloat16:
+    from jax_rlhf import kernels
+    mm = jax.jit(kernels.bf16_dot)
+  else:
+    mm = jax.jit(jnp.matmul)
   mm(a, b).block_until_ready()
   best = float('inf')
   for _ in range(runs):
@@ -202,6 +209,14 @@ def parser(doc: str) -> argparse.ArgumentParser:
   p.add_argument('--quiet', type=float, default=0.0, metavar='LOAD',
                  help='before timing, wait (at most --quiet-wait s) until the 1-minute load average is below LOAD')
   p.add_argument('--quiet-wait', type=float, default=600.0, metavar='S')
+  return p
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """`--dtype float32|bfloat16` for the benches that train (lm_step, ppo_iteration)."""
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                 help='compute dtype (parameters stay fp32); bfloat16 runs the projections on the CPU\'s AMX '
+                      'through MKL where it has one (jax_rlhf.kernels), and compares with the peer\'s bf16 runs')
   return p
 
 

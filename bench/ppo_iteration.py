@@ -16,7 +16,12 @@ Phases, each timed with `jax.block_until_ready` (median of 5 after 1 warm-up = c
               (`scoring.response_logprobs`, `scoring.response_values`, `scoring.reward_at_last`, `rl.*`) on a fixed
               rollout: compare with the peer's scoring
 
-  .venv/bin/python -m bench.ppo_iteration [--peer]
+`--dtype bfloat16`: all four models compute in bf16 over fp32 weights (`model.dtype='bfloat16'`), their
+projections and heads on the CPU's AMX unit through MKL (`jax_rlhf.kernels`); with `--peer` the TRL run is then
+`peer_ppo_trl.py defaults` (TRL's PPOConfig defaults: bf16 autocast with gradient checkpointing), run by the
+peer's venv right after `run.sh ppo`.
+
+  .venv/bin/python -m bench.ppo_iteration [--peer] [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -40,10 +45,10 @@ B, P, NEW, EPOCHS, RUNS = 16, 64, 64, 4, 5
 EOS, PAD = 0, 1
 
 
-def config():
+def config(dtype: str = 'float32'):
   c = stage_config('ppo')
   c.model.preset = 'yardstick'
-  c.model.update(dtype='float32', param_dtype='float32', frozen_dtype='float32')
+  c.model.update(dtype=dtype, param_dtype='float32', frozen_dtype='float32')
   c.data.max_prompt_len = P
   c.ppo.update(batch_size=B, max_new_tokens=NEW, ppo_epochs=EPOCHS, num_minibatches=1, iterations=100,
                temperature=1.0, top_k=0, top_p=1.0)
@@ -70,10 +75,28 @@ def scoring_fn(trainer):
   return jax.jit(score)
 
 
+def run_trl_defaults() -> dict:
+  """`peer_ppo_trl.py defaults` (TRL's own defaults: bf16 autocast, gradient checkpointing) in the peer's venv
+  (made by `run.sh ppo` just before); its 'PPO iteration' summary line."""
+  import os
+  import subprocess
+  peer_dir = os.environ.get('PEER_DIR', '/tmp/peer')
+  script = os.path.join(os.path.dirname(common.PEER_RUN), 'peer_ppo_trl.py')
+  env = {**os.environ, 'PEER_DIR': peer_dir, 'TRL_EXPERIMENTAL_SILENCE': '1', 'ITERS': '6'}
+  print('[peer] running peer_ppo_trl.py defaults ...', flush=True)
+  proc = subprocess.run([os.path.join(peer_dir, 'venv', 'bin', 'python'), script, 'defaults'], capture_output=True,
+                        text=True, env=env)
+  for line in (proc.stdout + proc.stderr).splitlines():
+    if 'PPO iteration' in line and common.parse_summary(line):
+      print('[peer]   ' + line)
+      return common.parse_summary(line)
+  raise RuntimeError(f'peer_ppo_trl.py defaults printed no PPO iteration line:\n{(proc.stdout + proc.stderr)[-3000:]}')
+
+
 def main():
-  args = common.parser(__doc__).parse_args()
-  c = config()
-  cfg = preset('yardstick')
+  args = common.add_dtype_arg(common.parser(__doc__)).parse_args()
+  c = config(args.dtype)
+  cfg = preset('yardstick', dtype=args.dtype, param_dtype='float32')
   mesh = shd.make_mesh((1, 1, 1))
   policy = Transformer(cfg, rngs=nnx.Rngs(0))
   ref = Transformer(cfg, rngs=nnx.Rngs(0))  # the same weights as the policy
@@ -149,7 +172,7 @@ def main():
   mach = common.machine()
   S = {k: common.stats(v) for k, v in dict(iteration=t_iter, experience=t_exp, update=t_upd, rollout=t_roll,
                                            scoring=t_score).items()}
-  print(f'jax_rlhf PPO iteration fp32 B={B} P={P} new={NEW} epochs={EPOCHS} minibatches=1 params/model~{n_params} '
+  print(f'jax_rlhf PPO iteration {args.dtype} B={B} P={P} new={NEW} epochs={EPOCHS} minibatches=1 params/model~{n_params} '
         f'jax {jax.__version__} ({mach["backend"]}, load {mach["load"]})')
   work = {'iteration': B * (P + NEW), 'experience': B * (P + NEW), 'update': B * (P + NEW) * EPOCHS,
           'rollout': B * NEW, 'scoring': B * (P + NEW)}
@@ -162,7 +185,7 @@ def main():
         f'first iteration kl {float(m0["kl"]):.3f}, response_length {float(m0["response_length"]):.1f}, '
         f'eos_fraction {float(m0["eos_fraction"]):.2f}')
 
-  result = {'bench': 'ppo_iteration', 'iteration_s': S['iteration']['median'],
+  result = {'bench': 'ppo_iteration', 'dtype': args.dtype, 'iteration_s': S['iteration']['median'],
             'experience_s': S['experience']['median'], 'update_s': S['update']['median'],
             'rollout_s': S['rollout']['median'], 'scoring_s': S['scoring']['median'],
             'update_epoch_s': S['update']['median'] / EPOCHS,
@@ -195,6 +218,15 @@ def main():
           f'vs hand-written {r["ratio_vs_manual_best"]:.2f}x')
     common.flag_contention(result, S['iteration'], trl, max(load_before, peer_load))
     result['peer_load_before'] = peer_load
+    if args.dtype == 'bfloat16':
+      trl_bf16 = run_trl_defaults()
+      result.update(peer_trl_defaults_iteration_s=trl_bf16['median'],
+                    ratio_vs_trl_defaults=trl_bf16['median'] / result['iteration_s'],
+                    ratio_vs_trl_defaults_best=trl_bf16['min'] / S['iteration']['min'])
+      print(f'speed-up vs TRL defaults (bf16 autocast + gradient checkpointing): '
+            f'{result["ratio_vs_trl_defaults"]:.2f}x (target >= 2.5x: '
+            f'{"met" if result["ratio_vs_trl_defaults"] >= 2.5 else "MISSED"}); best vs best '
+            f'{result["ratio_vs_trl_defaults_best"]:.2f}x')
   common.emit(result)
 
 

@@ -1,6 +1,7 @@
 """Config for the `pipeline` stage: `python -m jax_rlhf.main --config configs/pipeline.py[:variants] --workdir W`.
 
-Variants (comma list): quick (tests), instructgpt (the paper's hyperparameters), model=<preset>, ptx=<coef>.
+Variants (comma list): quick (tests), instructgpt (the paper's hyperparameters), cpu_bf16 (bf16 compute on
+the CPU's AMX unit, fp32 weights; off by default), model=<preset>, ptx=<coef>.
 Every field is documented in jax_rlhf/config.py.
 """
 from jax_rlhf.config import stage_config

@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
       dtype='float32',          # compute dtype (bfloat16 on TPU/GPU)
       param_dtype='float32',    # parameter dtype
       frozen_dtype='float32',   # PPO's frozen reference and reward models may be held in bfloat16
+      cpu_bf16=False,           # CPU with AMX/AVX512-BF16 + MKL: compute in bfloat16 on the matrix unit, fp32 weights
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # device mesh; -1 = the remaining devices
 
@@ -295,7 +296,29 @@ def ablation(c: ml_collections.ConfigDict) -> None:
   c.eval.models = ('sft', 'ppo', 'ppo_lowbeta', 'ppo_ptx')
 
 
-VARIANTS = {'quick': quick, 'instructgpt': instructgpt, 'ablation': ablation}
+def cpu_bf16(c: ml_collections.ConfigDict) -> None:
+  """The CPU bf16 preset: `model.cpu_bf16=True` (see `apply_cpu_bf16`)."""
+  c.model.cpu_bf16 = True
+
+
+def apply_cpu_bf16(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`model.cpu_bf16`: where this process's bf16 matmuls run on the CPU's matrix unit (`jax_rlhf.kernels`: CPU
+  backend, AMX-BF16 or AVX512-BF16, MKL built), set `model.dtype='bfloat16'` over `param_dtype='float32'`, as
+  torch's CPU autocast; elsewhere (TPU, GPU, another CPU) the config is left as it is. One line says which."""
+  if not c.model.get('cpu_bf16', False):
+    return c
+  import jax.numpy as jnp
+
+  from jax_rlhf import kernels
+  if kernels.use_mkl(jnp.bfloat16, jnp.bfloat16):
+    c.model.dtype, c.model.param_dtype = 'bfloat16', 'float32'
+    print('model.cpu_bf16: bfloat16 compute on the CPU matrix unit (MKL), float32 parameters', flush=True)
+  else:
+    print(f'model.cpu_bf16: no bf16 matrix unit reachable here; model.dtype stays {c.model.dtype}', flush=True)
+  return c
+
+
+VARIANTS = {'quick': quick, 'instructgpt': instructgpt, 'ablation': ablation, 'cpu_bf16': cpu_bf16}
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
