@@ -260,3 +260,156 @@ def test_listwise_with_two_responses_equals_sigmoid_dpo():
   dpo, _ = dpo_loss(pv[rows, w], pv[rows, l], rv[rows, w], rv[rows, l], beta=0.1)
   np.testing.assert_allclose(float(loss), float(dpo), rtol=1e-6)
   np.testing.assert_allclose(float(ranking_dpo_loss(pv, rv, ranking, valid, beta=0.1)[0]), float(dpo), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the train step (train/dpo.py) and the summed log-probs (models/scoring.py)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def tok():
+  from transformers import AutoTokenizer
+  from jax_rlhf.tasks import instruct_world
+  return AutoTokenizer.from_pretrained(instruct_world.tokenizer_path())
+
+
+def tiny_lm(tok, seed=0):
+  from flax import nnx
+  from jax_rlhf.models.transformer import Transformer, preset
+  cfg = preset('tiny', vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+               bos_token_id=tok.eos_token_id)
+  return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def preference_records():
+  rng = np.random.default_rng(1)
+  items = ['c a t', 't a c', 'a c t', 'i cannot help with that.', "i don't know", '3', 'x y z w v']
+  prompts = ['reverse: c a t\n', 'count: a b c\n', 'first: x y\n', 'what colour is the zorb?\n']
+  recs = []
+  for i, k in enumerate([2, 4, 3, 4, 2, 3, 4, 4]):
+    recs.append({'prompt': prompts[i % 4] * (1 + i % 2), 'ranking': [int(j) for j in rng.permutation(k)],
+                 'responses': [items[j] for j in rng.choice(len(items), k, replace=False)]})
+  return recs
+
+
+def test_preference_arrays_hold_left_padded_prompt_then_right_padded_response(tok):
+  from jax_rlhf.data import batches
+  from jax_rlhf.train import dpo
+  recs = preference_records()
+  arr, _ = dpo.preference_arrays(tok, recs, 12, 6, 4)
+  assert arr['tokens'].shape == (8, 4, 18)
+  for i, rec in enumerate(recs):
+    p = batches.encode(tok, [rec['prompt']])[0][-12:]
+    for j, r in enumerate(batches.encode(tok, rec['responses'])):
+      r = (r + [tok.eos_token_id])[:6]
+      row, m = arr['tokens'][i, j], arr['attention_mask'][i, j]
+      assert row[12 - len(p):12].tolist() == p and not m[:12 - len(p)].any() and m[12 - len(p):12].all()
+      assert row[12:12 + len(r)].tolist() == r and m[12:12 + len(r)].all() and not m[12 + len(r):].any()
+      assert arr['lengths'][i, j] == len(r)
+    assert arr['valid'][i].sum() == len(rec['responses']) and not arr['attention_mask'][i, len(rec['responses']):].any()
+
+
+def test_sequence_logps_ignore_pads_left_and_right(tok):
+  """scoring.sequence_logps of (prompt, response) pairs is the same with few or many left pads before the prompt
+  and right pads after the response, and equals a float64 sum of log-softmax over the response tokens of an
+  unpadded forward of each row alone."""
+  from jax_rlhf.models import scoring
+  from jax_rlhf.train import dpo
+  model = tiny_lm(tok)
+  recs = preference_records()[:4]
+  logps = []
+  for p_len, r_len in ((14, 7), (19, 12)):  # nothing is cut: the longest prompt has 14 tokens, response + EOS 7
+    arr, _ = dpo.preference_arrays(tok, recs, p_len, r_len, 4)
+    b, k, length = arr['tokens'].shape
+    f = jax.jit(lambda t, a: scoring.sequence_logps(model, t, a, p_len))
+    logps.append(np.asarray(f(arr['tokens'].reshape(b * k, length), arr['attention_mask'].reshape(b * k, length))))
+  np.testing.assert_allclose(logps[0], logps[1], rtol=1e-5, atol=1e-4)
+  arr, _ = dpo.preference_arrays(tok, recs, 14, 7, 4)
+  flat_t, flat_m = arr['tokens'].reshape(16, 21), arr['attention_mask'].reshape(16, 21)
+  for row in (1, 3, 5, 13):  # a few rows (each an eager forward of its own length): one pad row, 3 real
+    real = flat_m[row] > 0
+    if not real.any():
+      assert logps[0][row] == 0.0
+      continue
+    ids = flat_t[row][real]
+    n_resp = int(flat_m[row, 14:].sum())
+    logits = np.asarray(model(jnp.asarray(ids[None, :-1])), np.float64)[0]  # [T-1, V]
+    lse = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+    tok_logp = logits[np.arange(len(ids) - 1), ids[1:]] - lse  # log p(ids[t+1] | ids[:t+1])
+    np.testing.assert_allclose(logps[0][row], tok_logp[-n_resp:].sum(), rtol=1e-5, atol=1e-4)
+
+
+def dpo_setup(tok, mode, loss_type='sigmoid'):
+  import ml_collections
+  from jax_rlhf.train import state as state_lib
+  from jax_rlhf.train import dpo
+  cfg = ml_collections.ConfigDict(dict(beta=0.1, loss_type=loss_type, label_smoothing=0.0, mode=mode))
+  opt = ml_collections.ConfigDict(dict(lr=1e-3, schedule='constant', end_lr_frac=1.0, warmup_steps=0, b1=0.9,
+                                       b2=0.999, eps=1e-3, weight_decay=0.0, grad_clip=1.0))
+  tx = state_lib.make_optimizer(opt, 10)
+  arr, _ = dpo.preference_arrays(tok, preference_records(), 12, 6, 4)
+  return cfg, tx, arr
+
+
+def host_state(model, tx):
+  from jax_rlhf.train import state as state_lib
+  graphdef, params, rest = state_lib.split_model(model)
+  return graphdef, state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                                        opt_state=None if tx is None else tx.init(params))
+
+
+@pytest.mark.parametrize('mode', ['pairwise'])  # the other modes' step-0 values: test_policy_equal_to_reference...
+def test_step_zero_loss_with_policy_equal_to_reference_and_precomputed_reference_gives_the_same_step(tok, mode):
+  """At step 0 (policy = reference, dropout off) every reward is 0: pairwise and best-vs-worst losses are log 2,
+  listwise is the mean of sum_k log(k_b - k + 1); running the reference in the step or precomputing its
+  log-probs over the dataset gives the same step."""
+  from jax_rlhf import sharding as shd
+  from jax_rlhf.train import dpo
+  cfg, tx, arr = dpo_setup(tok, mode)
+  mesh = shd.make_mesh({'data': 1, 'fsdp': 1, 'model': 1}, devices=jax.devices()[:1])
+  graphdef, state = host_state(tiny_lm(tok), tx)
+  _, ref = host_state(tiny_lm(tok), None)
+  step = jax.jit(lambda s, r, b: dpo.dpo_train_step(graphdef, tx, cfg, 12, s, r, b))
+  s1, m1 = step(state, ref, jax.tree.map(jnp.asarray, arr))
+  ks = arr['valid'].sum(1)
+  want = math.log(2) if mode != 'listwise' else np.mean([sum(math.log(k - i) for i in range(k - 1)) for k in ks])
+  np.testing.assert_allclose(float(m1['loss']), want, rtol=1e-6)
+  assert float(m1['rewards/margins']) == 0.0 and float(m1['rewards/chosen']) == 0.0
+  ref_logps = dpo.precompute_ref(graphdef, ref, arr, 12, 3, mesh)
+  assert ref_logps.shape == (8, 4) and (ref_logps[~arr['valid']] == 0).all() and (ref_logps[arr['valid']] < 0).all()
+  s2, m2 = step(state, None, jax.tree.map(jnp.asarray, {**arr, 'ref_logps': ref_logps}))
+  np.testing.assert_allclose(float(m2['loss']), float(m1['loss']), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.parametrize('mode,compacted,precomputed', [('pairwise', True, False), ('listwise', False, True)])
+def test_dpo_step_on_8_devices_equals_the_step_on_one(tok, mode, compacted, precomputed):
+  """The sharded step (batch over 8 devices, params placed by the rules), on a compacted batch or with
+  precomputed reference log-probs, gives the loss and the weights of the padded one-device step (reference in it),
+  with the reference a different model, so that the rewards are not 0."""
+  from jax_rlhf import sharding as shd
+  from jax_rlhf.train import dpo
+  from jax_rlhf.train import state as state_lib
+  cfg, tx, arr = dpo_setup(tok, mode)
+  graphdef, state = host_state(tiny_lm(tok, 0), tx)
+  _, ref = host_state(tiny_lm(tok, 1), None)
+  one, m1 = jax.jit(lambda s, r, b: dpo.dpo_train_step(graphdef, tx, cfg, 12, s, r, b))(
+      state, ref, jax.tree.map(jnp.asarray, arr))
+  mesh = shd.make_mesh({'data': 8, 'fsdp': 1, 'model': 1})
+  graphdef, placed, shardings = state_lib.place_state(tiny_lm(tok, 0), tx, mesh)
+  _, ref8, ref_sh = state_lib.place_state(tiny_lm(tok, 1), None, mesh)
+  fed = dict(arr)
+  if precomputed:
+    fed['ref_logps'] = dpo.precompute_ref(graphdef, ref8, arr, 12, 8, mesh, ref_sh)
+  if compacted:
+    assert dpo.compact(fed, 24) is None  # 26 real responses: 24 rows refuse, 32 fit
+    fed = dpo.compact(fed, 32)
+    assert fed['row_tokens'].shape == (32, 18) and 'lengths' in fed
+  step = dpo.jit_train_step(graphdef, tx, cfg, 12, shardings, None if precomputed else ref_sh, mesh)
+  eight, m8 = step(placed, None if precomputed else ref8, shd.put_batch(fed, mesh))
+  np.testing.assert_allclose(float(m8['loss']), float(m1['loss']), rtol=1e-5)
+  assert abs(float(m1['rewards/margins'])) > 0
+  for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
