@@ -181,6 +181,26 @@ def base_config() -> ml_collections.ConfigDict:
       report_samples=20,        # held-out prompts shown in W/eval/report.{md,html} with SFT and PPO responses
       max_prompts=0,            # held-out prompts evaluated; 0 = all
   ))
+
+  # DPO family (jax_rlhf/train/dpo.py; Rafailov et al. 2023): the policy trains on rankings with no reward model
+  c.dpo = ml_collections.ConfigDict(dict(
+      beta=0.1,                 # strength of the implicit KL to the reference (TRL 0.1; DPO paper 0.1 HH, 0.5 TL;DR);
+                                # IPO's tau for loss_type ipo / ipo_norm
+      loss_type='sigmoid',      # sigmoid (DPO; cDPO with label_smoothing) | ipo (summed log-ratios, DPO authors' code)
+                                # | ipo_norm (per-token log-ratios, TRL's ipo) | hinge (SLiC-HF) | robust (rDPO)
+      label_smoothing=0.0,      # eps, the assumed label-flip rate of sigmoid (cDPO) and robust; in [0, 0.5)
+      mode='pairwise',          # pairwise: all C(K,2) pairs of a ranking, each prompt counting once | listwise:
+                                # Plackett-Luce over the whole ranking (sigmoid only) | best_vs_worst: rank 1 vs rank K
+      precompute_ref=False,     # True: reference log-probs once over the dataset before training (TRL's
+                                # precompute_ref_log_probs); False: the reference runs in every step (DPO authors, TRL)
+      epochs=2,                 # passes over the training rankings (when steps is 0)
+      steps=0,                  # train steps; 0: epochs x (training rankings // batch_size)
+      batch_size=32,            # rankings (prompts) per step, all K responses of each in the step (DPO paper: 64 pairs)
+      eval_fraction=0.1,        # held-out rankings for the held-out DPO metrics (a source without an eval split)
+      eval_every=0,             # steps between held-out evaluations; 0: at the end only
+      optimizer=_optimizer(1e-4, schedule='linear', warmup=10),  # AdamW; DPO paper: RMSprop 1e-6, 150 warm-up
+                                # steps on billion-parameter models (not tuned for the demo's 1M-parameter model)
+  ))
   return c
 
 

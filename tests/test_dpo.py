@@ -413,3 +413,74 @@ def test_dpo_step_on_8_devices_equals_the_step_on_one(tok, mode, compacted, prec
   assert abs(float(m1['rewards/margins'])) > 0
   for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the dpo stage
+# ---------------------------------------------------------------------------------------------------------
+
+
+def stage_config(**dpo):
+  from jax_rlhf.config import stage_config as base
+  c = base('rm', 'quick')
+  c.dpo.update(steps=4, batch_size=8, **dpo)
+  c.checkpoint.every = 2
+  c.log_every = 2
+  return c
+
+
+def test_bad_dpo_config_and_missing_rankings_are_one_clear_line(tmp_path):
+  from jax_rlhf.train import common, dpo
+  for bad, match in (({'mode': 'listwise', 'loss_type': 'hinge'}, 'listwise'), ({'loss_type': 'kto'}, 'loss_type'),
+                     ({'mode': 'all'}, 'mode'), ({'loss_type': 'ipo', 'label_smoothing': 0.1}, 'label_smoothing')):
+    with pytest.raises(common.UserError, match=match):
+      dpo.run(stage_config(**bad), str(tmp_path), 'dpo')
+  with pytest.raises(common.UserError, match='sft'):  # no policy run yet
+    dpo.run(stage_config(), str(tmp_path), 'dpo')
+
+
+@pytest.mark.slow
+def test_dpo_stage_from_the_quick_pipeline_resumes_bitwise_and_exports(quick_pipeline, tmp_path, monkeypatch):
+  """From the quick pipeline's SFT and its labelled rankings (W/rm/rankings.jsonl): a pairwise DPO run logs
+  loss log 2 at step 1 (policy = reference), evaluates, exports an HF folder that differs from SFT; a run
+  preempted (SIGTERM) at step 2 and rerun resumes from its checkpoint and exports bitwise the same weights."""
+  import shutil
+  import signal
+  from safetensors.numpy import load_file
+  from jax_rlhf import metrics as metrics_lib
+  from jax_rlhf.train import dpo, preempt
+  src, proc = quick_pipeline
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  w = tmp_path / 'W'
+  shutil.copytree(src / 'sft', w / 'sft', ignore=shutil.ignore_patterns('checkpoints', 'tb'))
+  (w / 'labels').mkdir(parents=True)
+  shutil.copy(src / 'rm' / 'rankings.jsonl', w / 'labels' / 'rankings.jsonl')
+  config = stage_config(eval_every=2)
+  config.log_every = 1
+  summary = dpo.run(config, str(w), 'dpo', {'rankings': 'labels'})
+  assert summary['steps'] == 4 and 'eval_loss' in summary and 'eval_rewards/accuracies' in summary
+  rows = metrics_lib.read_metrics(str(w / 'dpo' / 'metrics.jsonl'))
+  train = [r for r in rows if r['split'] == 'train']
+  assert [r['step'] for r in train] == [1, 2, 3, 4] and all(np.isfinite(r['loss']) for r in train)
+  assert abs(train[0]['loss'] - math.log(2)) < 1e-6 and train[0]['rewards/margins'] == 0.0
+  assert [r['step'] for r in rows if r['split'] == 'eval'] == [2, 4]
+  a = load_file(str(w / 'dpo' / 'hf' / 'model.safetensors'))
+  sft = load_file(str(w / 'sft' / 'hf' / 'model.safetensors'))
+  assert max(float(np.abs(a[k] - sft[k]).max()) for k in a) > 0
+
+  old = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setenv(preempt.FAULT_ENV, 'dpo_b:2:term')
+  try:
+    preempt.install()
+    with pytest.raises(preempt.Preempted):
+      dpo.run(config, str(w), 'dpo_b', {'rankings': 'labels'})
+    assert not (w / 'dpo_b' / 'DONE').exists()
+    preempt.install()  # a fresh process: no SIGTERM pending
+    dpo.run(config, str(w), 'dpo_b', {'rankings': 'labels'})
+  finally:
+    signal.signal(signal.SIGTERM, old)
+    preempt._requested = False
+  b = load_file(str(w / 'dpo_b' / 'hf' / 'model.safetensors'))
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
