@@ -55,7 +55,8 @@ def make_batch(seed: int, eos: int) -> dict[str, np.ndarray]:
   """16 rankings of two responses: random prompt ids (no pads) + 64 random ids + EOS; chosen first."""
   tokens = common.random_tokens((PAIRS, 2, P + N), seed)
   tokens[:, :, -1] = eos
-  return {'tokens': tokens, 'attention_mask': np.ones_like(tokens), 'ranking': np.tile([0, 1], (PAIRS, 1)).astype(np.int32),
+  return {'tokens': tokens, 'attention_mask': np.ones_like(tokens),
+          'ranking': np.tile([0, 1], (PAIRS, 1)).astype(np.int32),
           'valid': np.ones((PAIRS, 2), bool), 'lengths': np.full((PAIRS, 2), N, np.int32)}
 
 
@@ -93,11 +94,11 @@ def main():
   achieved = flops / s['median']
   print(f'jax_rlhf DPO step fp32 {PAIRS} pairs, prompt {P}, responses {R}+EOS, reference every step, '
         f'params={cfg.num_params()} jax {jax.__version__} ({m["backend"]}, load {m["load"]}): '
-        f'{common.fmt(s, PAIRS, "pairs/s")}')
-  print(f'  first call (compile + run) {compile_s:.2f}s; after {STEPS + WARMUP} steps: loss {float(m_last["loss"]):.4f}, '
-        f'rewards/margins {float(m_last["rewards/margins"]):.4f}')
-  print(f'  FLOP/step: policy fwd+bwd {fl_policy / 1e9:.2f} G + reference fwd {fl_ref / 1e9:.2f} G = {flops / 1e9:.2f} G; '
-        f'XLA cost_analysis: {xla / 1e9 if xla else float("nan"):.2f} G')
+        + common.fmt(s, PAIRS, 'pairs/s'))
+  print(f'  first call (compile + run) {compile_s:.2f}s; after {STEPS + WARMUP} steps: '
+        f'loss {float(m_last["loss"]):.4f}, rewards/margins {float(m_last["rewards/margins"]):.4f}')
+  print(f'  FLOP/step: policy fwd+bwd {fl_policy / 1e9:.2f} G + reference fwd {fl_ref / 1e9:.2f} G = '
+        f'{flops / 1e9:.2f} G; XLA cost_analysis: {xla / 1e9 if xla else float("nan"):.2f} G')
   print(f'  achieved {achieved / 1e9:.1f} GFLOP/s; matmul peak (2048^3 fp32, best of 10 before + 10 after) '
         f'{peak / 1e9:.1f} GFLOP/s; MFU {achieved / peak:.1%}'
         + (f' (by XLA count {xla / s["median"] / peak:.1%})' if xla else '')
@@ -119,7 +120,8 @@ def main():
     result['ratio_best'] = p['min'] / s['min']
     result['load_after_peer'] = common.load_avg()
     print(f'ours/theirs (pairs/s, fp32 vs fp32, TRL {p["median"]:.3f} s/step): {result["ratio"]:.2f}x  '
-          f'(target >= 1.2x: {"met" if result["ratio"] >= 1.2 else "MISSED"}); best vs best {result["ratio_best"]:.2f}x')
+          f'(target >= 1.2x: {"met" if result["ratio"] >= 1.2 else "MISSED"}); '
+          f'best vs best {result["ratio_best"]:.2f}x')
     common.flag_contention(result, s, p, max(load_before, result['peer_load_before']))
   common.emit(result)
 

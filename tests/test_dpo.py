@@ -154,7 +154,8 @@ def test_gradients_are_finite_for_every_loss():
         out[f'{fn.__name__}/{loss_type}'] = jax.grad(lambda a: fn(
             a, rv, ranking, valid, loss_type=loss_type, label_smoothing=eps, lengths=lens2)[0])(pv_nan)
     for beta in (0.1, 50.0):
-      out[f'listwise/{beta}'] = jax.grad(lambda a: losses.listwise_dpo_loss(a, rv, ranking, valid, beta=beta)[0])(pv_nan)
+      out[f'listwise/{beta}'] = jax.grad(
+          lambda a: losses.listwise_dpo_loss(a, rv, ranking, valid, beta=beta)[0])(pv_nan)
     return out
 
   grads = all_grads(pw, pl, pv_nan)

@@ -296,7 +296,8 @@ def run(config, workdir: str, name: str = 'dpo', inputs: Mapping[str, str] | Non
   summary = {'stage': 'dpo', 'name': name, 'inputs': inputs, 'mode': dc.mode, 'loss_type': dc.loss_type,
              'beta': dc.beta, 'steps': steps, **ev}
   checkpoint.mark_done(out, summary)
-  print(f'[{name}] done: {dc.mode} {dc.loss_type} DPO, {steps} steps; held-out loss '
-        f'{ev.get("eval_loss", float("nan")):.4f}, reward accuracy {ev.get("eval_rewards/accuracies", float("nan")):.3f} '
-        f'on {len(eval_recs)} rankings; exported {os.path.join(out, "hf")}')
+  nan = float('nan')
+  print(f'[{name}] done: {dc.mode} {dc.loss_type} DPO, {steps} steps; held-out loss {ev.get("eval_loss", nan):.4f}, '
+        f'reward accuracy {ev.get("eval_rewards/accuracies", nan):.3f} on {len(eval_recs)} rankings; '
+        f'exported {os.path.join(out, "hf")}')
   return summary
