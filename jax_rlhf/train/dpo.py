@@ -270,7 +270,7 @@ def run(config, workdir: str, name: str = 'dpo', inputs: Mapping[str, str] | Non
                      'params': state_lib.num_params(state.params), **cut.as_metrics('data'), **info}, split='info')
   local_bs = shd.process_rows(mesh, bs)
   rows = rm.compact_rows(train_arrays['valid'], local_bs.stop - local_bs.start, jax.local_device_count())
-  t0 = time.perf_counter()
+  t0, last = time.perf_counter(), start
   for step in range(start + 1, steps + 1):
     batch = next(loader)
     small = compact(batch, rows, local_bs.start * batch['valid'].shape[1])
@@ -279,9 +279,9 @@ def run(config, workdir: str, name: str = 'dpo', inputs: Mapping[str, str] | Non
     writer.advance()
     if step % config.log_every == 0 or step == steps:
       m = metrics_lib.to_host(m)
-      writer.write(step, {**m, 'steps/s': config.log_every / max(time.perf_counter() - t0, 1e-9),
-                          'epoch': loader.epoch})
-      t0 = time.perf_counter()
+      writer.write(step, {**m, 'steps/s': (step - last) / max(time.perf_counter() - t0, 1e-9),
+                          'epoch': loader.epoch})  # the first interval includes the compile
+      t0, last = time.perf_counter(), step
     if eval_recs and dc.eval_every and step % dc.eval_every == 0 and step != steps:
       writer.write(step, {f'eval_{k}': v for k, v in evaluate(state).items()}, split='eval')
     ckpt.step_end(step, steps, state, {'step': step, 'loader': loader.state(), 'seed': config.seed})
