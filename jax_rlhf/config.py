@@ -186,7 +186,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dpo = ml_collections.ConfigDict(dict(
       beta=0.5,                 # strength of the implicit KL to the reference (TRL 0.1; DPO paper 0.1 HH, 0.5 TL;DR);
                                 # IPO's tau for ipo / ipo_norm. Demo (pairwise, 2 epochs, one run each): 0.1 drifts
-                                # to KL 4.6 nats, win vs SFT 0.621 [0.599, 0.643]; 0.5: KL 0.52, win 0.675 [0.658, 0.693]
+                                # to KL 4.6 nats, win vs SFT 0.621 [0.599, 0.643]; 0.5: KL 0.52, win 0.675
+                                # [0.658, 0.693]
       loss_type='sigmoid',      # sigmoid (DPO; cDPO with label_smoothing) | ipo (summed log-ratios, DPO authors' code)
                                 # | ipo_norm (per-token log-ratios, TRL's ipo) | hinge (SLiC-HF) | robust (rDPO)
       label_smoothing=0.0,      # eps, the assumed label-flip rate of sigmoid (cDPO) and robust; in [0, 0.5)
