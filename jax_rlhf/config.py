@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 # The kinds of run a plan holds (jax_rlhf/pipeline.py); `stage` is one of them or 'pipeline' (the whole plan).
-KINDS = ('pretrain', 'sft', 'label', 'rm', 'ppo', 'eval')
+KINDS = ('pretrain', 'sft', 'label', 'rm', 'ppo', 'eval', 'dpo')
 STAGES = (*KINDS, 'pipeline')
 
 
@@ -232,6 +232,27 @@ def base_config() -> ml_collections.ConfigDict:
   # The runs `stage=pipeline` makes, in this order (jax_rlhf/pipeline.py): each a name (its folder W/<name>), a
   # kind, its inputs (role -> run name) and overrides (nested dict of config fields, applied to its copy).
   c.plan = default_plan()
+  # DPO family (jax_rlhf/train/dpo.py; Rafailov et al. 2023): the policy trains on rankings with no reward model
+  c.dpo = ml_collections.ConfigDict(dict(
+      beta=0.5,                 # strength of the implicit KL to the reference (TRL 0.1; DPO paper 0.1 HH, 0.5 TL;DR);
+                                # IPO's tau for ipo / ipo_norm. Demo (pairwise, 2 epochs, one run each): 0.1 drifts
+                                # to KL 4.6 nats, win vs SFT 0.621 [0.599, 0.643]; 0.5: KL 0.52, win 0.675
+                                # [0.658, 0.693]
+      loss_type='sigmoid',      # sigmoid (DPO; cDPO with label_smoothing) | ipo (summed log-ratios, DPO authors' code)
+                                # | ipo_norm (per-token log-ratios, TRL's ipo) | hinge (SLiC-HF) | robust (rDPO)
+      label_smoothing=0.0,      # eps, the assumed label-flip rate of sigmoid (cDPO) and robust; in [0, 0.5)
+      mode='pairwise',          # pairwise: all C(K,2) pairs of a ranking, each prompt counting once | listwise:
+                                # Plackett-Luce over the whole ranking (sigmoid only) | best_vs_worst: rank 1 vs rank K
+      precompute_ref=False,     # True: reference log-probs once over the dataset before training (TRL's
+                                # precompute_ref_log_probs); False: the reference runs in every step (DPO authors, TRL)
+      epochs=2,                 # passes over the training rankings (when steps is 0)
+      steps=0,                  # train steps; 0: epochs x (training rankings // batch_size)
+      batch_size=32,            # rankings (prompts) per step, all K responses of each in the step (DPO paper: 64 pairs)
+      eval_fraction=0.1,        # held-out rankings for the held-out DPO metrics (a source without an eval split)
+      eval_every=0,             # steps between held-out evaluations; 0: at the end only
+      optimizer=_optimizer(1e-4, schedule='linear', warmup=10),  # AdamW; DPO paper: RMSprop 1e-6, 150 warm-up
+                                # steps on billion-parameter models (not tuned for the demo's 1M-parameter model)
+  ))
   return c
 
 
@@ -252,6 +273,15 @@ def default_plan() -> tuple[ml_collections.ConfigDict, ...]:
           plan_run('eval', 'eval', {'reference': 'sft', 'reward': 'rm'}))
 
 
+# The run `stage=<kind>` makes for a kind the default plan does not hold, with its default inputs.
+_SINGLE_RUNS = {'dpo': {'policy': 'sft', 'reference': 'sft', 'rankings': 'label'}}
+
+
+def single_run(kind: str) -> ml_collections.ConfigDict:
+  """The run named like `kind` that `stage=<kind>` makes when neither the plan nor the default plan has one."""
+  return plan_run(kind, kind, _SINGLE_RUNS[kind])
+
+
 def quick(c: ml_collections.ConfigDict) -> None:
   """Tiny everything: each stage in well under a minute on a CPU (tests)."""
   c.model.preset = 'tiny'
@@ -267,6 +297,7 @@ def quick(c: ml_collections.ConfigDict) -> None:
   c.ppo.ptx.batch_size = 8
   c.ppo.snapshot_every = 2
   c.eval.update(batch_size=32, n_pretrain_eval=32, n_snapshot_prompts=16, best_of_n=(1, 2))
+  c.dpo.update(steps=4, batch_size=8)
 
 
 def instructgpt(c: ml_collections.ConfigDict) -> None:

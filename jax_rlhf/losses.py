@@ -1,8 +1,10 @@
-"""The losses of the three stages, as small pure jnp functions (float32 math, jit-able).
+"""The losses of the stages, as small pure jnp functions (float32 math, jit-able).
 
   SFT / ptx : token_cross_entropy
   RM        : ranking_loss (K-way Bradley-Terry over all C(K,2) pairs of a prompt; InstructGPT eq. 1)
   PPO       : clipped_policy_loss, clipped_value_loss (Schulman et al. 2017; Ziegler et al. 2019)
+  DPO       : dpo_loss (pairs; sigmoid/cDPO, IPO, SLiC-HF hinge, robust), ranking_dpo_loss (all pairs of a
+              K-way ranking), best_vs_worst_dpo_loss, listwise_dpo_loss (Plackett-Luce; DPO appendix A.3)
 
 Masks are bool or 0/1 float arrays of the data's shape; masked reductions never divide by zero. Each loss
 returns (loss, metrics) or (loss, n_tokens); metrics are flat dicts of scalars.
@@ -201,4 +203,186 @@ def clipped_value_loss(values, old_values, returns, mask, clip=0.2):
       'vf_clipfrac': masked_mean((err_clipped > err).astype(values.dtype), valid),
       'value_error': masked_mean(err, valid),
   }
+  return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DPO family: preference optimisation without a reward model
+# ---------------------------------------------------------------------------------------------------------
+# Every loss here reads summed response log-probs (`scoring.sequence_logps`) of the policy and the frozen
+# reference. s = log pi(y|x) - log pi_ref(y|x) is a response's implicit reward / beta; for a pair,
+# Delta = s_w - s_l (w the preferred response). Rafailov et al. 2023 (DPO), eqs. 7 and 18.
+
+DPO_LOSS_TYPES = ('sigmoid', 'ipo', 'ipo_norm', 'hinge', 'robust')
+
+
+def dpo_pair_losses(delta, *, beta=0.1, loss_type='sigmoid', label_smoothing=0.0):
+  """The per-pair loss of each DPO loss_type, from Delta = s_w - s_l (any shape, float32 math):
+
+    sigmoid  : -(1-eps) log sigmoid(beta Delta) - eps log sigmoid(-beta Delta)
+               DPO eq. 7 (Rafailov et al. 2023) at eps = 0; conservative DPO (cDPO; Mitchell 2023, the DPO
+               authors' code `preference_loss(label_smoothing=...)`) for eps > 0.
+    ipo      : (Delta - 1/(2 beta))^2, beta = IPO's tau (Azar et al. 2023, eq. 17), on summed log-ratios as in
+               the DPO authors' code (eric-mitchell/direct-preference-optimization `preference_loss(ipo=True)`).
+    ipo_norm : the same square on length-normalised log-ratios; the caller passes Delta = s_w/|y_w| - s_l/|y_l|
+               (TRL's `ipo`, "agreed with the IPO authors"). `dpo_loss` does that division from its lengths.
+    hinge    : max(0, 1 - beta Delta): SLiC-HF's calibration loss (Zhao et al. 2023, arXiv 2305.10425) with the
+               reference's log-ratio and margin 1/beta (TRL `hinge`).
+    robust   : [-(1-eps) log sigmoid(beta Delta) + eps log sigmoid(-beta Delta)] / (1 - 2 eps): the unbiased
+               loss under a label-flip rate eps (Chowdhury et al. 2024, rDPO eq. 6; TRL `robust`), eps < 0.5.
+
+  eps = label_smoothing is used by sigmoid and robust only; any other loss_type refuses eps != 0.
+  """
+  if loss_type not in DPO_LOSS_TYPES:
+    raise ValueError(f'dpo loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}')
+  eps = float(label_smoothing)
+  if eps and loss_type not in ('sigmoid', 'robust'):
+    raise ValueError(f'label_smoothing={eps} has no meaning for loss_type {loss_type!r} (sigmoid or robust only)')
+  if not 0.0 <= eps < 0.5:
+    raise ValueError(f'label_smoothing must be in [0, 0.5), got {eps}')
+  z = beta * _float(delta)
+  if loss_type == 'sigmoid':
+    return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+  if loss_type in ('ipo', 'ipo_norm'):
+    return jnp.square(_float(delta) - 1.0 / (2.0 * beta))
+  if loss_type == 'hinge':
+    return jax.nn.relu(1.0 - z)
+  return (-(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * eps)
+
+
+def _dpo_pairs(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing, chosen_lengths,
+               rejected_lengths):
+  """Per-pair (loss, TRL metrics) of pairs given elementwise (any common shape)."""
+  chosen, rejected = _float(chosen), _float(rejected)
+  s_w = chosen - _float(ref_chosen)  # log-ratios
+  s_l = rejected - _float(ref_rejected)
+  delta = s_w - s_l
+  if loss_type == 'ipo_norm':
+    if chosen_lengths is None or rejected_lengths is None:
+      raise ValueError("loss_type 'ipo_norm' needs chosen_lengths and rejected_lengths (response tokens)")
+    delta = (s_w / jnp.maximum(_float(chosen_lengths), 1.0)) - (s_l / jnp.maximum(_float(rejected_lengths), 1.0))
+  loss = dpo_pair_losses(delta, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+  metrics = {
+      'rewards/chosen': beta * s_w,
+      'rewards/rejected': beta * s_l,
+      'rewards/margins': beta * (s_w - s_l),
+      'rewards/accuracies': (s_w > s_l).astype(s_w.dtype),
+      'logps/chosen': chosen,
+      'logps/rejected': rejected,
+  }
+  return loss, metrics
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, loss_type='sigmoid',
+             label_smoothing=0.0, chosen_lengths=None, rejected_lengths=None):
+  """DPO and its pairwise relatives on B chosen/rejected pairs (Rafailov et al. 2023, eq. 7):
+
+    s_w = log pi(y_w|x) - log pi_ref(y_w|x),  s_l likewise,  Delta = s_w - s_l
+    loss = mean_b dpo_pair_losses(Delta_b)         (loss_type: sigmoid | ipo | ipo_norm | hinge | robust)
+
+  chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps  # [B] log-probs summed over each
+  response's tokens (the DPO authors' `_get_batch_logps(average_log_prob=False)`; TRL). `ipo_norm` also needs
+  chosen_lengths / rejected_lengths  # [B] response token counts: Delta = s_w/|y_w| - s_l/|y_l|.
+  Returns (loss, metrics) with TRL's meanings (means over the batch): rewards/chosen = beta s_w,
+  rewards/rejected = beta s_l, rewards/margins = beta (s_w - s_l), rewards/accuracies = frac(s_w > s_l),
+  logps/chosen and logps/rejected = the policy's summed log-probs. The rewards use the summed log-ratios for
+  every loss_type. When policy == reference the sigmoid loss is log 2 and every reward is 0.
+  """
+  loss, m = _dpo_pairs(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
+                       label_smoothing, chosen_lengths, rejected_lengths)
+  return jnp.mean(loss), {k: jnp.mean(v) for k, v in m.items()}
+
+
+def _rank_order(x, ranking):
+  """x [B, K] reordered best first by ranking [B, K] (indices clipped into range)."""
+  k = x.shape[-1]
+  ranking = jnp.clip(jnp.asarray(ranking).astype(jnp.int32), 0, k - 1)
+  return jnp.take_along_axis(x, ranking, axis=-1)
+
+
+def ranking_dpo_loss(policy_logps, ref_logps, ranking, valid, *, beta=0.1, loss_type='sigmoid', label_smoothing=0.0,
+                     lengths=None):
+  """Pairwise DPO over all C(k_b, 2) pairs of each prompt's ranking, weighted as `ranking_loss` weights them
+  (InstructGPT's K-way batching, arXiv 2203.02155 sec. 3.5, applied to DPO eq. 7):
+
+    loss(b) = 1/C(k_b,2) sum_{i<j ranks of b} dpo_pair_losses(Delta_(i)(j)),  Delta_(i)(j) = s_(i) - s_(j)
+    loss    = mean over prompts with at least one pair of loss(b)     (each prompt counts once)
+
+  policy_logps, ref_logps  # [B, K] summed response log-probs, K padded (padded entries arbitrary);
+  ranking  # [B, K] response indices best first; valid  # [B, K] bool, the first k_b positions are real;
+  lengths  # [B, K] response token counts (only for loss_type 'ipo_norm').
+  metrics: dpo_loss's, as per-prompt means over pairs then means over prompts; 'num_pairs' in the batch.
+  """
+  valid = _valid(valid)
+  k = valid.shape[-1]
+  pol = jnp.where(valid, _rank_order(_float(policy_logps), ranking), 0.0)  # [B, K] best first; pads -> 0
+  ref = jnp.where(valid, _rank_order(_float(ref_logps), ranking), 0.0)
+  lens = None if lengths is None else jnp.where(valid, _rank_order(_float(lengths), ranking), 1.0)
+  upper = jnp.triu(jnp.ones((k, k), jnp.bool_), k=1)  # [K, K] rank i beats rank j
+  pairs = upper[None] & valid[:, :, None] & valid[:, None, :]  # [B, K, K]
+  w = lambda x: None if x is None else x[:, :, None]  # noqa: E731  [B, K, 1]: the better response
+  l = lambda x: None if x is None else x[:, None, :]  # noqa: E731  [B, 1, K]: the worse one
+  loss, m = _dpo_pairs(w(pol), l(pol), w(ref), l(ref), beta, loss_type, label_smoothing, w(lens), l(lens))
+
+  def per_prompt_then_batch(x):  # [B, K, K] -> scalar
+    x = jnp.broadcast_to(x, pairs.shape)
+    return masked_mean(masked_mean(x, pairs, axis=(1, 2)), pairs.any(axis=(1, 2)))
+
+  metrics = {name: per_prompt_then_batch(v) for name, v in m.items()}
+  metrics['num_pairs'] = jnp.sum(pairs.astype(jnp.int32))
+  return per_prompt_then_batch(loss), metrics
+
+
+def best_vs_worst_dpo_loss(policy_logps, ref_logps, ranking, valid, *, beta=0.1, loss_type='sigmoid',
+                           label_smoothing=0.0, lengths=None):
+  """DPO on one pair per prompt: its best response (rank 1) against its worst (rank k_b), as RLHFlow's and
+  OAIF's online DPO pick them (Xiong et al. 2023, arXiv 2312.11456; Guo et al. 2024, arXiv 2402.04792):
+
+    loss = mean over prompts with k_b >= 2 of dpo_pair_losses(s_(1) - s_(k_b))
+
+  Arguments as `ranking_dpo_loss`; metrics are dpo_loss's over those pairs.
+  """
+  valid = _valid(valid)
+  k = valid.shape[-1]
+  n = jnp.sum(valid.astype(jnp.int32), axis=-1)  # [B] k_b
+  has_pair = n >= 2  # [B]
+  worst = jnp.clip(n - 1, 0, k - 1)[:, None]  # [B, 1] rank position of the worst real response
+
+  def pick(x):  # [B, K] -> (best [B], worst [B]); 0 for prompts without a pair (pads never reach a loss)
+    x = _rank_order(_float(x), ranking)  # [B, K] best first
+    best, last = x[:, 0], jnp.take_along_axis(x, worst, axis=-1)[:, 0]
+    return jnp.where(has_pair, best, 0.0), jnp.where(has_pair, last, 0.0)
+
+  pol_w, pol_l = pick(policy_logps)
+  ref_w, ref_l = pick(ref_logps)
+  len_w, len_l = (None, None) if lengths is None else pick(lengths)
+  loss, m = _dpo_pairs(pol_w, pol_l, ref_w, ref_l, beta, loss_type, label_smoothing, len_w, len_l)
+  metrics = {name: masked_mean(v, has_pair) for name, v in m.items()}
+  metrics['num_pairs'] = jnp.sum(has_pair.astype(jnp.int32))
+  return masked_mean(loss, has_pair), metrics
+
+
+def listwise_dpo_loss(policy_logps, ref_logps, ranking, valid, *, beta=0.1):
+  """K-way DPO under the Plackett-Luce model (Rafailov et al. 2023, appendix A.3, eq. 18):
+
+    loss(b) = -sum_{k=1}^{k_b - 1} log( exp(beta s_(k)) / sum_{j=k}^{k_b} exp(beta s_(j)) )
+    loss    = mean over prompts with k_b >= 2 of loss(b)
+
+  s = policy_logps - ref_logps and (k) the k-th best response of prompt b. For k_b = 2 this is DPO's sigmoid
+  loss -log sigmoid(beta (s_w - s_l)). Arguments as `ranking_dpo_loss` (policy_logps, ref_logps [B, K];
+  ranking, valid [B, K]). metrics: dpo_loss's, over all C(k_b,2) pairs of each ranking (per prompt, then
+  over prompts), and 'num_pairs'.
+  """
+  valid = _valid(valid)
+  k = valid.shape[-1]
+  pol = jnp.where(valid, _rank_order(_float(policy_logps), ranking), 0.0)  # [B, K] best first
+  ref = jnp.where(valid, _rank_order(_float(ref_logps), ranking), 0.0)
+  u = beta * (pol - ref)  # [B, K]
+  # tail(b, k) = log sum_{j >= k, j real} exp(u_j): a finite floor (not -inf) for pads keeps gradients finite
+  tail_mask = jnp.triu(jnp.ones((k, k), jnp.bool_))[None] & valid[:, None, :]  # [B, K(k), K(j)]
+  tail = jax.nn.logsumexp(jnp.where(tail_mask, u[:, None, :], -1e30), axis=-1)  # [B, K]
+  has_next = valid & jnp.concatenate([valid[:, 1:], jnp.zeros_like(valid[:, :1])], axis=-1)  # [B, K] k < k_b
+  per_prompt = -jnp.sum(jnp.where(has_next, u - tail, 0.0), axis=-1)  # [B]
+  loss = masked_mean(per_prompt, has_next.any(axis=-1))
+  _, metrics = ranking_dpo_loss(policy_logps, ref_logps, ranking, valid, beta=beta)
   return loss, metrics

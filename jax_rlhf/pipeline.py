@@ -36,6 +36,7 @@ KINDS = {
     'rm': ('jax_rlhf.train.rm', 'run'),
     'ppo': ('jax_rlhf.train.ppo', 'run'),
     'eval': ('jax_rlhf.evaluate', 'run'),
+    'dpo': ('jax_rlhf.train.dpo', 'run'),
 }
 ROLES = ('init', 'policy', 'reference', 'reward', 'value', 'rankings', 'prompts_from')
 
@@ -146,7 +147,7 @@ def used_inputs(run, rc: ml_collections.ConfigDict) -> dict[str, str]:
 def plan_of(config: ml_collections.ConfigDict) -> list[tuple[Any, ml_collections.ConfigDict]]:
   """The (run, its config) pairs `config.stage` makes, in order: the whole plan less pretrain and label runs
   that no later run reads, or the one run named like `config.stage`."""
-  from jax_rlhf.config import KINDS as STAGE_KINDS, STAGES, default_plan
+  from jax_rlhf.config import KINDS as STAGE_KINDS, STAGES, default_plan, single_run
   if config.stage not in STAGES:
     raise PlanError(f'config.stage={config.stage!r}; choose one of {", ".join(STAGES)}')
   plan = tuple(config.plan)
@@ -154,7 +155,7 @@ def plan_of(config: ml_collections.ConfigDict) -> list[tuple[Any, ml_collections
   if config.stage != 'pipeline':
     run = next((r for r in plan if r.name == config.stage), None)
     if run is None:
-      run = next(r for r in default_plan() if r.name == config.stage)
+      run = next((r for r in default_plan() if r.name == config.stage), None) or single_run(config.stage)
     assert run.kind in STAGE_KINDS
     return [(run, run_config(config, run))]
   runs = [(r, run_config(config, r)) for r in plan]

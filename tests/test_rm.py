@@ -59,7 +59,7 @@ def ranking_records():
 def test_rm_train_step_loss_is_the_mean_over_prompts_of_the_mean_over_pairs(tok, compacted):
   """loss = mean_b 1/C(k_b,2) sum_{i<j} [-log sigmoid(r_(i) - r_(j) - margin) + c (r_(i) + r_(j))^2],
   with r from the model's per-response scores, recomputed with itertools.combinations in float64; the same
-  when the batch is compacted to its real responses (rm.compact)."""
+  when the batch is compacted to its real responses (batches.compact)."""
   recs = ranking_records()
   arr, _ = batches.rankings(tok, recs, 12, 6, 4)
   config = stage_config('rm', 'quick')
@@ -72,7 +72,7 @@ def test_rm_train_step_loss_is_the_mean_over_prompts_of_the_mean_over_pairs(tok,
   step = jax.jit(lambda s, b: rm.rm_train_step(graphdef, tx, config.rm, s, b))
   fed = arr
   if compacted:
-    fed = rm.compact(arr, 14)  # 13 real responses + 1 empty row
+    fed = batches.compact(arr, 14)  # 13 real responses + 1 empty row
     assert fed['row_tokens'].shape == (14, 18) and (fed['row_index'] >= 16).sum() == 4 - 3
   new_state, m = step(state, jax.tree.map(jnp.asarray, fed))
 
@@ -104,13 +104,13 @@ def test_compact_keeps_every_real_response_and_falls_back_when_over_budget():
   tokens = np.arange(9 * 2, dtype=np.int32).reshape(3, 3, 2) + 1
   batch = {'tokens': tokens, 'attention_mask': np.ones_like(tokens), 'ranking': np.zeros((3, 3), np.int32),
            'valid': valid}
-  out = rm.compact(batch, 8, offset=9)
+  out = batches.compact(batch, 8, offset=9)
   np.testing.assert_array_equal(out['row_index'][:6], np.array([0, 1, 3, 4, 5, 6]) + 9)
   np.testing.assert_array_equal(out['row_tokens'][:6], tokens.reshape(9, 2)[[0, 1, 3, 4, 5, 6]])
   assert not out['row_mask'][6:].any() and (out['row_index'][6:] > 9 + 9).all()
-  assert rm.compact(batch, 5) is None
+  assert batches.compact(batch, 5) is None
   # budget: mean + 4 std of a batch's real responses, rounded up to the devices
-  assert rm.compact_rows(valid, 3, 4) == 12 and rm.compact_rows(np.ones((5, 3), bool), 2, 4) == 8
+  assert batches.compact_rows(valid, 3, 4) == 12 and batches.compact_rows(np.ones((5, 3), bool), 2, 4) == 8
 
 
 def test_compacted_rm_step_on_8_devices_equals_the_padded_step_on_one(tok):
@@ -127,7 +127,7 @@ def test_compacted_rm_step_on_8_devices_equals_the_padded_step_on_one(tok):
   graphdef, placed, shardings = state_lib.place_state(scalar_model(tok), tx, mesh)
   step = jax.jit(lambda s, b: rm.rm_train_step(graphdef, tx, config.rm, s, b),
                  in_shardings=(shardings, shd.batch_sharding(mesh)))
-  eight, m8 = step(placed, shd.put_batch(rm.compact(arr, 32), mesh))
+  eight, m8 = step(placed, shd.put_batch(batches.compact(arr, 32), mesh))
   np.testing.assert_allclose(float(m8['loss']), float(m1['loss']), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

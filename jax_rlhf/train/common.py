@@ -34,7 +34,7 @@ def require_stage(workdir: str, stage: str, needed_by: str) -> str:
   return d
 
 
-_KINDS = ('pretrain', 'sft', 'label', 'rm', 'ppo', 'eval')
+_KINDS = ('pretrain', 'sft', 'label', 'rm', 'ppo', 'eval', 'dpo')
 
 
 def get_task(config: ml_collections.ConfigDict):

@@ -46,34 +46,6 @@ def compact_scores(model, batch):
   return flat.reshape(b, k)
 
 
-def compact(batch: dict[str, np.ndarray], rows: int, offset: int = 0) -> dict[str, np.ndarray] | None:
-  """A ranking batch [B, K, L] (K padded to k_max) as its real responses only: `rows` sequences [rows, L] and
-  the flat position (in [B*K], plus `offset`: this process's first global row times K) each one's score goes
-  to; padding rows are empty and point past the end. None when the batch has more real responses than `rows`.
-  With K uniform in 4..9 padded to 9, 28% of the rows are empty: this saves that much of the RM's compute."""
-  b, k, length = batch['tokens'].shape
-  idx = np.flatnonzero(batch['valid'].reshape(-1))
-  if len(idx) > rows:
-    return None
-  tokens = np.zeros((rows, length), batch['tokens'].dtype)
-  mask = np.zeros((rows, length), batch['attention_mask'].dtype)
-  tokens[:len(idx)] = batch['tokens'].reshape(b * k, length)[idx]
-  mask[:len(idx)] = batch['attention_mask'].reshape(b * k, length)[idx]
-  index = np.full((rows,), np.iinfo(np.int32).max, np.int32)
-  index[:len(idx)] = idx + offset
-  return {'row_tokens': tokens, 'row_mask': mask, 'row_index': index, 'ranking': batch['ranking'],
-          'valid': batch['valid']}
-
-
-def compact_rows(valid: np.ndarray, batch_size: int, multiple: int) -> int:
-  """Rows for compacted batches of `batch_size` prompts: mean + 4 std of a batch's real responses (from the
-  per-prompt counts in `valid` [N, K]), rounded up to `multiple`; a batch above it runs uncompacted."""
-  counts = valid.sum(1).astype(np.float64)
-  need = batch_size * counts.mean() + 4 * np.sqrt(batch_size) * counts.std()
-  rows = int(min(np.ceil(need), batch_size * valid.shape[1]))
-  return -(-rows // multiple) * multiple
-
-
 def rm_loss(model, batch, rm_cfg):
   if 'row_tokens' in batch:
     rewards = compact_scores(model, batch)  # [B, K]
@@ -216,10 +188,10 @@ def run(config, workdir: str, name: str = 'rm', inputs: Mapping[str, str] | None
     writer.write(0, {'rankings': len(recs), 'label_seconds': label_s, 'label_vs_gold_accuracy': gold_acc,
                      **cut.as_metrics('data'), **info}, split='info')
   local_bs = shd.process_rows(mesh, bs)
-  rows = compact_rows(train_arrays['valid'], local_bs.stop - local_bs.start, jax.local_device_count())
+  rows = batches.compact_rows(train_arrays['valid'], local_bs.stop - local_bs.start, jax.local_device_count())
   for step in range(start + 1, steps + 1):
     batch = next(loader)
-    small = compact(batch, rows, local_bs.start * batch['valid'].shape[1])
+    small = batches.compact(batch, rows, local_bs.start * batch['valid'].shape[1])
     state, m = train_step(state, shd.put_batch(batch if small is None else small, mesh, local=True))
     writer.advance()
     if step % config.log_every == 0 or step == steps:
