@@ -6,6 +6,8 @@ import gzip
 import json
 import os
 
+import numpy as np
+
 HH_TRAIN = [  # (chosen transcript, rejected transcript): single- and multi-turn
     ('\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers is a classic choice.',
      '\n\nHuman: What is a good name for a cat?\n\nAssistant: I do not know.'),
@@ -189,3 +191,32 @@ def write_tiny_qwen2(path, vocab: int, max_len: int = 128):
                                  tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
   transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
   return path
+
+
+def padded_ids(vocab: int, pad: int, t: int = 9):
+  """[3, t] ids with left-padded and unpadded rows mixed; real tokens (>= 3) never equal the pad id."""
+  ids = np.random.RandomState(0).randint(3, vocab, (3, t))
+  mask = np.ones_like(ids)
+  mask[0, :4] = 0
+  mask[2, :1] = 0
+  ids[mask == 0] = pad
+  return ids, mask
+
+
+def torch_logits(model, ids, mask):
+  """transformers' logits with positions from the mask (as ours count them), as numpy."""
+  import torch
+  pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+  return out.logits.numpy()
+
+
+def our_logits(model, ids, mask):
+  import jax.numpy as jnp
+  return np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+
+
+def max_err(a, b, mask):
+  """The largest |a - b| over the real (mask > 0) positions."""
+  return float(np.abs(a - b)[mask.astype(bool)].max())

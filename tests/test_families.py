@@ -19,6 +19,7 @@ transformers = pytest.importorskip('transformers')
 
 from jax_rlhf import sampling  # pylint: disable=g-import-not-at-top
 from jax_rlhf.models import hf, transformer  # pylint: disable=g-import-not-at-top
+from fixtures import max_err, our_logits, padded_ids, torch_logits
 
 V, PAD, EOS = 96, 0, 2
 _SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -70,31 +71,6 @@ def _torch_model(path):
   return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def _batch(t=11):
-  """Left-padded and unpadded rows; real tokens never equal the pad or EOS id."""
-  ids = np.random.RandomState(0).randint(3, V, (3, t))
-  mask = np.ones_like(ids)
-  mask[0, :4] = 0
-  mask[2, :1] = 0
-  ids[mask == 0] = PAD
-  return ids, mask
-
-
-def _torch_logits(model, ids, mask):
-  pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
-  return out.logits.numpy()
-
-
-def _ours(model, ids, mask):
-  return np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
-
-
-def _max_err(a, b, mask):
-  return float(np.abs(a - b)[mask.astype(bool)].max())
-
-
 @pytest.mark.parametrize('name', FAMILIES)
 def test_logits_match_transformers(folders, name):
   model = hf.load_pretrained(folders[name])
@@ -106,21 +82,21 @@ def test_logits_match_transformers(folders, name):
             'mistral': dict(sliding_window=4, rope_type='default')}[name]
   for k, v in expect.items():
     assert getattr(cfg, k) == v, (k, getattr(cfg, k))
-  ids, mask = _batch()
-  ours = _ours(model, ids, mask)
-  assert _max_err(ours, _torch_logits(_torch_model(folders[name]), ids, mask), mask) < 1e-4
+  ids, mask = padded_ids(V, PAD, 11)
+  ours = our_logits(model, ids, mask)
+  assert max_err(ours, torch_logits(_torch_model(folders[name]), ids, mask), mask) < 1e-4
   # The family's feature changes the logits at this length (so the comparison above exercises it).
   plain = dict(rope_type='default', sliding_window=None) if name != 'qwen3' else {}
   if plain:
     base = hf.load_pretrained(folders[name], **plain)
-    assert _max_err(_ours(base, ids, mask), ours, mask) > 1e-3
+    assert max_err(our_logits(base, ids, mask), ours, mask) > 1e-3
 
 
 @pytest.mark.parametrize('name', FAMILIES)
 def test_greedy_matches_transformers_generate(folders, name):
   ref = _torch_model(folders[name])
   ours = hf.load_pretrained(folders[name])
-  ids, mask = _batch(t=7)
+  ids, mask = padded_ids(V, PAD, 7)
   n = 10
   with torch.no_grad():
     seq = ref.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
@@ -136,8 +112,8 @@ def test_greedy_matches_transformers_generate(folders, name):
 @pytest.mark.parametrize('name', FAMILIES)
 def test_save_round_trip_through_transformers(folders, name, tmp_path):
   model = hf.load_pretrained(folders[name])
-  ids, mask = _batch()
-  ours = _ours(model, ids, mask)
+  ids, mask = padded_ids(V, PAD, 11)
+  ours = our_logits(model, ids, mask)
   out = hf.save_pretrained(model, tmp_path / 'hf')
   saved = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   model_type = FAMILIES[name][0]
@@ -148,8 +124,8 @@ def test_save_round_trip_through_transformers(folders, name, tmp_path):
   want_rope = dict(FAMILIES[name][1]['rope_parameters'])
   want_rope.setdefault('rope_type', 'default')
   assert {k: back.config.rope_parameters[k] for k in want_rope} == want_rope
-  assert _max_err(_torch_logits(back.eval(), ids, mask), ours, mask) < 1e-4
-  np.testing.assert_array_equal(_ours(hf.load_pretrained(out), ids, mask), ours)
+  assert max_err(torch_logits(back.eval(), ids, mask), ours, mask) < 1e-4
+  np.testing.assert_array_equal(our_logits(hf.load_pretrained(out), ids, mask), ours)
 
 
 def test_features_pick_the_family_and_refusals():
@@ -233,15 +209,15 @@ def test_preset_config_files(name):
 def test_scanned_layout_loads_and_saves_the_same_folder(folders, tmp_path):
   """scan_layers: the HF name map stacks on the way in and unstacks on the way out (LM and scalar model)."""
   path = folders['qwen3']
-  ids, mask = _batch()
+  ids, mask = padded_ids(V, PAD, 11)
   plain = hf.load_pretrained(path)
   scanned = hf.load_pretrained(path, scan_layers=True, remat='full')
   assert scanned.blocks.attn.q_norm.scale[...].shape == (2, 12)
-  np.testing.assert_allclose(_ours(scanned, ids, mask), _ours(plain, ids, mask), atol=1e-5)
+  np.testing.assert_allclose(our_logits(scanned, ids, mask), our_logits(plain, ids, mask), atol=1e-5)
   hf.save_pretrained(scanned, tmp_path / 'out')
   back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out', output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'], info
-  assert _max_err(_torch_logits(back.eval(), ids, mask), _ours(plain, ids, mask), mask) < 1e-4
+  assert max_err(torch_logits(back.eval(), ids, mask), our_logits(plain, ids, mask), mask) < 1e-4
   assert 'scan_layers' not in json.loads((tmp_path / 'out' / 'config.json').read_text())
   rm = hf.load_pretrained_body(path, scan_layers=True)
   rm_plain = hf.load_pretrained_body(path)

@@ -17,6 +17,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 from jax_rlhf.models import hf  # pylint: disable=g-import-not-at-top
+from fixtures import max_err, our_logits, padded_ids, torch_logits
 
 V, PAD = 96, 0
 FAMILIES = ('gpt2', 'llama', 'qwen2')
@@ -57,31 +58,6 @@ def hf_models(tmp_path_factory):
   return out
 
 
-def _batch():
-  """Left-padded and unpadded rows mixed; real tokens never equal the pad id."""
-  ids = np.random.RandomState(0).randint(3, V, (3, 9))
-  mask = np.ones_like(ids)
-  mask[0, :4] = 0
-  mask[2, :1] = 0
-  ids[mask == 0] = PAD
-  return ids, mask
-
-
-def _torch_logits(model, ids, mask):
-  pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
-  return out.logits.numpy()
-
-
-def _ours(model, ids, mask):
-  return np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
-
-
-def _max_err(a, b, mask):
-  return float(np.abs(a - b)[mask.astype(bool)].max())
-
-
 @pytest.mark.parametrize('family', FAMILIES)
 def test_logits_match_transformers(hf_models, family):
   path, ref = hf_models[family]
@@ -90,18 +66,18 @@ def test_logits_match_transformers(hf_models, family):
   if family != 'gpt2':
     assert cfg.kv_heads < cfg.num_heads and cfg.rope_theta == 5000.0  # grouped-query attention exercised
     assert cfg.qkv_bias == (family == 'qwen2')
-  ids, mask = _batch()
-  ours = _ours(model, ids, mask)
+  ids, mask = padded_ids(V, PAD)
+  ours = our_logits(model, ids, mask)
   assert ours.shape == (3, 9, V)
-  assert _max_err(ours, _torch_logits(ref, ids, mask), mask) < 1e-4
+  assert max_err(ours, torch_logits(ref, ids, mask), mask) < 1e-4
 
 
 @pytest.mark.parametrize('family', FAMILIES)
 def test_save_round_trip_through_transformers(hf_models, family, tmp_path):
   path, _ = hf_models[family]
   model = hf.load_pretrained(path)
-  ids, mask = _batch()
-  ours = _ours(model, ids, mask)
+  ids, mask = padded_ids(V, PAD)
+  ours = our_logits(model, ids, mask)
   tokenizer = None
   if family == 'gpt2':
     tokenizers = pytest.importorskip('tokenizers')
@@ -113,8 +89,8 @@ def test_save_round_trip_through_transformers(hf_models, family, tmp_path):
   assert cfg['dtype'] == 'float32' and cfg['pad_token_id'] == PAD and cfg['eos_token_id'] == 2
   back, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
-  assert _max_err(_torch_logits(back.eval(), ids, mask), ours, mask) < 1e-4
-  np.testing.assert_array_equal(_ours(hf.load_pretrained(out), ids, mask), ours)
+  assert max_err(torch_logits(back.eval(), ids, mask), ours, mask) < 1e-4
+  np.testing.assert_array_equal(our_logits(hf.load_pretrained(out), ids, mask), ours)
   if tokenizer is not None:
     assert transformers.AutoTokenizer.from_pretrained(out).pad_token_id == 0
 
@@ -129,9 +105,9 @@ def test_sharded_index_folder(hf_models, tmp_path):
   index = {'metadata': {}, 'weight_map': {n: f for f, ns in shards.items() for n in ns}}
   (tmp_path / 'model.safetensors.index.json').write_text(json.dumps(index))
   (tmp_path / 'config.json').write_text(open(os.path.join(path, 'config.json')).read())
-  ids, mask = _batch()
-  np.testing.assert_array_equal(_ours(hf.load_pretrained(tmp_path), ids, mask),
-                                _ours(hf.load_pretrained(path), ids, mask))
+  ids, mask = padded_ids(V, PAD)
+  np.testing.assert_array_equal(our_logits(hf.load_pretrained(tmp_path), ids, mask),
+                                our_logits(hf.load_pretrained(path), ids, mask))
   os.remove(tmp_path / 'model-00002-of-00002.safetensors')
   with pytest.raises(FileNotFoundError, match='model-00002-of-00002.safetensors'):
     hf.load_pretrained(tmp_path)
@@ -208,7 +184,7 @@ def test_scalar_model_matches_sequence_classification(tmp_path):
   ref = _randomise(transformers.AutoModelForSequenceClassification.from_config(cfg))
   ref.save_pretrained(tmp_path / 'rm')
   rm = hf.load_scalar_model(tmp_path / 'rm')
-  ids, mask = _batch()
+  ids, mask = padded_ids(V, PAD)
   mask[1, 6:] = 0  # one right-padded row too
   ids[mask == 0] = PAD
   pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
@@ -250,7 +226,7 @@ def test_body_from_lm_and_bfloat16(hf_models, tmp_path):
   lm = hf.load_pretrained(path, put_fn=put_fn)
   assert placed[(V, 32)] == ('vocab', 'embed') and placed[(32, 2, 8)] == ('embed', 'heads', 'kv')
   rm = hf.load_pretrained_body(path, seed=1)
-  ids, mask = _batch()
+  ids, mask = padded_ids(V, PAD)
   h_lm, _ = lm.hidden_states(jnp.asarray(ids), jnp.asarray(mask))
   h_rm, _ = rm.transformer.hidden_states(jnp.asarray(ids), jnp.asarray(mask))
   np.testing.assert_array_equal(np.asarray(h_lm), np.asarray(h_rm))
@@ -263,4 +239,4 @@ def test_body_from_lm_and_bfloat16(hf_models, tmp_path):
   assert bf.wte[...].dtype == jnp.bfloat16 and bf.config.dtype == 'bfloat16'
   f32 = hf.load_pretrained(tmp_path / 'bf16')
   assert f32.wte[...].dtype == jnp.float32
-  assert _max_err(_ours(f32, ids, mask), _ours(lm, ids, mask), mask) < 0.05
+  assert max_err(our_logits(f32, ids, mask), our_logits(lm, ids, mask), mask) < 0.05

@@ -184,6 +184,17 @@ def for_stage(stage_dir: str, config) -> Checkpointer:
                       check_every=config.log_every, max_nonfinite_in_row=config.guards.max_nonfinite_in_row)
 
 
+def resume_stage(stage_dir: str, config, name: str, state, loader):
+  """The stage's checkpointer, and the state and data loader restored from its latest checkpoint (as they are
+  when there is none): (checkpointer, state, the step to continue after). Says so when it resumes."""
+  ckpt = for_stage(stage_dir, config)
+  state, meta = ckpt.resume(state, loader=loader)
+  start = int(meta.get('step', 0))
+  if start:
+    print(f'[{name}] resumed from step {start}')
+  return ckpt, state, start
+
+
 def mark_done(stage_dir: str, summary: dict[str, Any]) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(stage_dir, 'DONE'), 'w') as f:

@@ -255,11 +255,7 @@ def run(config, workdir: str, name: str = 'dpo', inputs: Mapping[str, str] | Non
 
   # ---------------------------------------------------------------- resume
   loader = sources.GrainLoader(train_arrays, bs, config.seed)
-  ckpt = checkpoint.for_stage(out, config)
-  state, meta = ckpt.resume(state, loader=loader)
-  start = int(meta.get('step', 0))
-  if start:
-    print(f'[{name}] resumed from step {start}')
+  ckpt, state, start = checkpoint.resume_stage(out, config, name, state, loader)
 
   # ---------------------------------------------------------------- train
   writer = metrics_lib.MetricsWriter(out, total_steps=steps, desc=name, initial_step=start,

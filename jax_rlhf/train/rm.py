@@ -169,11 +169,7 @@ def run(config, workdir: str, name: str = 'rm', inputs: Mapping[str, str] | None
 
   # ---------------------------------------------------------------- resume
   loader = sources.GrainLoader(train_arrays, bs, config.seed)
-  ckpt = checkpoint.for_stage(out, config)
-  state, meta = ckpt.resume(state, loader=loader)
-  start = int(meta.get('step', 0))
-  if start:
-    print(f'[{name}] resumed from step {start}')
+  ckpt, state, start = checkpoint.resume_stage(out, config, name, state, loader)
 
   def evaluate(state) -> dict[str, float]:  # scores sharded over the processes' devices, gathered on each
     rewards = [shd.to_host(eval_step(state, shd.put_batch(b, mesh)))[:n]

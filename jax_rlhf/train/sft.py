@@ -105,11 +105,7 @@ def _train(config, workdir: str, stage: str, name: str, inputs: Mapping[str, str
 
   # ---------------------------------------------------------------- resume
   loader = sources.GrainLoader(train_arrays, bs, config.seed)
-  ckpt = checkpoint.for_stage(out, config)
-  state, meta = ckpt.resume(state, loader=loader)
-  start = int(meta.get('step', 0))
-  if start:
-    print(f'[{name}] resumed from step {start}')
+  ckpt, state, start = checkpoint.resume_stage(out, config, name, state, loader)
   rng = jax.random.key(config.seed)
 
   # ---------------------------------------------------------------- train
