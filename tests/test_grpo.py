@@ -442,3 +442,124 @@ def test_grpo_config_errors_are_one_line():
   c.grpo.kl.estimator = 'k2'
   with pytest.raises(ValueError, match='k1'):
     grpo.check_config(c.grpo)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reward functions and the grpo stage
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_parse_rewards_reads_weights_and_refuses_bad_specs():
+  from jax_rlhf.train import grpo
+  assert grpo.parse_rewards(('rm',)) == [('rm', 1.0)]
+  assert grpo.parse_rewards(('task:verify', 'rm:0.5', 'my.mod:fn:2')) == [
+      ('task:verify', 1.0), ('rm', 0.5), ('my.mod:fn', 2.0)]
+  assert grpo.parse_rewards('my.mod:fn') == [('my.mod:fn', 1.0)]
+  for bad, words in ((('rm:0',), 'weight > 0'), (('rm:-1',), 'weight > 0'), (('rm', 'rm:2'), 'twice'),
+                     (('verify',), 'unknown reward'), ((), 'empty'), (('mod:',), 'unknown reward')):
+    with pytest.raises(ValueError, match=words):
+      grpo.parse_rewards(bad)
+
+
+def test_mix_rewards_is_the_weight_normalised_mean_of_the_functions_that_spoke():
+  """Against a hand loop on fresh random scores, NaN (verify's None) where a function says nothing."""
+  from jax_rlhf.train import grpo
+  rng = np.random.default_rng(14)
+  r = 11
+  rm = rng.normal(size=r)
+  verify = rng.integers(0, 2, size=r).astype(float)
+  verify[rng.random(r) < 0.5] = np.nan
+  user = rng.normal(size=r)
+  user[[2, 5]] = np.nan
+  verify[[2, 5]] = np.nan
+  weights = {'rm': 0.5, 'task:verify': 2.0, 'u:f': 1.5}
+  got = grpo.mix_rewards({'rm': rm, 'task:verify': verify, 'u:f': user}, weights)
+  for i in range(r):
+    num = den = 0.0
+    for name, s in (('rm', rm), ('task:verify', verify), ('u:f', user)):
+      if not math.isnan(s[i]):
+        num += weights[name] * s[i]
+        den += weights[name]
+    assert got[i] == pytest.approx(num / den, abs=1e-12)
+  # verify alone: where it cannot check, the reward is 0; the RM alone passes through; weights only scale mixes
+  only = grpo.mix_rewards({'task:verify': verify}, {'task:verify': 3.0})
+  np.testing.assert_array_equal(only, np.nan_to_num(verify))
+  np.testing.assert_allclose(grpo.mix_rewards({'rm': rm}, {'rm': 7.0}), rm, rtol=1e-12)
+  both = grpo.mix_rewards({'rm': rm, 'task:verify': verify}, {'rm': 1.0, 'task:verify': 1.0})
+  np.testing.assert_allclose(both, np.where(np.isnan(verify), rm, (rm + np.nan_to_num(verify)) / 2), rtol=1e-12)
+
+
+def _stage_config(**grpo):
+  from jax_rlhf.config import stage_config
+  c = stage_config('grpo', 'quick')
+  c.grpo.update(grpo)
+  c.checkpoint.every = 2
+  return c
+
+
+@pytest.mark.slow
+def test_grpo_stage_with_verifier_and_rm_exports_and_resumes_bitwise(quick_pipeline, tmp_path, monkeypatch):
+  """From the quick pipeline's SFT and RM: a grpo run with task:verify + rm:0.5 (host-scored) logs every iteration
+  (each function's part, KL, beta, clip fractions, entropy, length, EOS fraction, frac_reward_zero_std) and exports
+  weights that differ from SFT; a run preempted (SIGTERM) at iteration 2 and rerun exports bitwise the same."""
+  import shutil
+  import signal
+  from safetensors.numpy import load_file
+  from jax_rlhf import metrics as metrics_lib
+  from jax_rlhf.train import grpo, preempt
+  src, proc = quick_pipeline
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  w = tmp_path / 'W'
+  for run in ('sft', 'rm', 'data'):
+    if (src / run).exists():
+      shutil.copytree(src / run, w / run, ignore=shutil.ignore_patterns('checkpoints', 'tb'))
+  config = _stage_config(rewards=('task:verify', 'rm:0.5'))
+  summary = grpo.run(config, str(w), 'grpo')
+  assert summary['rewards'] == ['task:verify:1', 'rm:0.5'] and summary['iterations'] == 4
+  rows = [r for r in metrics_lib.read_metrics(str(w / 'grpo' / 'metrics.jsonl')) if r['split'] == 'train']
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  for key in ('reward', 'reward/rm', 'reward/task:verify/spoke', 'kl', 'beta', 'clipfrac_low', 'clipfrac_high',
+              'entropy', 'response_length', 'eos_fraction', 'frac_reward_zero_std'):
+    assert all(np.isfinite(r[key]) for r in rows), key
+  assert rows[0]['beta'] == pytest.approx(0.04) and rows[0]['reward/rm/spoke'] == 1.0
+  a = load_file(str(w / 'grpo' / 'hf' / 'model.safetensors'))
+  sft = load_file(str(w / 'sft' / 'hf' / 'model.safetensors'))
+  assert max(float(np.abs(a[k] - sft[k]).max()) for k in a) > 0
+
+  old = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setenv(preempt.FAULT_ENV, 'grpo_b:2:term')
+  try:
+    preempt.install()
+    with pytest.raises(preempt.Preempted):
+      grpo.run(config, str(w), 'grpo_b')
+    assert not (w / 'grpo_b' / 'DONE').exists()
+    preempt.install()  # a fresh process: no SIGTERM pending
+    grpo.run(config, str(w), 'grpo_b')
+  finally:
+    signal.signal(signal.SIGTERM, old)
+    preempt._requested = False
+  b = load_file(str(w / 'grpo_b' / 'hf' / 'model.safetensors'))
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_a_user_reward_that_raises_ends_main_with_one_line_and_exit_2(quick_pipeline, tmp_path):
+  """`python -m jax_rlhf.main` with grpo.rewards naming a user's function that raises: exit 2 and one line
+  naming the function (no traceback). Only the policy is loaded (no RM among the rewards, no KL)."""
+  import shutil
+  from conftest import run_main
+  src, proc = quick_pipeline
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  w = tmp_path / 'W'
+  for run in ('sft', 'data'):
+    if (src / run).exists():
+      shutil.copytree(src / run, w / run, ignore=shutil.ignore_patterns('checkpoints', 'tb'))
+  (tmp_path / 'myrewards.py').write_text('def boom(prompts, responses):\n  raise KeyError("no answer key")\n')
+  got = run_main('configs/grpo.py:quick', w, "--config.grpo.rewards=('myrewards:boom',)", '--config.grpo.kl.coef=0',
+                 env={'PYTHONPATH': str(tmp_path)}, timeout=600)
+  assert got.returncode == 2, got.stderr[-3000:]
+  err = [line for line in got.stderr.strip().splitlines() if line.strip()]
+  assert err[-1] == "error: reward function myrewards.boom raised KeyError: 'no answer key'", err[-5:]
+  assert 'Traceback' not in got.stderr

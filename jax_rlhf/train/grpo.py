@@ -496,6 +496,8 @@ def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | No
       host_fn = lambda exp, rows=rows: host(exp, rows)  # noqa: E731
     m = metrics_lib.to_host(trainer.step(batch, jax.random.fold_in(rng, it), beta, host_fn))
     m['beta'] = beta
+    if in_graph:
+      m['reward/rm'] = m['rm_score']
     if gc.kl.adaptive and 'kl' in m:
       beta = float(rl.adaptive_loss_beta_update(beta, m['kl'], gc.prompts_per_step * gc.num_generations,
                                                 gc.kl.target, gc.kl.horizon))
