@@ -563,3 +563,26 @@ def test_a_user_reward_that_raises_ends_main_with_one_line_and_exit_2(quick_pipe
   err = [line for line in got.stderr.strip().splitlines() if line.strip()]
   assert err[-1] == "error: reward function myrewards.boom raised KeyError: 'no answer key'", err[-5:]
   assert 'Traceback' not in got.stderr
+
+
+def test_exact_rates_per_subcategory_equal_a_hand_count():
+  """The eval's per-subcategory exact-answer rates on instruct_world: reference answers are exact, random
+  demonstration mistakes are not; each subcategory's rate is the hand count of exact answers in it."""
+  from jax_rlhf import evaluate
+  from jax_rlhf.tasks import instruct_world as iw
+  task = iw.InstructWorldTask({})
+  world = task.world
+  recs = world.prompts(300, 'eval')
+  rng = np.random.default_rng(5)
+  right = rng.random(len(recs)) < 0.5
+  prompts = [r['prompt'] for r in recs]
+  responses = [world.reference_answer(p) if ok else world.demonstration(p, rng, error_rate=1.0)
+               for p, ok in zip(prompts, right)]
+  gold = np.array([task.gold_score(p, r) for p, r in zip(prompts, responses)])
+  subs = [task.subcategory(p) for p in prompts]
+  got = evaluate.exact_rates(prompts, responses, gold, subs, task)
+  want = {s: float(np.mean([ok for ok, t in zip(right, subs) if t == s])) for s in set(subs)}
+  assert got == pytest.approx(want, abs=1e-12)
+  assert {'reverse', 'sort', 'uppercase', 'known', 'unknown', 'unsafe'} <= set(got)
+  table = evaluate.format_exact_rates({'sft': {'per_subcategory': got}})
+  assert table.splitlines()[0].startswith('exact answers') and len(table.splitlines()) == len(got) + 1
