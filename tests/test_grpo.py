@@ -586,3 +586,20 @@ def test_exact_rates_per_subcategory_equal_a_hand_count():
   assert {'reverse', 'sort', 'uppercase', 'known', 'unknown', 'unsafe'} <= set(got)
   table = evaluate.format_exact_rates({'sft': {'per_subcategory': got}})
   assert table.splitlines()[0].startswith('exact answers') and len(table.splitlines()) == len(got) + 1
+
+
+def test_bad_grpo_stage_settings_are_one_line(tmp_path):
+  """A bad reward spec, estimator, an unloadable user function, task:verify without a task, a missing input run:
+  each a UserError before any model is loaded."""
+  from jax_rlhf.train import common, grpo
+  for over, words in (({'rewards': ('verify',)}, 'unknown reward'), ({'estimator': 'ppo'}, 'estimator'),
+                      ({'rewards': ('no_such_module_14:f',)}, 'cannot load reward function no_such_module_14:f'),
+                      ({'rewards': ('rm:0',)}, 'weight > 0')):
+    with pytest.raises(common.UserError, match=words):
+      grpo.run(_stage_config(**over), str(tmp_path), 'grpo')
+  c = _stage_config(rewards=('task:verify',))
+  c.task.name = ''
+  with pytest.raises(common.UserError, match='task.name is empty'):
+    grpo.run(c, str(tmp_path), 'grpo')
+  with pytest.raises(common.UserError, match='sft'):  # no policy run yet
+    grpo.run(_stage_config(rewards=('task:verify',)), str(tmp_path), 'grpo')
