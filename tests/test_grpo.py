@@ -603,3 +603,36 @@ def test_bad_grpo_stage_settings_are_one_line(tmp_path):
     grpo.run(c, str(tmp_path), 'grpo')
   with pytest.raises(common.UserError, match='sft'):  # no policy run yet
     grpo.run(_stage_config(rewards=('task:verify',)), str(tmp_path), 'grpo')
+
+
+@pytest.mark.slow
+def test_host_scored_step_equals_the_in_graph_step_on_the_same_rewards():
+  """The host-scored path (jit rollout -> host rewards -> jit advantages -> update), fed the RM's own scores,
+  gives the same metrics and the same updated policy as the one-jit in-graph path under the same key."""
+  from flax import nnx
+  from jax_rlhf import sharding as shd
+  from jax_rlhf.models.heads import ScalarModel
+  from jax_rlhf.models.transformer import Transformer, preset
+  from jax_rlhf.train import grpo
+  from jax_rlhf.train.rollout import to_host
+  c = _grpo_config(max_new_tokens=4, num_iterations=1, num_minibatches=1)
+  cfg = preset('tiny', vocab_size=128, pad_token_id=1, eos_token_id=0)
+  prompts = np.random.default_rng(1).integers(2, 128, (4, 5)).astype(np.int32)
+  batch = {'prompt': prompts, 'prompt_mask': np.ones_like(prompts)}
+  mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  out = {}
+  for path in ('graph', 'host'):
+    trainer = grpo.GRPOTrainer(c, mesh, Transformer(cfg, rngs=nnx.Rngs(0)), Transformer(cfg, rngs=nnx.Rngs(0)),
+                               ScalarModel(cfg, rngs=nnx.Rngs(1)), (0, 1))
+
+    def host(exp):
+      return to_host(exp['rm_score']), {'reward/rm': float(np.mean(to_host(exp['rm_score'])))}
+
+    m = trainer.step(shd.put_batch(batch, mesh), jax.random.key(7), 0.04, None if path == 'graph' else host)
+    out[path] = (jax.device_get(m), jax.device_get(trainer.states['policy'].params))
+  (mg, pg), (mh, ph) = out['graph'], out['host']
+  assert mh['reward/rm'] == pytest.approx(float(mg['rm_score']), rel=1e-6)
+  for k in ('reward', 'loss', 'kl', 'entropy', 'grad_norm'):
+    assert float(mh[k]) == pytest.approx(float(mg[k]), rel=1e-5, abs=1e-7), k
+  for a, b in zip(jax.tree.leaves(pg), jax.tree.leaves(ph)):
+    np.testing.assert_allclose(b, a, atol=1e-6)
