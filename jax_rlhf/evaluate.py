@@ -61,19 +61,6 @@ def exact_rates(prompts, responses, gold: np.ndarray, subcategories, task) -> di
   return {s: float(np.mean(h)) for s, h in sorted(hits.items())}
 
 
-def format_exact_rates(results: dict) -> str:
-  """Per-subcategory exact-answer rates as fixed-width text: one row per subcategory, one column per model."""
-  names = [n for n in results if results[n].get('per_subcategory')]
-  if not names:
-    return ''
-  subs = sorted({s for n in names for s in results[n]['per_subcategory']})
-  lines = ['exact answers | ' + ' | '.join(f'{n:>12}' for n in names)]
-  for s in subs:
-    lines.append(f'{s:<13} | ' + ' | '.join(f'{results[n]["per_subcategory"].get(s, float("nan")):>12.3f}'
-                                            for n in names))
-  return '\n'.join(lines)
-
-
 def best_of_n(rm_scores: np.ndarray, gold: np.ndarray, sft_gold: np.ndarray, ns, categories=None) -> dict:
   """Best-of-n among the first n of N samples per prompt, picked by the reward model.
 
@@ -257,7 +244,8 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
   checkpoint.mark_done(out, {'stage': 'eval', 'run': run_name, 'models': list(results)})
   print(format_table(results, categories))
   if world:
-    print(format_exact_rates(results))
+    from jax_rlhf import report
+    print(report.text_table(*report.fmt_subcategory_table({'models': results})))
   if bench:
     print(benchmarks.format_table(results))
   if extra:

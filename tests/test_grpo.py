@@ -584,8 +584,10 @@ def test_exact_rates_per_subcategory_equal_a_hand_count():
   want = {s: float(np.mean([ok for ok, t in zip(right, subs) if t == s])) for s in set(subs)}
   assert got == pytest.approx(want, abs=1e-12)
   assert {'reverse', 'sort', 'uppercase', 'known', 'unknown', 'unsafe'} <= set(got)
-  table = evaluate.format_exact_rates({'sft': {'per_subcategory': got}})
-  assert table.splitlines()[0].startswith('exact answers') and len(table.splitlines()) == len(got) + 1
+  from jax_rlhf import report
+  header, rows = report.fmt_subcategory_table({'models': {'sft': {'per_subcategory': got}, 'x': {}}})
+  assert header == ['subcategory (exact answers)', 'sft']
+  assert rows == [[s, f'{got[s]:.3f}'] for s in sorted(got)]
 
 
 def test_bad_grpo_stage_settings_are_one_line(tmp_path):
