@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 # The kinds of run a plan holds (jax_rlhf/pipeline.py); `stage` is one of them or 'pipeline' (the whole plan).
-KINDS = ('pretrain', 'sft', 'label', 'rm', 'ppo', 'eval', 'dpo')
+KINDS = ('pretrain', 'sft', 'label', 'rm', 'ppo', 'eval', 'dpo', 'grpo')
 STAGES = (*KINDS, 'pipeline')
 
 
@@ -172,6 +172,10 @@ def base_config() -> ml_collections.ConfigDict:
       iterations=120,           # rollouts (each followed by num_iterations x num_minibatches updates)
       prompts_per_step=16,      # prompts (groups) per rollout that the update sees
       num_generations=8,        # G samples per prompt, one shared prefill (TRL 8; DeepSeekMath 64; DAPO 16)
+      rewards=('rm',),          # reward functions, each 'name[:weight]' (weight > 0, default 1): rm (the reward model)
+                                # | task:verify (the task's exact checker; None = no opinion) | module.path:function
+                                # (a user's (prompts, responses) -> list[float], on the host). Mixed per response
+                                # as sum w_k s_k / sum w_k over the functions that spoke (0 where none did)
       estimator='grpo',         # grpo (group-normalised) | dr_grpo (no std) | rloo (leave-one-out) | reinforce_pp
       scale_rewards='group',    # grpo: divide by the group's std | batch (the batch's std) | none (= dr_grpo)
       adv_eps=1e-4,             # grpo: added to the std (TRL 1e-4)
@@ -274,7 +278,8 @@ def default_plan() -> tuple[ml_collections.ConfigDict, ...]:
 
 
 # The run `stage=<kind>` makes for a kind the default plan does not hold, with its default inputs.
-_SINGLE_RUNS = {'dpo': {'policy': 'sft', 'reference': 'sft', 'rankings': 'label'}}
+_SINGLE_RUNS = {'dpo': {'policy': 'sft', 'reference': 'sft', 'rankings': 'label'},
+                'grpo': {'policy': 'sft', 'reference': 'sft', 'reward': 'rm'}}
 
 
 def single_run(kind: str) -> ml_collections.ConfigDict:
@@ -298,6 +303,7 @@ def quick(c: ml_collections.ConfigDict) -> None:
   c.ppo.snapshot_every = 2
   c.eval.update(batch_size=32, n_pretrain_eval=32, n_snapshot_prompts=16, best_of_n=(1, 2))
   c.dpo.update(steps=4, batch_size=8)
+  c.grpo.update(iterations=4, prompts_per_step=8, num_generations=4)
 
 
 def instructgpt(c: ml_collections.ConfigDict) -> None:

@@ -5,6 +5,8 @@ baseline) and the `reward` run (default rm). For each compared model (`eval.mode
 an HF export) on the held-out prompts:
   gold_score        mean labeler score of one sample per prompt (the task's gold score; never seen in training)
   per_category      the same per category (helpful / honest / harmless)
+  per_subcategory   share of exact answers per subcategory (reverse, sort, ..., known, unknown, unsafe):
+                    `exact_rates`, the task's verifier where it checks, else a full gold score
   rm_score          the reward model's score of those samples (what PPO optimised)
   kl_to_ref         sum over response tokens of log pi(y_t) - log pi_ref(y_t), mean over prompts (nats)
   lm_loss_pretrain  token loss on held-out pretraining text (the alignment tax when it rises)
@@ -46,6 +48,17 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
   rate = float(outcome.mean())
   half = 1.96 * float(outcome.std(ddof=1)) / math.sqrt(n) if n > 1 else float('nan')
   return rate, max(rate - half, 0.0), min(rate + half, 1.0)
+
+
+def exact_rates(prompts, responses, gold: np.ndarray, subcategories, task) -> dict[str, float]:
+  """Share of exact answers per subcategory (reverse, sort, ..., known, unknown, safe, unsafe): exact is the
+  task's verifier where it can check (`task.verify` 1.0), else the labeler's full score (gold == 1.0: the known
+  fact, "i don't know" to an unknown creature, the refusal of an unsafe request)."""
+  hits: dict[str, list[float]] = {}
+  for p, r, g, s in zip(prompts, responses, gold, subcategories):
+    v = task.verify(p, r)
+    hits.setdefault(s, []).append(float(v == 1.0) if v is not None else float(g >= 1.0))
+  return {s: float(np.mean(h)) for s, h in sorted(hits.items())}
 
 
 def best_of_n(rm_scores: np.ndarray, gold: np.ndarray, sft_gold: np.ndarray, ns, categories=None) -> dict:
@@ -140,6 +153,7 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
   n_new = ec.max_new_tokens
   categories = sorted({r.get('category') or world.category(r['prompt']) for r in prompt_recs}) if world else []
   cats = [r.get('category') or world.category(r['prompt']) for r in prompt_recs] if world else []
+  subcats = [r.get('subcategory') or world.subcategory(r['prompt']) for r in prompt_recs] if world else []
 
   def evaluate(state, n=None):
     """One sample per held-out prompt (the first n): texts, gold, RM scores, KL, response tokens and mask."""
@@ -173,6 +187,8 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
         'gold_score': float(gold.mean()) if world else None,
         'rm_score': float(rm_scores.mean()),
         'per_category': {c: float(gold[[x == c for x in cats]].mean()) for c in categories},
+        'per_subcategory': (exact_rates([r['prompt'] for r in prompt_recs], texts_out, gold, subcats, world)
+                            if world else {}),
         'kl_to_ref': float(kls.mean()),
         'lm_loss_pretrain': lm_sum / lm_n if lm_n else None,
         'response_length': float(masks.sum(1).mean()),
@@ -227,6 +243,9 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
                             **{name: samples[name][i] for name in samples}}) + '\n')
   checkpoint.mark_done(out, {'stage': 'eval', 'run': run_name, 'models': list(results)})
   print(format_table(results, categories))
+  if world:
+    from jax_rlhf import report
+    print(report.text_table(*report.fmt_subcategory_table({'models': results})))
   if bench:
     print(benchmarks.format_table(results))
   if extra:

@@ -3,7 +3,7 @@
 A plan (`config.plan`, a tuple) lists runs in the order they are made. Each run is a ConfigDict:
 
   name       its folder W/<name> (and the name other runs' inputs use)
-  kind       pretrain | sft | label | rm | ppo | eval: which stage's `run` makes it (KINDS)
+  kind       pretrain | sft | label | rm | ppo | eval | dpo | grpo: which stage's `run` makes it (KINDS)
   inputs     role -> name of a run of the same workdir: init (the model it starts from), policy, reference,
              reward, value, rankings, prompts_from. A stage fills in its default for a role left out.
   overrides  a nested dict of config fields, applied to this run's own copy of the (locked) config:
@@ -37,6 +37,7 @@ KINDS = {
     'ppo': ('jax_rlhf.train.ppo', 'run'),
     'eval': ('jax_rlhf.evaluate', 'run'),
     'dpo': ('jax_rlhf.train.dpo', 'run'),
+    'grpo': ('jax_rlhf.train.grpo', 'run'),
 }
 ROLES = ('init', 'policy', 'reference', 'reward', 'value', 'rankings', 'prompts_from')
 

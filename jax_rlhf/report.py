@@ -201,6 +201,16 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
   return '\n'.join([line(header), sep, *[line(r) for r in rows]])
 
 
+def fmt_subcategory_table(results: dict) -> tuple[list[str], list[list[str]]]:
+  """Exact-answer rates per subcategory (rows) and model (columns), from each model's `per_subcategory`
+  (`evaluate.exact_rates`); no rows when no model has them (real data without a task)."""
+  names = [n for n, r in results['models'].items() if r.get('per_subcategory')]
+  subs = sorted({s for n in names for s in results['models'][n]['per_subcategory']})
+  rows = [[s, *[('-' if s not in results['models'][n]['per_subcategory'] else
+                 f'{results["models"][n]["per_subcategory"][s]:.3f}') for n in names]] for s in subs]
+  return ['subcategory (exact answers)', *names], rows
+
+
 def fmt_curve_table(results: dict) -> tuple[list[str], list[list[str]]]:
   header = ['run', 'iteration', 'KL to ref', 'gold', 'RM score']
   rows = [[name, str(p['iteration']), f'{p["kl_to_ref"]:.3f}', f'{p["gold_score"]:.3f}', f'{p["rm_score"]:+.3f}']
@@ -308,6 +318,12 @@ def write(workdir: str, n_samples: int = 20, name: str = 'eval') -> str:
                   f'minus SFT\'s (nats/token). Machine: {results.get("machine", "unknown")}.'),
             ('h2', 'Results'),
             ('table', *fmt_results_table(workdir, results))]
+  sub_header, sub_rows = fmt_subcategory_table(results)
+  if sub_rows:
+    blocks += [('p', 'Exact answers per subcategory: the share of held-out prompts answered exactly (the task\'s '
+                     'verifier on the list tasks; elsewhere the labeler\'s full score: the known fact, "i don\'t '
+                     'know" to an unknown creature, the refusal of an unsafe request).'),
+               ('table', sub_header, sub_rows)]
   rm_line = rm_summary(workdir)
   if rm_line:
     blocks.append(('p', rm_line))

@@ -442,3 +442,199 @@ def test_grpo_config_errors_are_one_line():
   c.grpo.kl.estimator = 'k2'
   with pytest.raises(ValueError, match='k1'):
     grpo.check_config(c.grpo)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reward functions and the grpo stage
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_parse_rewards_reads_weights_and_refuses_bad_specs():
+  from jax_rlhf.train import grpo
+  assert grpo.parse_rewards(('rm',)) == [('rm', 1.0)]
+  assert grpo.parse_rewards(('task:verify', 'rm:0.5', 'my.mod:fn:2')) == [
+      ('task:verify', 1.0), ('rm', 0.5), ('my.mod:fn', 2.0)]
+  assert grpo.parse_rewards('my.mod:fn') == [('my.mod:fn', 1.0)]
+  for bad, words in ((('rm:0',), 'weight > 0'), (('rm:-1',), 'weight > 0'), (('rm', 'rm:2'), 'twice'),
+                     (('verify',), 'unknown reward'), ((), 'empty'), (('mod:',), 'unknown reward')):
+    with pytest.raises(ValueError, match=words):
+      grpo.parse_rewards(bad)
+
+
+def test_mix_rewards_is_the_weight_normalised_mean_of_the_functions_that_spoke():
+  """Against a hand loop on fresh random scores, NaN (verify's None) where a function says nothing."""
+  from jax_rlhf.train import grpo
+  rng = np.random.default_rng(14)
+  r = 11
+  rm = rng.normal(size=r)
+  verify = rng.integers(0, 2, size=r).astype(float)
+  verify[rng.random(r) < 0.5] = np.nan
+  user = rng.normal(size=r)
+  user[[2, 5]] = np.nan
+  verify[[2, 5]] = np.nan
+  weights = {'rm': 0.5, 'task:verify': 2.0, 'u:f': 1.5}
+  got = grpo.mix_rewards({'rm': rm, 'task:verify': verify, 'u:f': user}, weights)
+  for i in range(r):
+    num = den = 0.0
+    for name, s in (('rm', rm), ('task:verify', verify), ('u:f', user)):
+      if not math.isnan(s[i]):
+        num += weights[name] * s[i]
+        den += weights[name]
+    assert got[i] == pytest.approx(num / den, abs=1e-12)
+  # verify alone: where it cannot check, the reward is 0; the RM alone passes through; weights only scale mixes
+  only = grpo.mix_rewards({'task:verify': verify}, {'task:verify': 3.0})
+  np.testing.assert_array_equal(only, np.nan_to_num(verify))
+  np.testing.assert_allclose(grpo.mix_rewards({'rm': rm}, {'rm': 7.0}), rm, rtol=1e-12)
+  both = grpo.mix_rewards({'rm': rm, 'task:verify': verify}, {'rm': 1.0, 'task:verify': 1.0})
+  np.testing.assert_allclose(both, np.where(np.isnan(verify), rm, (rm + np.nan_to_num(verify)) / 2), rtol=1e-12)
+
+
+def _stage_config(**grpo):
+  from jax_rlhf.config import stage_config
+  c = stage_config('grpo', 'quick')
+  c.grpo.update(grpo)
+  c.checkpoint.every = 2
+  return c
+
+
+@pytest.mark.slow
+def test_grpo_stage_with_verifier_and_rm_exports_and_resumes_bitwise(quick_pipeline, tmp_path, monkeypatch):
+  """From the quick pipeline's SFT and RM: a grpo run with task:verify + rm:0.5 (host-scored) logs every iteration
+  (each function's part, KL, beta, clip fractions, entropy, length, EOS fraction, frac_reward_zero_std) and exports
+  weights that differ from SFT; a run preempted (SIGTERM) at iteration 2 and rerun exports bitwise the same."""
+  import shutil
+  import signal
+  from safetensors.numpy import load_file
+  from jax_rlhf import metrics as metrics_lib
+  from jax_rlhf.train import grpo, preempt
+  src, proc = quick_pipeline
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  w = tmp_path / 'W'
+  for run in ('sft', 'rm', 'data'):
+    if (src / run).exists():
+      shutil.copytree(src / run, w / run, ignore=shutil.ignore_patterns('checkpoints', 'tb'))
+  config = _stage_config(rewards=('task:verify', 'rm:0.5'))
+  summary = grpo.run(config, str(w), 'grpo')
+  assert summary['rewards'] == ['task:verify:1', 'rm:0.5'] and summary['iterations'] == 4
+  rows = [r for r in metrics_lib.read_metrics(str(w / 'grpo' / 'metrics.jsonl')) if r['split'] == 'train']
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  for key in ('reward', 'reward/rm', 'reward/task:verify/spoke', 'kl', 'beta', 'clipfrac_low', 'clipfrac_high',
+              'entropy', 'response_length', 'eos_fraction', 'frac_reward_zero_std'):
+    assert all(np.isfinite(r[key]) for r in rows), key
+  assert rows[0]['beta'] == pytest.approx(0.04) and rows[0]['reward/rm/spoke'] == 1.0
+  a = load_file(str(w / 'grpo' / 'hf' / 'model.safetensors'))
+  sft = load_file(str(w / 'sft' / 'hf' / 'model.safetensors'))
+  assert max(float(np.abs(a[k] - sft[k]).max()) for k in a) > 0
+
+  old = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setenv(preempt.FAULT_ENV, 'grpo_b:2:term')
+  try:
+    preempt.install()
+    with pytest.raises(preempt.Preempted):
+      grpo.run(config, str(w), 'grpo_b')
+    assert not (w / 'grpo_b' / 'DONE').exists()
+    preempt.install()  # a fresh process: no SIGTERM pending
+    grpo.run(config, str(w), 'grpo_b')
+  finally:
+    signal.signal(signal.SIGTERM, old)
+    preempt._requested = False
+  b = load_file(str(w / 'grpo_b' / 'hf' / 'model.safetensors'))
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_a_user_reward_that_raises_ends_main_with_one_line_and_exit_2(quick_pipeline, tmp_path):
+  """`python -m jax_rlhf.main` with grpo.rewards naming a user's function that raises: exit 2 and one line
+  naming the function (no traceback). Only the policy is loaded (no RM among the rewards, no KL)."""
+  import shutil
+  from conftest import run_main
+  src, proc = quick_pipeline
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  w = tmp_path / 'W'
+  for run in ('sft', 'data'):
+    if (src / run).exists():
+      shutil.copytree(src / run, w / run, ignore=shutil.ignore_patterns('checkpoints', 'tb'))
+  (tmp_path / 'myrewards.py').write_text('def boom(prompts, responses):\n  raise KeyError("no answer key")\n')
+  got = run_main('configs/grpo.py:quick', w, "--config.grpo.rewards=('myrewards:boom',)", '--config.grpo.kl.coef=0',
+                 env={'PYTHONPATH': str(tmp_path)}, timeout=600)
+  assert got.returncode == 2, got.stderr[-3000:]
+  err = [line for line in got.stderr.strip().splitlines() if line.strip()]
+  assert err[-1] == "error: reward function myrewards.boom raised KeyError: 'no answer key'", err[-5:]
+  assert 'Traceback' not in got.stderr
+
+
+def test_exact_rates_per_subcategory_equal_a_hand_count():
+  """The eval's per-subcategory exact-answer rates on instruct_world: reference answers are exact, random
+  demonstration mistakes are not; each subcategory's rate is the hand count of exact answers in it."""
+  from jax_rlhf import evaluate
+  from jax_rlhf.tasks import instruct_world as iw
+  task = iw.InstructWorldTask({})
+  world = task.world
+  recs = world.prompts(300, 'eval')
+  rng = np.random.default_rng(5)
+  right = rng.random(len(recs)) < 0.5
+  prompts = [r['prompt'] for r in recs]
+  responses = [world.reference_answer(p) if ok else world.demonstration(p, rng, error_rate=1.0)
+               for p, ok in zip(prompts, right)]
+  gold = np.array([task.gold_score(p, r) for p, r in zip(prompts, responses)])
+  subs = [task.subcategory(p) for p in prompts]
+  got = evaluate.exact_rates(prompts, responses, gold, subs, task)
+  want = {s: float(np.mean([ok for ok, t in zip(right, subs) if t == s])) for s in set(subs)}
+  assert got == pytest.approx(want, abs=1e-12)
+  assert {'reverse', 'sort', 'uppercase', 'known', 'unknown', 'unsafe'} <= set(got)
+  from jax_rlhf import report
+  header, rows = report.fmt_subcategory_table({'models': {'sft': {'per_subcategory': got}, 'x': {}}})
+  assert header == ['subcategory (exact answers)', 'sft']
+  assert rows == [[s, f'{got[s]:.3f}'] for s in sorted(got)]
+
+
+def test_bad_grpo_stage_settings_are_one_line(tmp_path):
+  """A bad reward spec, estimator, an unloadable user function, task:verify without a task, a missing input run:
+  each a UserError before any model is loaded."""
+  from jax_rlhf.train import common, grpo
+  for over, words in (({'rewards': ('verify',)}, 'unknown reward'), ({'estimator': 'ppo'}, 'estimator'),
+                      ({'rewards': ('no_such_module_14:f',)}, 'cannot load reward function no_such_module_14:f'),
+                      ({'rewards': ('rm:0',)}, 'weight > 0')):
+    with pytest.raises(common.UserError, match=words):
+      grpo.run(_stage_config(**over), str(tmp_path), 'grpo')
+  c = _stage_config(rewards=('task:verify',))
+  c.task.name = ''
+  with pytest.raises(common.UserError, match='task.name is empty'):
+    grpo.run(c, str(tmp_path), 'grpo')
+  with pytest.raises(common.UserError, match='sft'):  # no policy run yet
+    grpo.run(_stage_config(rewards=('task:verify',)), str(tmp_path), 'grpo')
+
+
+@pytest.mark.slow
+def test_host_scored_step_equals_the_in_graph_step_on_the_same_rewards():
+  """The host-scored path (jit rollout -> host rewards -> jit advantages -> update), fed the RM's own scores,
+  gives the same metrics and the same updated policy as the one-jit in-graph path under the same key."""
+  from flax import nnx
+  from jax_rlhf import sharding as shd
+  from jax_rlhf.models.heads import ScalarModel
+  from jax_rlhf.models.transformer import Transformer, preset
+  from jax_rlhf.train import grpo
+  from jax_rlhf.train.rollout import to_host
+  c = _grpo_config(max_new_tokens=4, num_iterations=1, num_minibatches=1)
+  cfg = preset('tiny', vocab_size=128, pad_token_id=1, eos_token_id=0)
+  prompts = np.random.default_rng(1).integers(2, 128, (4, 5)).astype(np.int32)
+  batch = {'prompt': prompts, 'prompt_mask': np.ones_like(prompts)}
+  mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  out = {}
+  for path in ('graph', 'host'):
+    trainer = grpo.GRPOTrainer(c, mesh, Transformer(cfg, rngs=nnx.Rngs(0)), Transformer(cfg, rngs=nnx.Rngs(0)),
+                               ScalarModel(cfg, rngs=nnx.Rngs(1)), (0, 1))
+
+    def host(exp):
+      return to_host(exp['rm_score']), {'reward/rm': float(np.mean(to_host(exp['rm_score'])))}
+
+    m = trainer.step(shd.put_batch(batch, mesh), jax.random.key(7), 0.04, None if path == 'graph' else host)
+    out[path] = (jax.device_get(m), jax.device_get(trainer.states['policy'].params))
+  (mg, pg), (mh, ph) = out['graph'], out['host']
+  assert mh['reward/rm'] == pytest.approx(float(mg['rm_score']), rel=1e-6)
+  for k in ('reward', 'loss', 'kl', 'entropy', 'grad_norm'):
+    assert float(mh[k]) == pytest.approx(float(mg[k]), rel=1e-5, abs=1e-7), k
+  for a, b in zip(jax.tree.leaves(pg), jax.tree.leaves(ph)):
+    np.testing.assert_allclose(b, a, atol=1e-6)

@@ -34,7 +34,7 @@ def require_stage(workdir: str, stage: str, needed_by: str) -> str:
   return d
 
 
-_KINDS = ('pretrain', 'sft', 'label', 'rm', 'ppo', 'eval', 'dpo')
+_KINDS = ('pretrain', 'sft', 'label', 'rm', 'ppo', 'eval', 'dpo', 'grpo')
 
 
 def get_task(config: ml_collections.ConfigDict):

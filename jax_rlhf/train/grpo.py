@@ -19,18 +19,38 @@ No value model. Per rollout, for `prompts_per_step` prompts x G = `num_generatio
 
 beta is fixed or follows `rl.adaptive_loss_beta_update` on the measured loss-side KL (a host scalar between
 rollouts). Equations and defaults: ../shared/POSTTRAINING_DETAILS.md, section 2.
+
+Reward functions (`grpo.rewards`, each `spec[:weight]`, weight > 0, default 1):
+  rm                    the reward model at the last real token. Alone, it is scored inside the compiled
+                        rollout (one jit: sample -> ref -> RM -> advantages); mixed, its scores come to the host.
+  task:verify           the task's exact checker `task.verify(prompt, response)`: 1.0 / 0.0, or None where it
+                        cannot check (that function then says nothing for that response).
+  module.path:function  a user's `(prompts: list[str], responses: list[str]) -> list[float]` on the host
+                        (TRL's reward_funcs); a raise, NaN or wrong length is one line naming it (exit 2).
+  Mixed per response over the functions that spoke: r = sum_k w_k s_k / sum_k w_k (`mix_rewards`); where none
+  spoke, r = 0. With any host function: jit(rollout) -> host decode + functions -> jit(advantages) -> update.
 """
 from __future__ import annotations
 
+import importlib
+import os
+import time
+from typing import Callable, Mapping, Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from jax_rlhf import losses, rl, sampling
+from jax_rlhf import metrics as metrics_lib
 from jax_rlhf import sharding as shd
-from jax_rlhf.models import scoring
+from jax_rlhf.data import batches, sources
+from jax_rlhf.models import hf, scoring
 from jax_rlhf.models.scoring import response_logprobs
+from jax_rlhf.train import checkpoint, common
+from jax_rlhf.train import rollout as rollout_lib
 from jax_rlhf.train import state as state_lib
 
 ESTIMATORS = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp')
@@ -257,15 +277,243 @@ class GRPOTrainer:
       return exp, {**m, **am}
 
     self.experience = jax.jit(experience, in_shardings=(sh['policy'], sh['ref'], sh['reward'], batch_sh, rep, rep))
+    # The host-scored path: the rollout alone, then (after the host's rewards) the advantages.
+    self.sample = jax.jit(lambda p, r, w, batch, key: rollout(g, gc, self.eos_id, self.pad_id, p, r, w, batch, key),
+                          in_shardings=(sh['policy'], sh['ref'], sh['reward'], batch_sh, rep))
+    self.advantages = jax.jit(lambda exp, rewards, beta: advantages(gc, exp, rewards, beta),
+                              in_shardings=(batch_sh, batch_sh, rep))
     self.update = jax.jit(lambda p, e, k, beta: update(g, gc, self.tx, p, e, k, beta),
                           in_shardings=(sh['policy'], batch_sh, rep, rep), out_shardings=(sh['policy'], rep),
                           donate_argnums=(0,))
 
-  def step(self, prompts, rng, beta):
-    """One rollout and its updates: (experience metrics + update metrics)."""
+  def step(self, prompts, rng, beta, host_rewards: Callable | None = None):
+    """One rollout and its updates: (experience metrics + update metrics).
+
+    host_rewards: None (rewards = the in-graph RM score), or exp -> (rewards np [R], metrics dict) run on the
+    host between the compiled rollout and the compiled advantages (the same keys either way)."""
     st = self.states
     k_exp, k_upd = jax.random.split(rng)
     beta = jnp.float32(beta)
-    exp, em = self.experience(st['policy'], st['ref'], st['reward'], prompts, k_exp, beta)
+    if host_rewards is None:
+      exp, em = self.experience(st['policy'], st['ref'], st['reward'], prompts, k_exp, beta)
+    else:
+      exp, em = self.sample(st['policy'], st['ref'], st['reward'], prompts, k_exp)
+      rewards, hm = host_rewards(exp)
+      exp, am = self.advantages(exp, shd.put_batch(np.asarray(rewards, np.float32), self.mesh), beta)
+      em = {**em, **hm, **am}
     st['policy'], um = self.update(st['policy'], exp, k_upd, beta)
     return {**em, **um}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reward functions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_rewards(specs: Sequence[str]) -> list[tuple[str, float]]:
+  """`grpo.rewards` -> [(name, weight)]: each spec is `name[:weight]` (rm, task:verify, module.path:function);
+  a trailing `:<number>` is the weight (default 1). A bad spec raises ValueError (one line)."""
+  if isinstance(specs, str):
+    specs = (specs,)
+  out = []
+  for spec in specs:
+    name, _, tail = str(spec).strip().rpartition(':')
+    try:
+      weight = float(tail)
+    except ValueError:
+      name, weight = str(spec).strip(), 1.0
+    if not name or not weight > 0 or not np.isfinite(weight):
+      raise ValueError(f'grpo.rewards: {spec!r} must be name[:weight] with a weight > 0 (rm, task:verify or '
+                       f'module.path:function)')
+    if name != 'rm' and name != 'task:verify' and (':' not in name or name.startswith(':') or name.endswith(':')):
+      raise ValueError(f'grpo.rewards: unknown reward {name!r}; use rm, task:verify or module.path:function')
+    if name in [n for n, _ in out]:
+      raise ValueError(f'grpo.rewards: {name} appears twice')
+    out.append((name, weight))
+  if not out:
+    raise ValueError('grpo.rewards is empty; use rm, task:verify or module.path:function')
+  return out
+
+
+def mix_rewards(parts: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+  """The weight-normalised mix of reward functions: [R] float64.
+
+  parts: name -> [R] scores, NaN where that function says nothing (task:verify's None); weights: name -> w > 0.
+  r_i = sum_k w_k s_ki [k spoke on i] / sum_k w_k [k spoke on i]; r_i = 0 where no function spoke.
+  """
+  num = 0.0
+  den = 0.0
+  for name, s in parts.items():
+    s = np.asarray(s, np.float64)
+    spoke = ~np.isnan(s)
+    num = num + np.where(spoke, weights[name] * np.nan_to_num(s), 0.0)
+    den = den + np.where(spoke, weights[name], 0.0)
+  den = np.asarray(den)
+  return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+def load_user_fn(spec: str) -> Callable:
+  """`module.path:function` -> the function (a missing module or name is a UserError, one line)."""
+  mod, _, fn = spec.rpartition(':')
+  try:
+    f = getattr(importlib.import_module(mod), fn)
+  except (ImportError, AttributeError) as e:
+    raise common.UserError(f'grpo.rewards: cannot load reward function {spec}: {type(e).__name__}: '
+                           f'{" ".join(str(e).split())}') from None
+  if not callable(f):
+    raise common.UserError(f'grpo.rewards: {spec} is not callable')
+  return f
+
+
+def verify_fn(task) -> Callable:
+  """task:verify as a host reward function: one float per response, NaN where the task cannot check."""
+  def verify(prompts, responses):
+    out = []
+    for p, r in zip(prompts, responses):
+      v = task.verify(p, r)
+      out.append(np.nan if v is None else float(v))
+    return out
+  return verify
+
+
+class HostRewards:
+  """exp -> (mixed rewards [R], metrics) on the host: decode the responses, score them with each function of
+  `grpo.rewards` (rm: the rollout's in-graph score), mix (`mix_rewards`). `prompt_texts(exp)` gives the R
+  prompt texts in row order (group-major)."""
+
+  def __init__(self, rewards: list[tuple[str, float]], fns: Mapping[str, Callable], tokenizer, eos_id: int):
+    self.rewards, self.fns, self.tok, self.eos_id = rewards, dict(fns), tokenizer, eos_id
+    self.weights = dict(rewards)
+
+  def __call__(self, exp, prompt_texts: list[str]):
+    mask = rollout_lib.to_host(exp['mask']) > 0  # [R, N]
+    n = mask.shape[1]
+    tokens = rollout_lib.to_host(exp['seq'])[:, -n:]
+    responses = sampling.decode_responses(self.tok, tokens, mask & (tokens != self.eos_id))
+    parts, metrics = {}, {}
+    for name, _ in self.rewards:
+      if name == 'rm':
+        s = rollout_lib.to_host(exp['rm_score']).astype(np.float64)
+      elif name == 'task:verify':
+        s = np.asarray(self.fns[name](prompt_texts, responses), np.float64)  # NaN = cannot check
+      else:
+        s = rollout_lib.call_reward_fn(self.fns[name], prompt_texts, responses).astype(np.float64)
+      parts[name] = s
+      spoke = ~np.isnan(s)
+      metrics[f'reward/{name}/spoke'] = float(np.mean(spoke))
+      if spoke.any():
+        metrics[f'reward/{name}'] = float(np.mean(s[spoke]))
+    return mix_rewards(parts, self.weights).astype(np.float32), metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The grpo stage
+# ---------------------------------------------------------------------------------------------------------
+
+DEFAULT_INPUTS = {'policy': 'sft', 'reference': 'sft', 'reward': 'rm'}
+
+
+def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | None = None) -> dict:
+  """The `grpo` stage: trains the policy into W/<name> (resumable; exports W/<name>/hf).
+
+  inputs: role -> run name (default {policy: sft, reference: sft, reward: rm}; the reward run is read only when
+  `grpo.rewards` holds rm, the reference only when a KL term is on). Prompts: the task's / data.prompts train
+  split, `sampled_prompts` per rollout."""
+  gc = config.grpo
+  try:
+    check_config(gc)
+    rewards = parse_rewards(gc.rewards)
+  except ValueError as e:
+    raise common.UserError(str(e)) from None
+  inputs = {**DEFAULT_INPUTS, **(inputs or {})}
+  names = [n for n, _ in rewards]
+  out = common.stage_dir(workdir, name)
+
+  # ---------------------------------------------------------------- reward functions (fail fast)
+  fns: dict[str, Callable] = {}
+  if 'task:verify' in names:
+    task = common.get_task(config)
+    if task is None:
+      raise common.UserError('grpo.rewards: task:verify needs an embedded task (task.name), and task.name is empty')
+    fns['task:verify'] = verify_fn(task)
+  for n in names:
+    if n not in ('rm', 'task:verify'):
+      fns[n] = load_user_fn(n)
+
+  # ---------------------------------------------------------------- models (a missing input run: UserError)
+  roles = ['policy'] + (['reference'] if uses_ref(gc) else []) + (['reward'] if 'rm' in names else [])
+  hf_dir = {role: os.path.join(common.require_stage(workdir, inputs[role], name), 'hf') for role in roles}
+  kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  policy = hf.load_pretrained(hf_dir['policy'], **kw)
+  ref = hf.load_pretrained(hf_dir['reference'], **kw) if 'reference' in hf_dir else None
+  reward = hf.load_scalar_model(hf_dir['reward'], **kw) if 'reward' in hf_dir else None
+  tok = common.load_tokenizer(config)
+  mesh = common.mesh(config)
+  n_prompts = sampled_prompts(gc)
+  div = shd.batch_divisor(mesh)
+  if n_prompts % div or (gc.prompts_per_step * gc.num_generations // gc.num_minibatches) % div:
+    raise common.UserError(f'grpo: prompts sampled per rollout ({n_prompts}) and rows per minibatch '
+                           f'(prompts_per_step x num_generations / num_minibatches) must be divisible by the data x '
+                           f'fsdp devices ({div})')
+  trainer = GRPOTrainer(config, mesh, policy, ref, reward, (tok.eos_token_id, tok.pad_token_id))
+  del policy, ref, reward
+
+  # ---------------------------------------------------------------- prompts
+  info: dict = {}
+  recs = common.records_for(config, workdir, 'prompts', 'train', tok, info)
+  prompt_arrays, cut = batches.prompts(tok, recs, config.data.max_prompt_len)
+  if len(recs) < n_prompts:
+    raise common.UserError(f'grpo: {len(recs)} training prompts are fewer than the {n_prompts} sampled per rollout')
+  texts = [r['prompt'] for r in recs]
+  prompts = sources.GrainLoader(prompt_arrays, n_prompts, config.seed)
+  in_graph = names == ['rm']
+  host = None if in_graph else HostRewards(rewards, fns, tok, tok.eos_token_id)
+
+  # ---------------------------------------------------------------- resume
+  ckpt = checkpoint.for_stage(out, config)
+  state, meta = ckpt.resume(trainer.states['policy'], prompts=prompts)
+  trainer.states['policy'] = state
+  beta = float(meta.get('beta', gc.kl.coef))
+  start = int(meta.get('step', 0))
+  if start:
+    print(f'[{name}] resumed from iteration {start}')
+  rng = jax.random.key(config.seed + 5)
+
+  # ---------------------------------------------------------------- train
+  writer = metrics_lib.MetricsWriter(out, total_steps=gc.iterations, desc=name, initial_step=start,
+                                     show=('reward', 'kl', 'beta', 'frac_reward_zero_std', 'responses/s'),
+                                     progress=config.progress)
+  if start == 0:
+    writer.write(0, {**cut.as_metrics('data'), **info, 'prompts': len(recs),
+                     'params': state_lib.num_params(trainer.states['policy'].params)}, split='info')
+  t0 = time.perf_counter()
+  for it in range(start + 1, gc.iterations + 1):
+    batch = shd.put_batch(dict(next(prompts)), mesh, local=True)
+    host_fn = None
+    if host is not None:
+      idx = rollout_lib.to_host(batch['index'])
+      rows = [texts[i] for i in idx for _ in range(gc.num_generations)]  # group-major, as the rollout's rows
+      host_fn = lambda exp, rows=rows: host(exp, rows)  # noqa: E731
+    m = metrics_lib.to_host(trainer.step(batch, jax.random.fold_in(rng, it), beta, host_fn))
+    m['beta'] = beta
+    if in_graph:
+      m['reward/rm'] = m['rm_score']
+    if gc.kl.adaptive and 'kl' in m:
+      beta = float(rl.adaptive_loss_beta_update(beta, m['kl'], gc.prompts_per_step * gc.num_generations,
+                                                gc.kl.target, gc.kl.horizon))
+    writer.advance()
+    now = time.perf_counter()
+    writer.write(it, {**m, 'responses/s': n_prompts * gc.num_generations / max(now - t0, 1e-9)})
+    t0 = now
+    ckpt.step_end(it, gc.iterations, trainer.states['policy'], {'step': it, 'beta': beta, 'prompts': prompts.state()})
+  ckpt.close()
+  writer.close()
+
+  # ---------------------------------------------------------------- export
+  hf.save_pretrained(_merge(trainer.graphdefs['policy'], trainer.states['policy']), os.path.join(out, 'hf'),
+                     tokenizer=tok)
+  summary = {'stage': 'grpo', 'run': name, 'inputs': inputs, 'iterations': gc.iterations, 'estimator': gc.estimator,
+             'rewards': [f'{n}:{w:g}' for n, w in rewards], 'final_beta': beta, **info}
+  checkpoint.mark_done(out, summary)
+  print(f'[{name}] done; exported {os.path.join(out, "hf")}')
+  return summary
