@@ -72,7 +72,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from jax_rlhf import pipeline  # noqa: E402
+from jax_rlhf import kernels, pipeline  # noqa: E402
 from jax_rlhf import sharding as shd  # noqa: E402
 from jax_rlhf.models import hf, transformer  # noqa: E402
 from jax_rlhf.models.heads import ScalarModel  # noqa: E402
@@ -302,10 +302,11 @@ def make_plan(config, devices: int, chip: str, *, compile: bool = True, stages: 
   except pipeline.PlanError as e:
     raise UserError(str(e)) from None
   out = {}
-  for run, rc in runs:
-    if run.kind not in TRAINING_KINDS or (stages and run.kind not in stages):
-      continue
-    out[run.name] = plan_run(run.kind, rc, mesh, CHIPS[chip][0], compile=compile, **model_overrides)
+  with kernels.mode('xla'):  # the chip's own dot, not this CPU's MKL custom call (which SPMD cannot partition)
+    for run, rc in runs:
+      if run.kind not in TRAINING_KINDS or (stages and run.kind not in stages):
+        continue
+      out[run.name] = plan_run(run.kind, rc, mesh, CHIPS[chip][0], compile=compile, **model_overrides)
   if not out:
     raise UserError(f'the config\'s plan has no training run{" of kinds " + ",".join(stages) if stages else ""}')
   return out
@@ -329,6 +330,10 @@ def table(plan: dict[str, dict], devices: int, chip: str, mesh_shape: dict) -> s
                  f'{_gib(p["optimizer_bytes"])} | {_gib(p["frozen_bytes"])} | {_gib(p["rest_bytes"])} | '
                  f'{_gib(p["temp_bytes"])} | {_gib(p["io_bytes"])} | {_gib(p["total_bytes"])} | {_gib(hbm)} | '
                  f'{"fits" if p["fits"] else "DOES NOT FIT"} |')
+  for name, p in plan.items():
+    for fn, m in p['functions'].items():
+      lines.append(f'  {name}/{fn}: compiler temp {_gib(m["temp"])}, arguments {_gib(m["argument"])}, '
+                   f'outputs {_gib(m["output"])} ({_gib(m["alias"])} donated), io {_gib(m["io"])}')
   if any(p['temp_bytes'] is None for p in plan.values()):
     lines.append('(not compiled: temp and io unknown, the total counts the exact figures only)')
   return '\n'.join(lines)
