@@ -73,3 +73,15 @@ def test_cli_compiles_and_ends_in_json():
                         '--chip', 'v5e', '--compile=false'], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith('error: sft.batch_size=16')
+
+
+def test_llama_3_8b_shape_and_model_path(tmp_path):
+  """The llama-3-8b preset has Meta-Llama-3-8B's 8,030,261,248 parameters; a `model.path` plans its config.json."""
+  assert transformer.preset('llama-3-8b').num_params() == 8_030_261_248
+  from jax_rlhf.models import hf
+  cfg = transformer.preset('demo')
+  (tmp_path / 'config.json').write_text(json.dumps(hf.config_to_hf(cfg)))
+  c = _config('sft', 'quick')
+  c.model.path = str(tmp_path)
+  p = plan_lib.make_plan(c, 8, 'v4', compile=False)['sft']
+  assert p['param_count'] == cfg.num_params() and p['param_bytes'] == 4 * cfg.num_params()
