@@ -148,6 +148,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                          rope_theta=500000.0, rope_type='llama3', rope_factor=32.0, rope_low_freq_factor=1.0,
                          rope_high_freq_factor=4.0, rope_original_max_len=8192, tie_embeddings=True,
                          bos_token_id=128000, eos_token_id=128001, pad_token_id=128001, hf_model_type='llama'),
+    # Meta-Llama-3-8B's config.json (meta-llama/Meta-Llama-3-8B on the hub; Llama 3 paper, table 3): untied head,
+    # plain RoPE at theta 5e5, 8,192 positions. A shape for the memory plan (jax_rlhf/plan.py).
+    'llama-3-8b': dict(vocab_size=128256, num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096, mlp_dim=14336,
+                       max_len=8192, layout='llama', activation='silu', norm_eps=1e-5, rope_theta=500000.0,
+                       tie_embeddings=False, bos_token_id=128000, eos_token_id=128001, pad_token_id=128001,
+                       hf_model_type='llama'),
     'qwen3-0.6b': dict(vocab_size=151936, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, embed_dim=1024,
                        mlp_dim=3072, max_len=32768, layout='llama', activation='silu', norm_eps=1e-6,
                        rope_theta=1000000.0, qk_norm=True, tie_embeddings=True, bos_token_id=151643,

@@ -1,0 +1,87 @@
+"""The memory plan (jax_rlhf/plan.py): exact per-device bytes from the config's model, and the CLI's JSON line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jax_rlhf import plan as plan_lib
+from jax_rlhf.config import stage_config
+from jax_rlhf.models import transformer
+from jax_rlhf.train.common import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(stage, arg, **mesh):
+  c = stage_config(stage, arg)
+  c.mesh.update(mesh)
+  return c
+
+
+def test_gpt2_param_bytes_equal_the_config_count():
+  """GPT-2 124M on 8 devices: replicated (data mesh), each device holds exactly num_params() fp32 values and Adam's
+  two moments of each (+ the step counters); under fsdp=8 each holds between 1/8 and 1/4 of it (norms and biases
+  stay replicated)."""
+  cfg = transformer.preset('gpt2')
+  p = plan_lib.make_plan(_config('sft', 'model=gpt2', data=-1, fsdp=1), 8, 'v5e', compile=False)['sft']
+  assert p['param_count'] == cfg.num_params() == 124_439_808
+  assert p['param_bytes'] == 4 * cfg.num_params()
+  assert 0 <= p['optimizer_bytes'] - 2 * p['param_bytes'] < 64  # mu, nu + a few int32 counters
+  assert p['temp_bytes'] is None and p['fits']
+  f = plan_lib.make_plan(_config('sft', 'model=gpt2', data=1, fsdp=-1), 8, 'v5e', compile=False)['sft']
+  assert f['param_count'] == cfg.num_params()
+  assert p['param_bytes'] / 8 <= f['param_bytes'] < p['param_bytes'] / 4
+
+
+def test_ppo_frozen_models_in_their_dtype():
+  """PPO's reference (LM) and reward (scalar model) are frozen in model.frozen_dtype: 2 bytes a value in bf16."""
+  c = _config('ppo', 'quick')
+  c.model.frozen_dtype = 'bfloat16'
+  p = plan_lib.make_plan(c, 8, 'h100', compile=False)['ppo']
+  cfg = transformer.preset('tiny')
+  scalar = cfg.num_params(lm_head=False) + cfg.embed_dim + 1  # body + head kernel and bias
+  assert p['param_count'] == cfg.num_params() + scalar  # policy + value
+  assert p['frozen_bytes'] == 2 * (cfg.num_params() + scalar + 2) + 2 * 4  # + the RM's norm gain/bias, two steps
+
+
+def test_mistakes_are_one_line():
+  with pytest.raises(UserError, match='--chip'):
+    plan_lib.make_plan(_config('sft', 'quick'), 8, 'v9')
+  with pytest.raises(UserError, match='sft.batch_size=12 must be divisible'):
+    c = _config('sft', 'quick')
+    c.sft.batch_size = 12
+    plan_lib.make_plan(c, 8, 'v5e', compile=False)
+
+
+def test_cli_compiles_and_ends_in_json():
+  """`python -m jax_rlhf.plan` sets its own device count (4 here, though the test process has 8), compiles the
+  SFT step and prints one JSON line last."""
+  env = {**os.environ, 'PYTHONPATH': ROOT}
+  out = subprocess.run([sys.executable, '-m', 'jax_rlhf.plan', '--config', 'configs/sft.py:quick', '--devices', '4',
+                        '--chip', 'v5e'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.strip().splitlines()
+  assert "'data': 4" in lines[0] and '| sft | sft |' in out.stdout and 'fits' in out.stdout
+  sft = json.loads(lines[-1])['sft']
+  assert sft['param_count'] == transformer.preset('tiny').num_params()
+  assert sft['param_bytes'] == 4 * sft['param_count']
+  assert sft['temp_bytes'] > 0 and sft['fits'] is True
+  assert sft['total_bytes'] >= sft['param_bytes'] + sft['optimizer_bytes'] + sft['temp_bytes']
+  bad = subprocess.run([sys.executable, '-m', 'jax_rlhf.plan', '--config', 'configs/sft.py:quick', '--devices', '3',
+                        '--chip', 'v5e', '--compile=false'], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith('error: sft.batch_size=16')
+
+
+def test_llama_3_8b_shape_and_model_path(tmp_path):
+  """The llama-3-8b preset has Meta-Llama-3-8B's 8,030,261,248 parameters; a `model.path` plans its config.json."""
+  assert transformer.preset('llama-3-8b').num_params() == 8_030_261_248
+  from jax_rlhf.models import hf
+  cfg = transformer.preset('demo')
+  (tmp_path / 'config.json').write_text(json.dumps(hf.config_to_hf(cfg)))
+  c = _config('sft', 'quick')
+  c.model.path = str(tmp_path)
+  p = plan_lib.make_plan(c, 8, 'v4', compile=False)['sft']
+  assert p['param_count'] == cfg.num_params() and p['param_bytes'] == 4 * cfg.num_params()
