@@ -330,7 +330,31 @@ def ablation(c: ml_collections.ConfigDict) -> None:
   ppo = c.plan[at - 1].inputs.to_dict()
   c.plan = (*c.plan[:at], plan_run('ppo_lowbeta', 'ppo', ppo, {'ppo': {'kl': {'coef': 0.02}}}),
             plan_run('ppo_ptx', 'ppo', ppo, {'ppo': {'ptx': {'coef': 1.0}}}), *c.plan[at:])
-  c.eval.models = ('sft', 'ppo', 'ppo_lowbeta', 'ppo_ptx')
+  c.eval.models = policies(c.plan)
+
+
+def compare(c: ml_collections.ConfigDict) -> None:
+  """After InstructGPT, side by side: from the default plan's pretrain, sft, label and rm (the same runs `make
+  demo` makes), PPO and the methods that came after it, each a named run, all compared by one eval:
+  dpo (offline pairwise DPO on the label run's rankings), dpo_listwise (Plackett-Luce over each whole ranking),
+  grpo (group-normalised advantages, the RM's reward), grpo_verifier (the task's checker where it speaks, the
+  RM elsewhere) and rloo (leave-one-out baseline, the RM's reward, KL in the reward)."""
+  at = next(i for i, r in enumerate(c.plan) if r.kind == 'eval')
+  sft_ref = {'policy': 'sft', 'reference': 'sft'}
+  runs = (plan_run('dpo', 'dpo', {**sft_ref, 'rankings': 'label'}),
+          plan_run('dpo_listwise', 'dpo', {**sft_ref, 'rankings': 'label'}, {'dpo': {'mode': 'listwise'}}),
+          plan_run('grpo', 'grpo', {**sft_ref, 'reward': 'rm'}),
+          plan_run('grpo_verifier', 'grpo', {**sft_ref, 'reward': 'rm'},
+                   {'grpo': {'rewards': ('task:verify', 'rm')}}),
+          plan_run('rloo', 'grpo', {**sft_ref, 'reward': 'rm'},
+                   {'grpo': {'estimator': 'rloo', 'kl': {'where': 'reward', 'estimator': 'k1'}}}))
+  c.plan = (*c.plan[:at], *runs, *c.plan[at:])
+  c.eval.models = policies(c.plan)
+
+
+def policies(plan) -> tuple[str, ...]:
+  """'sft' and every policy a plan trains (its ppo, dpo and grpo runs), in plan order: what eval compares."""
+  return ('sft', *[r.name for r in plan if r.kind in ('ppo', 'dpo', 'grpo')])
 
 
 def cpu_bf16(c: ml_collections.ConfigDict) -> None:
@@ -355,7 +379,8 @@ def apply_cpu_bf16(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-VARIANTS = {'quick': quick, 'instructgpt': instructgpt, 'ablation': ablation, 'cpu_bf16': cpu_bf16}
+VARIANTS = {'quick': quick, 'instructgpt': instructgpt, 'ablation': ablation, 'compare': compare,
+            'cpu_bf16': cpu_bf16}
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

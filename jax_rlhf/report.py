@@ -320,7 +320,8 @@ def write(workdir: str, n_samples: int = 20, name: str = 'eval') -> str:
             ('table', *fmt_results_table(workdir, results))]
   sub_header, sub_rows = fmt_subcategory_table(results)
   if sub_rows:
-    blocks += [('p', 'Exact answers per subcategory: the share of held-out prompts answered exactly (the task\'s '
+    blocks += [('h2', 'Exact answers per subcategory'),
+               ('p', 'The share of held-out prompts answered exactly (the task\'s '
                      'verifier on the list tasks; elsewhere the labeler\'s full score: the known fact, "i don\'t '
                      'know" to an unknown creature, the refusal of an unsafe request).'),
                ('table', sub_header, sub_rows)]

@@ -428,7 +428,7 @@ def test_bad_dpo_config_and_missing_rankings_are_one_clear_line(tmp_path):
 
 @pytest.mark.slow
 def test_dpo_stage_from_the_quick_pipeline_resumes_bitwise_and_exports(quick_pipeline, tmp_path, monkeypatch):
-  """From the quick pipeline's SFT and its labelled rankings (W/rm/rankings.jsonl): a pairwise DPO run logs
+  """From the quick pipeline's SFT and its labelled rankings (W/label/rankings.jsonl): a pairwise DPO run logs
   loss log 2 at step 1 (policy = reference), evaluates, exports an HF folder that differs from SFT; a run
   preempted (SIGTERM) at step 2 and rerun resumes from its checkpoint and exports bitwise the same weights."""
   import shutil
@@ -441,7 +441,7 @@ def test_dpo_stage_from_the_quick_pipeline_resumes_bitwise_and_exports(quick_pip
   w = tmp_path / 'W'
   shutil.copytree(src / 'sft', w / 'sft', ignore=shutil.ignore_patterns('checkpoints', 'tb'))
   (w / 'labels').mkdir(parents=True)
-  shutil.copy(src / 'rm' / 'rankings.jsonl', w / 'labels' / 'rankings.jsonl')
+  shutil.copy(src / 'label' / 'rankings.jsonl', w / 'labels' / 'rankings.jsonl')
   config = stage_config(eval_every=2)
   config.log_every = 1
   summary = dpo.run(config, str(w), 'dpo', {'rankings': 'labels'})
