@@ -134,10 +134,15 @@ def test_readme_section_is_replaced_and_nothing_else():
     import readme_results  # pylint: disable=import-outside-toplevel
   finally:
     sys.path.pop(0)
-  text = f'top\n{readme_results.BEGIN}\nold table\n{readme_results.END}\nbottom\n'
-  assert readme_results.replace_section(text, 'new') == f'top\n{readme_results.BEGIN}\nnew\n{readme_results.END}\nbottom\n'
+  begin, end = readme_results.markers('results')
+  cb, ce = readme_results.markers('compare')
+  text = f'top\n{begin}\nold table\n{end}\nmiddle\n{cb}\nold compare\n{ce}\nbottom\n'
+  assert readme_results.replace_section(text, 'new') == text.replace('old table', 'new')
+  assert readme_results.replace_section(text, 'new', 'compare') == text.replace('old compare', 'new')
   with pytest.raises(ValueError, match='results:begin'):
     readme_results.replace_section('no markers', 'new')
+  with pytest.raises(ValueError, match='rounds:begin'):
+    readme_results.replace_section(text, 'new', 'rounds')
 
 
 def test_report_and_readme_script_without_results_exit_2_with_one_line(tmp_path, capsys):
