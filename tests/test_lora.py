@@ -218,13 +218,13 @@ def test_grpo_shared_reference():
 
 
 # ---------------------------------------------------------------------------------------------------- PEFT
-def peft_pair(tmp_path):
-  """A llama-layout base folder and, on it, a PEFT adapter folder of an adapted model (non-zero B)."""
-  base = Transformer(LLAMA, rngs=nnx.Rngs(0))
+def peft_pair(tmp_path, cfg=LLAMA, targets=('q', 'v', 'o', 'gate', 'down')):
+  """A base HF folder and, on it, a PEFT adapter folder of an adapted model (non-zero B)."""
+  base = Transformer(cfg, rngs=nnx.Rngs(0))
   hf.save_pretrained(base, tmp_path / 'base')
-  model = randomise_b(lora.add(Transformer(LLAMA, rngs=nnx.Rngs(0)),
-                               lora.LoRAConfig(rank=4, alpha=8.0, targets=('q', 'v', 'o', 'gate', 'down'))))
-  lora.save_peft(model, str(tmp_path / 'peft'), lora.LoRAConfig(rank=4, alpha=8.0), str(tmp_path / 'base'))
+  lcfg = lora.LoRAConfig(rank=4, alpha=8.0, targets=targets)
+  model = randomise_b(lora.add(Transformer(cfg, rngs=nnx.Rngs(0)), lcfg))
+  lora.save_peft(model, str(tmp_path / 'peft'), lcfg, str(tmp_path / 'base'))
   return model
 
 
@@ -237,7 +237,8 @@ def test_peft_folder_layout(tmp_path):
   with open(tmp_path / 'peft' / 'adapter_config.json') as f:
     conf = json.load(f)
   assert conf['peft_type'] == 'LORA' and conf['r'] == 4 and conf['lora_alpha'] == 8.0
-  assert conf['target_modules'] == ['down_proj', 'gate_proj', 'o_proj', 'q_proj', 'v_proj']
+  assert conf['target_modules'] == ['mlp.down_proj', 'mlp.gate_proj', 'self_attn.o_proj', 'self_attn.q_proj',
+                                    'self_attn.v_proj']
   assert conf['base_model_name_or_path'] == str(tmp_path / 'base')
   t = safetensors.numpy.load_file(tmp_path / 'peft' / 'adapter_model.safetensors')
   d, h, kv, dh, f = LLAMA.embed_dim, LLAMA.num_heads, LLAMA.kv_heads, LLAMA.hdim, LLAMA.ffn_dim
@@ -250,12 +251,14 @@ def test_peft_folder_layout(tmp_path):
   assert len(t) == 2 * 5 * LLAMA.num_layers
 
 
-def test_peft_loads_and_matches(tmp_path):
+@pytest.mark.parametrize('cfg,targets', [(LLAMA, ('q', 'v', 'o', 'gate', 'down')), (GPT2, ('q', 'v', 'o', 'up')),
+                                         (GPT2, ('all',))], ids=['llama', 'gpt2-qv', 'gpt2-all'])
+def test_peft_loads_and_matches(tmp_path, cfg, targets):
   """peft.PeftModel.from_pretrained on the base folder + our adapter folder computes our adapted logits."""
   peft = pytest.importorskip('peft', reason='peft is not installed (pip install peft)')
   import torch
   import transformers
-  model = peft_pair(tmp_path)
+  model = peft_pair(tmp_path, cfg, targets)
   base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'base', torch_dtype=torch.float32)
   pm = peft.PeftModel.from_pretrained(base, tmp_path / 'peft').eval()
   ids, mask = ids_and_mask()
@@ -265,11 +268,26 @@ def test_peft_loads_and_matches(tmp_path):
     got = pm(input_ids=torch.tensor(ids_np, dtype=torch.long), attention_mask=torch.tensor(mask_np)).logits.numpy()
   want = np.asarray(model(ids, jnp.asarray(mask_np)))
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-  assert np.max(np.abs(want - np.asarray(Transformer(LLAMA, rngs=nnx.Rngs(0))(ids, jnp.asarray(mask_np))))) > 1e-3
+  assert np.max(np.abs(want - np.asarray(Transformer(cfg, rngs=nnx.Rngs(0))(ids, jnp.asarray(mask_np))))) > 1e-3
 
 
-def test_peft_export_refuses_gpt2_and_scalar(tmp_path):
-  for m in (lora.add(Transformer(GPT2, rngs=nnx.Rngs(0)), ALL), lora.add(ScalarModel(LLAMA, rngs=nnx.Rngs(0)), ALL)):
-    with pytest.raises(ValueError, match='export=merged'):
-      lora.save_peft(m, str(tmp_path / 'x'), ALL, str(tmp_path))
+def test_peft_gpt2_fused_qkv(tmp_path):
+  """GPT-2: q and v share c_attn's adapter of rank 2r (A stacked, B block-diagonal with k's third zero), its
+  alpha doubled so that the scale stays alpha / r; c_proj of attention and of the MLP are told apart."""
+  import safetensors.numpy
+  peft_pair(tmp_path, GPT2, ('q', 'v', 'o'))
+  with open(tmp_path / 'peft' / 'adapter_config.json') as f:
+    conf = json.load(f)
+  assert conf['target_modules'] == ['attn.c_attn', 'attn.c_proj'] and conf['fan_in_fan_out']
+  assert conf['rank_pattern'] == {'attn.c_attn': 8} and conf['alpha_pattern'] == {'attn.c_attn': 16.0}
+  t = safetensors.numpy.load_file(tmp_path / 'peft' / 'adapter_model.safetensors')
+  d = GPT2.embed_dim
+  b = t['base_model.model.transformer.h.0.attn.c_attn.lora_B.weight']
+  assert t['base_model.model.transformer.h.0.attn.c_attn.lora_A.weight'].shape == (8, d) and b.shape == (3 * d, 8)
+  assert not b[d:2 * d].any() and not b[:d, 4:].any() and not b[2 * d:, :4].any() and b[:d, :4].any()
+
+
+def test_peft_export_refuses_scalar_models(tmp_path):
+  with pytest.raises(ValueError, match='export=merged'):
+    lora.save_peft(lora.add(ScalarModel(LLAMA, rngs=nnx.Rngs(0)), ALL), str(tmp_path / 'x'), ALL, str(tmp_path))
   assert not os.path.exists(tmp_path / 'x')

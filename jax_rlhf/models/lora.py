@@ -16,8 +16,8 @@ GRPO run the reference forward on the policy's base weights, with no second copy
 
 Export: `merged(model)` folds scale * A B into W0 and returns a plain model (what `hf.save_pretrained` writes:
 a plain HF folder); `save_peft` writes a PEFT adapter folder (adapter_config.json + adapter_model.safetensors,
-the key names and layout `peft.PeftModel.from_pretrained` reads) for the llama layout (Llama, Qwen2/3,
-Mistral). Sharding: the rank axis has the logical name 'lora' (rule: replicated); A and B keep the base
+the key names and layout `peft.PeftModel.from_pretrained` reads) for a causal LM of either layout (GPT-2's
+fused c_attn holds q, k, v as one adapter of rank n r, exactly). Sharding: the rank axis has the logical name 'lora' (rule: replicated); A and B keep the base
 weight's logical names on their other axes.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +173,11 @@ def adapters(model) -> list[tuple[tuple, Adapter]]:
   return [(path, m) for path, m in nnx.iter_graph(model) if isinstance(m, Adapter)]
 
 
+def target_of(path) -> str:
+  """The target (q, ..., down) of an adapter's graph path (its last key is lora_<target>)."""
+  return str(path[-1])[len('lora_'):]
+
+
 def has_adapters(model) -> bool:
   return any(True for _ in adapters(model))
 
@@ -243,9 +249,15 @@ def merged(model):
   return copy
 
 
-# transformers' module names of the llama-family projections, per target (PEFT's target_modules)
-_PEFT_MODULES = {'q': 'self_attn.q_proj', 'k': 'self_attn.k_proj', 'v': 'self_attn.v_proj', 'o': 'self_attn.o_proj',
-                 'gate': 'mlp.gate_proj', 'up': 'mlp.up_proj', 'down': 'mlp.down_proj'}
+# transformers' module names of the projections, per target (PEFT's target_modules). GPT-2's q, k, v are one
+# fused Conv1D (attn.c_attn) and its two c_proj differ only by their parent, hence the two-part names.
+_PEFT_MODULES = {
+    'llama': {'q': 'self_attn.q_proj', 'k': 'self_attn.k_proj', 'v': 'self_attn.v_proj', 'o': 'self_attn.o_proj',
+              'gate': 'mlp.gate_proj', 'up': 'mlp.up_proj', 'down': 'mlp.down_proj'},
+    'gpt2': {'q': 'attn.c_attn', 'k': 'attn.c_attn', 'v': 'attn.c_attn', 'o': 'attn.c_proj', 'up': 'mlp.c_fc',
+             'down': 'mlp.c_proj'},
+}
+_PEFT_PREFIX = {'llama': 'base_model.model.model.layers.', 'gpt2': 'base_model.model.transformer.h.'}
 
 
 def _host(x) -> np.ndarray:
@@ -255,49 +267,79 @@ def _host(x) -> np.ndarray:
   return np.asarray(x, np.float32)
 
 
-def peft_tensors(model) -> dict[str, np.ndarray]:
-  """{PEFT key: array} of a llama-layout causal LM's adapters, as `peft.get_peft_model_state_dict` writes them:
-  `base_model.model.model.layers.<i>.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r] (torch
-  Linear layout: out x in). Our A [*in, r] / B [r, *out] are flattened and transposed."""
-  body = _body(model)
-  cfg = body.config
-  if cfg.layout != 'llama' or hasattr(model, 'transformer'):
-    raise ValueError('the PEFT adapter export covers causal LMs of the llama layout (Llama, Qwen2/3, Mistral); '
-                     'use model.lora.export=merged for this model')
-  out = {}
+def _layer_adapters(model) -> dict[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
+  """{layer: {target: (A [in, r], B [r, out])}}: 2-D float32 host arrays, either block layout."""
+  scan = _body(model).config.scan_layers
+  out: dict = {}
   for path, ad in adapters(model):
-    t = target_of(path)
     a, b = _host(ad.a[...]), _host(ad.b[...])
     r = a.shape[-1]
-    layers = [(i, a[i], b[i]) for i in range(a.shape[0])] if cfg.scan_layers else [(path[1], a, b)]
-    for i, ai, bi in layers:
-      name = f'base_model.model.model.layers.{i}.{_PEFT_MODULES[t]}'
-      out[f'{name}.lora_A.weight'] = np.ascontiguousarray(ai.reshape(-1, r).T)
-      out[f'{name}.lora_B.weight'] = np.ascontiguousarray(bi.reshape(r, -1).T)
+    for i, ai, bi in ([(i, a[i], b[i]) for i in range(a.shape[0])] if scan else [(path[1], a, b)]):
+      out.setdefault(int(i), {})[target_of(path)] = (ai.reshape(-1, r), bi.reshape(r, -1))
   return out
 
 
-def target_of(path) -> str:
-  """The target (q, ..., down) of an adapter's graph path (its last key is lora_<target>)."""
-  return str(path[-1])[len('lora_'):]
+def peft_tensors(model) -> dict[str, np.ndarray]:
+  """{PEFT key: array} of a causal LM's adapters, as `peft.get_peft_model_state_dict` names them:
+  `base_model.model.<layers>.<i>.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r] (torch Linear
+  layout). Our A [*in, r] / B [r, *out] are flattened and transposed. GPT-2's fused c_attn gets one adapter of
+  rank n r for the n of q, k, v targeted: A the n A's stacked, B block-diagonal (each target's B in its third
+  of the output), which with scale n alpha / (n r) (`peft_config`'s rank and alpha patterns) is exactly the
+  sum of the n adapters."""
+  body = _body(model)
+  layout = body.config.layout
+  if hasattr(model, 'transformer'):
+    raise ValueError('the PEFT adapter export covers causal LMs (a scalar model exports merged: use '
+                     'model.lora.export=merged)')
+  names, out = _PEFT_MODULES[layout], {}
+  for i, layer in sorted(_layer_adapters(model).items()):
+    pre = f'{_PEFT_PREFIX[layout]}{i}.'
+    qkv = [t for t in 'qkv' if t in layer] if layout == 'gpt2' else []
+    for t, (a, b) in layer.items():
+      if t not in qkv:
+        out[f'{pre}{names[t]}.lora_A.weight'] = np.ascontiguousarray(a.T)
+        out[f'{pre}{names[t]}.lora_B.weight'] = np.ascontiguousarray(b.T)
+    if qkv:
+      r, width = layer[qkv[0]][0].shape[1], layer[qkv[0]][1].shape[1]  # q, k and v have one width in GPT-2
+      b_cat = np.zeros((3 * width, len(qkv) * r), np.float32)
+      for j, t in enumerate(qkv):
+        o = 'qkv'.index(t)
+        b_cat[o * width:(o + 1) * width, j * r:(j + 1) * r] = layer[t][1].T
+      out[f'{pre}attn.c_attn.lora_A.weight'] = np.ascontiguousarray(np.concatenate([layer[t][0].T for t in qkv]))
+      out[f'{pre}attn.c_attn.lora_B.weight'] = b_cat
+  return out
+
+
+def peft_config(model, lcfg: LoRAConfig, base_model: str) -> dict[str, Any]:
+  """adapter_config.json of `peft_tensors(model)` (peft's LoraConfig fields)."""
+  layout = _body(model).config.layout
+  targets = {target_of(p) for p, _ in adapters(model)}
+  rank_pattern, alpha_pattern = {}, {}
+  n_qkv = len(targets & {'q', 'k', 'v'})
+  if layout == 'gpt2' and n_qkv > 1:
+    rank_pattern['attn.c_attn'] = n_qkv * lcfg.rank
+    alpha_pattern['attn.c_attn'] = n_qkv * lcfg.alpha
+  return {
+      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'base_model_name_or_path': os.fspath(base_model),
+      'r': lcfg.rank, 'lora_alpha': lcfg.alpha, 'lora_dropout': lcfg.dropout, 'bias': 'none',
+      'target_modules': sorted({_PEFT_MODULES[layout][t] for t in targets}),
+      'fan_in_fan_out': layout == 'gpt2',  # GPT-2's Conv1D stores its weights [in, out]
+      'use_rslora': False, 'use_dora': False, 'init_lora_weights': True, 'inference_mode': True,
+      'modules_to_save': None, 'layers_to_transform': None, 'rank_pattern': rank_pattern,
+      'alpha_pattern': alpha_pattern, 'revision': None,
+  }
 
 
 def save_peft(model, path: str, lcfg: LoRAConfig, base_model: str, *, dtype: str = 'float32') -> str:
   """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for `model`'s adapters on
-  the base model folder `base_model` (an HF folder with the weights the adapters were trained on). Call on
+  the base model folder `base_model` (an HF folder with the weights the adapters were trained on), which
+  `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), path)` loads. Call on
   every process (sharded adapters are gathered); process 0 writes."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   tensors = {k: v.astype(dtype) for k, v in peft_tensors(model).items()}
+  config = peft_config(model, lcfg, base_model)
   if jax.process_index() != 0:
     return path
-  config = {
-      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'base_model_name_or_path': os.fspath(base_model),
-      'r': lcfg.rank, 'lora_alpha': lcfg.alpha, 'lora_dropout': lcfg.dropout, 'bias': 'none',
-      'target_modules': sorted({_PEFT_MODULES[target_of(p)].split('.')[-1] for p, _ in adapters(model)}),
-      'fan_in_fan_out': False, 'use_rslora': False, 'use_dora': False, 'init_lora_weights': True,
-      'inference_mode': True, 'modules_to_save': None, 'layers_to_transform': None, 'rank_pattern': {},
-      'alpha_pattern': {}, 'revision': None,
-  }
   os.makedirs(path, exist_ok=True)
   safetensors.numpy.save_file(tensors, os.path.join(path, 'adapter_model.safetensors'), metadata={'format': 'pt'})
   with open(os.path.join(path, 'adapter_config.json'), 'w') as f:
