@@ -291,3 +291,64 @@ def test_peft_export_refuses_scalar_models(tmp_path):
   with pytest.raises(ValueError, match='export=merged'):
     lora.save_peft(lora.add(ScalarModel(LLAMA, rngs=nnx.Rngs(0)), ALL), str(tmp_path / 'x'), ALL, str(tmp_path))
   assert not os.path.exists(tmp_path / 'x')
+
+
+# ---------------------------------------------------------------------------------------------------- stage
+@pytest.mark.slow
+def test_ppo_stage_with_lora_exports_merged_and_peft_and_resumes_bitwise(quick_pipeline, tmp_path, monkeypatch):
+  """The ppo stage with model.lora (rank 4, every projection, export=peft) from the quick pipeline's SFT and RM:
+  W/ppo/hf differs from SFT only in the targeted weights, each by a matrix of rank <= 3 x 4 (c_attn holds q, k,
+  v); W/ppo/peft loaded by peft on W/sft/hf gives the merged folder's logits; a run preempted (SIGTERM) at
+  iteration 2 and rerun exports bitwise the same weights."""
+  import shutil
+  import signal
+  from safetensors.numpy import load_file
+  from jax_rlhf.config import stage_config as base
+  from jax_rlhf.train import preempt
+  src, proc = quick_pipeline
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  w = tmp_path / 'W'
+  for run in ('sft', 'rm', 'data'):
+    if (src / run).exists():
+      shutil.copytree(src / run, w / run, ignore=shutil.ignore_patterns('checkpoints', 'tb'))
+  config = base('ppo', 'quick')
+  config.model.lora.update(rank=4, alpha=8.0, export='peft')
+  config.checkpoint.every = 2
+  ppo.run(config, str(w), 'ppo')
+  a = load_file(str(w / 'ppo' / 'hf' / 'model.safetensors'))
+  sft = load_file(str(w / 'sft' / 'hf' / 'model.safetensors'))
+  changed = {k for k in a if np.abs(a[k] - sft[k]).max() > 0}
+  assert changed == {k for k in a if k.endswith(('c_attn.weight', 'c_proj.weight', 'c_fc.weight'))}
+  for k in changed:
+    d = a[k].astype(np.float64) - sft[k]
+    sv = np.linalg.svd(d, compute_uv=False)
+    assert int(np.sum(sv > 1e-4 * sv[0])) <= (12 if 'c_attn' in k else 4), k
+
+  try:
+    import peft
+    import torch
+    import transformers
+  except ImportError:
+    peft = None
+  if peft is not None:
+    merged = transformers.AutoModelForCausalLM.from_pretrained(w / 'ppo' / 'hf').eval()
+    pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(w / 'sft' / 'hf'),
+                                        w / 'ppo' / 'peft').eval()
+    ids = torch.tensor(np.random.default_rng(0).integers(2, 100, (2, 12)))
+    with torch.no_grad():
+      np.testing.assert_allclose(pm(input_ids=ids).logits.numpy(), merged(input_ids=ids).logits.numpy(), atol=1e-4)
+
+  old = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setenv(preempt.FAULT_ENV, 'ppo_b:2:term')
+  try:
+    preempt.install()
+    with pytest.raises(preempt.Preempted):
+      ppo.run(config, str(w), 'ppo_b')
+    preempt.install()  # a fresh process: no SIGTERM pending
+    ppo.run(config, str(w), 'ppo_b')
+  finally:
+    signal.signal(signal.SIGTERM, old)
+    preempt._requested = False
+  b = load_file(str(w / 'ppo_b' / 'hf' / 'model.safetensors'))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
