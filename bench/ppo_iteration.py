@@ -233,8 +233,8 @@ def main():
             'date': mach['date'], 'preset': args.preset, 'lora_rank': args.lora, 'batch': B, 'prompt': P,
             'new': NEW, 'epochs': EPOCHS, **mem,
             'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-  print(f'  memory: trained params {mem["trained_param_bytes"] / 2**20:.1f} MiB, optimizer {mem["optimizer_bytes"] / 2**20:.1f} '
-        f'MiB, frozen {mem["frozen_bytes"] / 2**20:.1f} MiB, all states {mem["state_bytes"] / 2**20:.1f} MiB; peak RSS '
+  print(f'  memory: trained params {mem["trained_param_bytes"] / 2**20:.1f} MiB, '
+        f'optimizer {mem["optimizer_bytes"] / 2**20:.1f} MiB, frozen {mem["frozen_bytes"] / 2**20:.1f} MiB, all states {mem["state_bytes"] / 2**20:.1f} MiB; peak RSS '
         f'{result["peak_rss_bytes"] / 2**20:.0f} MiB')
   if args.peer:
     common.wait_quiet(args.quiet, args.quiet_wait)

@@ -2,9 +2,9 @@
 
 Mesh axes are `('data', 'fsdp', 'model')`. `fsdp` shards parameters and optimizer state (ZeRO-3 style),
 `model` is tensor parallelism, batches are split over `('data', 'fsdp')`. Parameters carry logical names
-(`vocab`, `embed`, `mlp`, `heads`, `kv`, `norm`, `layers`, `lora`); one rules table maps each logical name to a mesh axis
-(or None = replicated). A dimension that the mesh axis does not divide is replicated instead, so the same
-rules serve 1 CPU, 8 fake CPU devices, a GPU or a TPU slice.
+(`vocab`, `embed`, `mlp`, `heads`, `kv`, `norm`, `layers`, `lora`); one rules table maps each logical name to a
+mesh axis (or None = replicated). A dimension that the mesh axis does not divide is replicated instead, so the
+same rules serve 1 CPU, 8 fake CPU devices, a GPU or a TPU slice.
 """
 from __future__ import annotations
 

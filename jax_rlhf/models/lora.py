@@ -17,8 +17,14 @@ GRPO run the reference forward on the policy's base weights, with no second copy
 Export: `merged(model)` folds scale * A B into W0 and returns a plain model (what `hf.save_pretrained` writes:
 a plain HF folder); `save_peft` writes a PEFT adapter folder (adapter_config.json + adapter_model.safetensors,
 the key names and layout `peft.PeftModel.from_pretrained` reads) for a causal LM of either layout (GPT-2's
-fused c_attn holds q, k, v as one adapter of rank n r, exactly). Sharding: the rank axis has the logical name 'lora' (rule: replicated); A and B keep the base
-weight's logical names on their other axes.
+fused c_attn holds q, k, v as one adapter of rank n r, exactly). Sharding: the rank axis has the logical name
+'lora' (rule: replicated); A and B keep the base weight's logical names on their other axes.
+
+Not qwix: it finds a layer's weight by intercepting `dot_general` / `einsum` on the module's own parameters,
+while our projections run through `transformer.dense`'s custom VJP (and MKL's custom call on a CPU). Tried on
+qwix 0.1.8: it attached adapters to the MLP and the tied embedding only (attention weights are reshaped before
+the product), and differentiating them failed (UnexpectedTracerError: they are closed over inside the custom
+VJP, whose backward returns cotangents for x and W alone).
 """
 from __future__ import annotations
 
@@ -204,11 +210,6 @@ def reference_graphdef(model):
     return nnx.graphdef(model)
   finally:
     set_enabled(model, True)
-
-
-def without_adapters(graphdef, state):
-  """(graphdef, state) of a merged-state model -> the model with its adapters off (for tests, evaluation)."""
-  return set_enabled(nnx.merge(graphdef, state), False)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -456,7 +456,8 @@ class MLP(nnx.Module):
   def __call__(self, x, dropout_key):
     dt = x.dtype
     if self.cfg.layout == 'gpt2':
-      h = self._act(add_bias(project(self, 'up', x, self.fc[...].astype(dt), dropout_key), self.fc_bias[...].astype(dt)))
+      h = self._act(add_bias(project(self, 'up', x, self.fc[...].astype(dt), dropout_key),
+                             self.fc_bias[...].astype(dt)))
       y = add_bias(project(self, 'down', h, self.proj[...].astype(dt), dropout_key), self.proj_bias[...].astype(dt))
     else:
       h = (self._act(project(self, 'gate', x, self.gate[...].astype(dt), dropout_key))

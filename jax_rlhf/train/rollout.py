@@ -75,7 +75,8 @@ def generate(graphdefs: Mapping[str, Any], states: Mapping[str, Any], batch: Map
 
   graphdefs/states: {'policy', 'reference', ...} graphdefs and TrainStates (with LoRA, states may lack
   'reference': graphdefs['reference'] is the policy's with its adapters off, run on the policy's state);
-  batch: {'prompt', 'prompt_mask'} [B, P] left-padded. Returns the rollout dict without 'scores' (see the module docstring).
+  batch: {'prompt', 'prompt_mask'} [B, P] left-padded. Returns the rollout dict without 'scores' (see the
+  module docstring).
   """
   out = _sample(graphdefs['policy'], states['policy'], batch['prompt'], batch['prompt_mask'], rng, settings)
   batch = repeat_prompts(batch, settings.group_size)

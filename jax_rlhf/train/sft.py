@@ -147,7 +147,8 @@ def _train(config, workdir: str, stage: str, name: str, inputs: Mapping[str, str
   writer.close()
   hf.save_pretrained(nnx.merge(graphdef, state.params, state.rest), os.path.join(out, 'hf'), tokenizer=tok)
   if stage != 'pretrain':
-    common.export_lora(nnx.merge(graphdef, state.params, state.rest), config, out, _base_dir(config, workdir, sc, inputs))
+    common.export_lora(nnx.merge(graphdef, state.params, state.rest), config, out,
+                       _base_dir(config, workdir, sc, inputs))
   summary = {'stage': stage, 'steps': sc.steps, 'eval_loss': final_eval, **_skipped(data_metrics),
              'train_loss': float(np.asarray(m['loss'])) if m else None}
   checkpoint.mark_done(out, summary)
