@@ -99,8 +99,8 @@ def test_scalar_model_trains_adapters_and_head():
   assert all(p[0] != 'head' or p[1].startswith('norm') for p, _ in nnx.to_flat_state(rest))
 
 
-@pytest.mark.parametrize('cfg,scalar', [(LLAMA, False), (GPT2, False), (LLAMA.replace(scan_layers=True), False),
-                                        (LLAMA, True)], ids=['llama', 'gpt2', 'llama-scan', 'llama-scalar'])
+@pytest.mark.parametrize('cfg,scalar', [(GPT2, False), (LLAMA.replace(scan_layers=True), False), (LLAMA, True)],
+                         ids=['gpt2', 'llama-scan', 'llama-scalar'])
 def test_merged_export_equals_adapted(tmp_path, cfg, scalar):
   """hf.save_pretrained of an adapted model writes W0 + scale A B: the folder, loaded back as a plain model,
   gives the adapted model's logits (values) within 1e-5."""
@@ -251,8 +251,8 @@ def test_peft_folder_layout(tmp_path):
   assert len(t) == 2 * 5 * LLAMA.num_layers
 
 
-@pytest.mark.parametrize('cfg,targets', [(LLAMA, ('q', 'v', 'o', 'gate', 'down')), (GPT2, ('q', 'v', 'o', 'up')),
-                                         (GPT2, ('all',))], ids=['llama', 'gpt2-qv', 'gpt2-all'])
+@pytest.mark.parametrize('cfg,targets', [(LLAMA, ('q', 'v', 'o', 'gate', 'down')), (GPT2, ('q', 'v', 'o', 'up', 'down'))],
+                         ids=['llama', 'gpt2'])
 def test_peft_loads_and_matches(tmp_path, cfg, targets):
   """peft.PeftModel.from_pretrained on the base folder + our adapter folder computes our adapted logits."""
   peft = pytest.importorskip('peft', reason='peft is not installed (pip install peft)')
