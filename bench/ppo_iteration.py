@@ -21,10 +21,17 @@ projections and heads on the CPU's AMX unit through MKL (`jax_rlhf.kernels`); wi
 `peer_ppo_trl.py defaults` (TRL's PPOConfig defaults: bf16 autocast with gradient checkpointing), run by the
 peer's venv right after `run.sh ppo`.
 
-  .venv/bin/python -m bench.ppo_iteration [--peer] [--dtype bfloat16]
+`--lora R` (R > 0): LoRA of rank R (alpha 2R, every projection) on the policy and the value model (`models.lora`):
+only the adapters and the value head train, and the reference is the policy's own base with the adapters off (no
+fourth model in memory). The JSON line then also carries the memory: trained-parameter, optimizer-state and
+frozen bytes of the device states (exact, from the arrays), and the process's peak RSS. `--preset gpt2` with
+`--batch/--prompt/--new/--epochs/--runs` times a smaller workload on GPT-2 124M (random init).
+
+  .venv/bin/python -m bench.ppo_iteration [--peer] [--dtype bfloat16] [--lora R] [--preset gpt2 --batch 4 ...]
 """
 from __future__ import annotations
 
+import resource
 import time
 
 import jax
@@ -36,7 +43,7 @@ from bench import common
 from jax_rlhf import rl, sampling
 from jax_rlhf import sharding as shd
 from jax_rlhf.config import stage_config
-from jax_rlhf.models import scoring
+from jax_rlhf.models import lora, scoring
 from jax_rlhf.models.heads import ScalarModel
 from jax_rlhf.models.transformer import Transformer, preset
 from jax_rlhf.train import ppo, rollout
@@ -45,9 +52,9 @@ B, P, NEW, EPOCHS, RUNS = 16, 64, 64, 4, 5
 EOS, PAD = 0, 1
 
 
-def config(dtype: str = 'float32'):
+def config(dtype: str = 'float32', preset_name: str = 'yardstick'):
   c = stage_config('ppo')
-  c.model.preset = 'yardstick'
+  c.model.preset = preset_name
   c.model.update(dtype=dtype, param_dtype='float32', frozen_dtype='float32')
   c.data.max_prompt_len = P
   c.ppo.update(batch_size=B, max_new_tokens=NEW, ppo_epochs=EPOCHS, num_minibatches=1, iterations=100,
@@ -63,7 +70,7 @@ def scoring_fn(trainer):
 
   def score(states, seq, att, mask, beta):
     p = seq.shape[1] - mask.shape[1]
-    model = {name: rollout.merge(graphdefs[name], states[name]) for name in graphdefs}
+    model = {name: rollout.merge(graphdefs[name], states.get(name, states['policy'])) for name in graphdefs}
     logp, _ = scoring.response_logprobs(model['policy'], seq, att, p, 1.0)
     ref_logp, _ = scoring.response_logprobs(model['reference'], seq, att, p, 1.0)
     values = scoring.response_values(model['value'], seq, att, p)
@@ -93,18 +100,50 @@ def run_trl_defaults() -> dict:
   raise RuntimeError(f'peer_ppo_trl.py defaults printed no PPO iteration line:\n{(proc.stdout + proc.stderr)[-3000:]}')
 
 
+def tree_bytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def memory(states: dict) -> dict:
+  """Bytes of the device states: trained parameters, optimizer state, frozen (everything else)."""
+  trained = sum(tree_bytes(states[n].params) for n in ppo.TRAINED)
+  opt = sum(tree_bytes(states[n].opt_state) for n in ppo.TRAINED)
+  total = sum(tree_bytes(s) for s in states.values())
+  return {'trained_param_bytes': trained, 'optimizer_bytes': opt, 'frozen_bytes': total - trained - opt,
+          'state_bytes': total, 'trained_params': sum(tree_bytes(states[n].params) // 4 for n in ppo.TRAINED)}
+
+
 def main():
-  args = common.add_dtype_arg(common.parser(__doc__)).parse_args()
-  c = config(args.dtype)
-  cfg = preset('yardstick', dtype=args.dtype, param_dtype='float32')
+  global B, P, NEW, EPOCHS, RUNS
+  p = common.add_dtype_arg(common.parser(__doc__))
+  p.add_argument('--lora', type=int, default=0, metavar='R', help='LoRA rank on policy and value (0: full fine-tuning)')
+  p.add_argument('--preset', default='yardstick', help='model preset (yardstick | gpt2 | ...), random init')
+  p.add_argument('--batch', type=int, default=B)
+  p.add_argument('--prompt', type=int, default=P)
+  p.add_argument('--new', type=int, default=NEW)
+  p.add_argument('--epochs', type=int, default=EPOCHS)
+  p.add_argument('--runs', type=int, default=RUNS)
+  args = p.parse_args()
+  B, P, NEW, EPOCHS, RUNS = args.batch, args.prompt, args.new, args.epochs, args.runs
+  c = config(args.dtype, args.preset)
+  c.model.lora.update(rank=args.lora, alpha=2.0 * args.lora, targets='all')
+  cfg = preset(args.preset, dtype=args.dtype, param_dtype='float32', eos_token_id=EOS, pad_token_id=PAD)
   mesh = shd.make_mesh((1, 1, 1))
   policy = Transformer(cfg, rngs=nnx.Rngs(0))
-  ref = Transformer(cfg, rngs=nnx.Rngs(0))  # the same weights as the policy
   value = ScalarModel(cfg, rngs=nnx.Rngs(1))
   reward = ScalarModel(cfg, rngs=nnx.Rngs(2))
+  if args.lora:  # adapters on policy and value; the reference is the policy's base (no model of its own)
+    lcfg = lora.LoRAConfig(rank=args.lora, alpha=2.0 * args.lora, targets=('all',))
+    lora.add(policy, lcfg)
+    lora.add(value, lcfg, seed=1)
+    ref = None
+  else:
+    ref = Transformer(cfg, rngs=nnx.Rngs(0))  # the same weights as the policy
   trainer = ppo.PPOTrainer(c, mesh, {'policy': policy, 'value': value, 'reference': ref, 'reward': reward},
                            (EOS, PAD))
+  del policy, value, ref, reward
   st = trainer.states
+  mem = memory(trainer.states)
   prompts_np = common.random_tokens((B, P))
   prompts = shd.put_batch({'prompt': prompts_np, 'prompt_mask': np.ones_like(prompts_np)}, mesh)
   beta = jnp.float32(c.ppo.kl.coef)
@@ -191,7 +230,12 @@ def main():
             'update_epoch_s': S['update']['median'] / EPOCHS,
             'iteration_min_s': S['iteration']['min'], 'iteration_max_s': S['iteration']['max'], 'runs': RUNS,
             'compile_step_s': compile_s['step'], 'load': mach['load'], 'load_before': load_before,
-            'date': mach['date']}
+            'date': mach['date'], 'preset': args.preset, 'lora_rank': args.lora, 'batch': B, 'prompt': P,
+            'new': NEW, 'epochs': EPOCHS, **mem,
+            'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+  print(f'  memory: trained params {mem["trained_param_bytes"] / 2**20:.1f} MiB, '
+        f'optimizer {mem["optimizer_bytes"] / 2**20:.1f} MiB, frozen {mem["frozen_bytes"] / 2**20:.1f} MiB, all states {mem["state_bytes"] / 2**20:.1f} MiB; peak RSS '
+        f'{result["peak_rss_bytes"] / 2**20:.0f} MiB')
   if args.peer:
     common.wait_quiet(args.quiet, args.quiet_wait)
     peer_load = common.load1()

@@ -43,6 +43,15 @@ def base_config() -> ml_collections.ConfigDict:
       frozen_dtype='float32',   # PPO's frozen reference and reward models may be held in bfloat16
       cpu_bf16=False,           # CPU with AMX/AVX512-BF16 + MKL: compute in bfloat16 on the matrix unit, fp32 weights
   ))
+  # LoRA (models/lora.py) on every model a post-training stage trains (SFT, RM, PPO policy + value, DPO, GRPO):
+  # only the adapters (and a scalar head) train; the reference is the policy's base with the adapters off.
+  c.model.lora = ml_collections.ConfigDict(dict(
+      rank=0,                   # 0: off (full fine-tuning)
+      alpha=16.0,               # scale alpha / rank
+      dropout=0.0,              # on the adapters' input (SFT, where a dropout key reaches the model)
+      targets='all',            # comma-separated subset of q,k,v,o,gate,up,down (gpt2: up = c_fc, down = c_proj)
+      export='merged',          # merged: W/<run>/hf holds W0 + scale A B | peft: also W/<run>/peft, a PEFT adapter
+  ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # device mesh; -1 = the remaining devices
 
   # The embedded task (jax_rlhf/tasks) and its knobs, which the task validates; '' = none (sources from data.*).

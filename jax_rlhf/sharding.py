@@ -2,9 +2,9 @@
 
 Mesh axes are `('data', 'fsdp', 'model')`. `fsdp` shards parameters and optimizer state (ZeRO-3 style),
 `model` is tensor parallelism, batches are split over `('data', 'fsdp')`. Parameters carry logical names
-(`vocab`, `embed`, `mlp`, `heads`, `kv`, `norm`, `layers`); one rules table maps each logical name to a mesh axis
-(or None = replicated). A dimension that the mesh axis does not divide is replicated instead, so the same
-rules serve 1 CPU, 8 fake CPU devices, a GPU or a TPU slice.
+(`vocab`, `embed`, `mlp`, `heads`, `kv`, `norm`, `layers`, `lora`); one rules table maps each logical name to a
+mesh axis (or None = replicated). A dimension that the mesh axis does not divide is replicated instead, so the
+same rules serve 1 CPU, 8 fake CPU devices, a GPU or a TPU slice.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ('kv', None),
     ('norm', None),
     ('layers', None),  # the stacked blocks' leading axis (TransformerConfig.scan_layers): never sharded
+    ('lora', None),    # a LoRA adapter's rank axis (models.lora; r of 8-64 is too small to split)
 )
 
 

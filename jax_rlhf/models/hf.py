@@ -527,12 +527,16 @@ def save_pretrained(model: Transformer | ScalarModel, path: str | os.PathLike, *
                     dtype: str | None = None) -> str:
   """Write `path/config.json` + `path/model.safetensors` (+ the tokenizer's files) that transformers loads.
 
-  A Transformer saves as `*ForCausalLM`, a ScalarModel as `*ForSequenceClassification` (num_labels 1).
+  A Transformer saves as `*ForCausalLM`, a ScalarModel as `*ForSequenceClassification` (num_labels 1); LoRA
+  adapters are merged into the weights first (`lora.merged`).
   dtype: the stored dtype (default the model's param_dtype). Call on every process of a multi-process run
   (sharded arrays are gathered); only process 0 writes. Returns the path.
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from jax_rlhf.models import lora  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
+  if lora.has_adapters(model):  # LoRA: the adapters folded into the base weights, a plain HF folder
+    model = lora.merged(model)
   scalar = isinstance(model, ScalarModel)
   cfg = model.config
   tensors = state_to_hf(model, dtype=dtype)

@@ -309,6 +309,20 @@ def _dense_bwd(res, g):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+def project(module, target: str, x, w, dropout_key=None):
+  """dense(x, w) for the projection `target` (q, k, v, o, gate, up, down) of `module`, plus its LoRA adapter
+  `module.lora_<target>` where one is attached and on (`jax_rlhf.models.lora`)."""
+  y = dense(x, w)
+  adapter = getattr(module, 'lora_' + target, None)
+  if adapter is not None and adapter.enabled:
+    key = None if dropout_key is None else jax.random.fold_in(dropout_key, TARGET_IDS[target])
+    y = y + adapter(x, key).astype(y.dtype)
+  return y
+
+
+TARGET_IDS = {t: i for i, t in enumerate(('q', 'k', 'v', 'o', 'gate', 'up', 'down'))}
+
+
 def add_bias(y, b):
   """y [..., *S] + b [*S] (the projections' biases).
 
@@ -365,9 +379,9 @@ class Attention(nnx.Module):
     cfg, dt = self.cfg, x.dtype
     b, t, d = x.shape
     h, kv, dh = cfg.num_heads, cfg.kv_heads, cfg.hdim
-    q = dense(x, self.q[...].astype(dt).reshape(d, h * dh)).reshape(b, t, h, dh)
-    k = dense(x, self.k[...].astype(dt).reshape(d, kv * dh)).reshape(b, t, kv, dh)
-    v = dense(x, self.v[...].astype(dt).reshape(d, kv * dh)).reshape(b, t, kv, dh)
+    q = project(self, 'q', x, self.q[...].astype(dt).reshape(d, h * dh), dropout_key).reshape(b, t, h, dh)
+    k = project(self, 'k', x, self.k[...].astype(dt).reshape(d, kv * dh), dropout_key).reshape(b, t, kv, dh)
+    v = project(self, 'v', x, self.v[...].astype(dt).reshape(d, kv * dh), dropout_key).reshape(b, t, kv, dh)
     if self.has_qkv_bias:
       q, k, v = (add_bias(q, self.q_bias[...].astype(dt)), add_bias(k, self.k_bias[...].astype(dt)),
                  add_bias(v, self.v_bias[...].astype(dt)))
@@ -388,7 +402,7 @@ class Attention(nnx.Module):
                                        (0, 0, cache_index, 0))  # [B, Hkv, S, Dh]
       layer_cache = {'k': k, 'v': v}
       y = attend(q, k.astype(dt), v.astype(dt), mask)  # [B, T, H, Dh]
-    y = dense(y.reshape(b, t, h * dh), self.o[...].astype(dt).reshape(h * dh, d))
+    y = project(self, 'o', y.reshape(b, t, h * dh), self.o[...].astype(dt).reshape(h * dh, d), dropout_key)
     if cfg.layout == 'gpt2':
       y = add_bias(y, self.o_bias[...].astype(dt))
     return _dropout(y, cfg.dropout_rate, dropout_key), layer_cache
@@ -442,11 +456,13 @@ class MLP(nnx.Module):
   def __call__(self, x, dropout_key):
     dt = x.dtype
     if self.cfg.layout == 'gpt2':
-      h = self._act(add_bias(dense(x, self.fc[...].astype(dt)), self.fc_bias[...].astype(dt)))
-      y = add_bias(dense(h, self.proj[...].astype(dt)), self.proj_bias[...].astype(dt))
+      h = self._act(add_bias(project(self, 'up', x, self.fc[...].astype(dt), dropout_key),
+                             self.fc_bias[...].astype(dt)))
+      y = add_bias(project(self, 'down', h, self.proj[...].astype(dt), dropout_key), self.proj_bias[...].astype(dt))
     else:
-      h = self._act(dense(x, self.gate[...].astype(dt))) * dense(x, self.up[...].astype(dt))
-      y = dense(h, self.down[...].astype(dt))
+      h = (self._act(project(self, 'gate', x, self.gate[...].astype(dt), dropout_key))
+           * project(self, 'up', x, self.up[...].astype(dt), dropout_key))
+      y = project(self, 'down', h, self.down[...].astype(dt), dropout_key)
     return _dropout(y, self.cfg.dropout_rate, dropout_key)
 
 
@@ -577,6 +593,8 @@ tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 class Transformer(nnx.Module):
   """Decoder-only LM. `__call__(input_ids, attention_mask)` returns float32 logits [B, T, V]."""
 
+  lora_dropout = 0.0  # the LoRA adapters' dropout (`lora.add` sets it): dropout keys are drawn when it is > 0
+
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
     self.config = cfg
     self.wte = _param(rngs, (cfg.vocab_size, cfg.embed_dim), ('vocab', 'embed'), cfg)
@@ -628,7 +646,7 @@ class Transformer(nnx.Module):
     if cfg.layout == 'gpt2':
       x = x + self.wpe[...].astype(dt)[positions]
     keys = None
-    if dropout_key is not None and cfg.dropout_rate > 0:
+    if dropout_key is not None and (cfg.dropout_rate > 0 or self.lora_dropout > 0):
       keys = jax.random.split(dropout_key, cfg.num_layers + 1)
     x = _dropout(x, cfg.dropout_rate, None if keys is None else keys[-1])
     x, new_cache = self._blocks(x, positions, mask, cache, cache_index, keys)

@@ -149,6 +149,40 @@ def resize_vocab(model, vocab: int) -> None:
   model.config = model.config.replace(vocab_size=vocab)
 
 
+def lora_config(config: ml_collections.ConfigDict):
+  """`model.lora` as a `models.lora.LoRAConfig` (a bad value: UserError)."""
+  from jax_rlhf.models import lora
+  try:
+    return lora.LoRAConfig.from_config(config.model.get('lora'))
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
+def add_lora(model, config: ml_collections.ConfigDict):
+  """`model` with LoRA adapters attached when model.lora.rank > 0 (else unchanged)."""
+  from jax_rlhf.models import lora
+  lcfg = lora_config(config)
+  if lcfg.rank:
+    try:
+      lora.add(model, lcfg, seed=config.seed)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+  return model
+
+
+def export_lora(model, config: ml_collections.ConfigDict, out: str, base_dir: str) -> None:
+  """With model.lora.export=peft, also write the adapters as a PEFT folder W/<run>/peft on `base_dir` (the
+  input run's HF folder the adapters were trained on). `out/hf` is always the merged model (what later
+  stages and the eval read)."""
+  from jax_rlhf.models import lora
+  lcfg = lora_config(config)
+  if lcfg.rank and lcfg.export == 'peft':
+    try:
+      lora.save_peft(model, os.path.join(out, 'peft'), lcfg, base_dir)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+
+
 def write_json(path: str, obj: Any) -> None:
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -27,7 +27,7 @@ from jax_rlhf import losses
 from jax_rlhf import metrics as metrics_lib
 from jax_rlhf import sharding as shd
 from jax_rlhf.data import batches, sources
-from jax_rlhf.models import hf, scoring
+from jax_rlhf.models import hf, lora, scoring
 from jax_rlhf.train import checkpoint, common
 from jax_rlhf.train import state as state_lib
 
@@ -111,10 +111,16 @@ def reference_logps(graphdef, ref, batch, prompt_len: int):
   return jax.lax.stop_gradient(response_logps(nnx.merge(graphdef, ref.params, ref.rest), batch, prompt_len))
 
 
-def dpo_train_step(graphdef, tx, dpo_cfg, prompt_len: int, state, ref, batch):
+def dpo_train_step(graphdef, tx, dpo_cfg, prompt_len: int, state, ref, batch, ref_graphdef=None):
   """One AdamW step of DPO. `ref` is the reference's TrainState (run in this step), or None when the batch
-  carries precomputed `ref_logps` [B, K]. Returns (state, metrics)."""
-  ref_logps = batch['ref_logps'] if ref is None else reference_logps(graphdef, ref, batch, prompt_len)
+  carries precomputed `ref_logps` [B, K] or, with LoRA, when the reference is the policy's own base: then
+  `ref_graphdef` (the policy's graphdef with its adapters off) runs on `state`. Returns (state, metrics)."""
+  if 'ref_logps' in batch:
+    ref_logps = batch['ref_logps']
+  elif ref is None:
+    ref_logps = reference_logps(ref_graphdef, state, batch, prompt_len)
+  else:
+    ref_logps = reference_logps(graphdef, ref, batch, prompt_len)
 
   def loss_fn(params):
     policy_logps = response_logps(nnx.merge(graphdef, params, state.rest), batch, prompt_len)
@@ -128,10 +134,11 @@ def dpo_train_step(graphdef, tx, dpo_cfg, prompt_len: int, state, ref, batch):
            'nonfinite_skipped': state_lib.nonfinite_counts(opt_state)[1]})
 
 
-def jit_train_step(graphdef, tx, dpo_cfg, prompt_len: int, shardings, ref_shardings, mesh):
+def jit_train_step(graphdef, tx, dpo_cfg, prompt_len: int, shardings, ref_shardings, mesh, ref_graphdef=None):
   """`dpo_train_step` jitted on the mesh, state donated; `ref_shardings` None for precomputed reference
-  log-probs (then call it as step(state, None, batch))."""
-  step = lambda s, r, b: dpo_train_step(graphdef, tx, dpo_cfg, prompt_len, s, r, b)  # noqa: E731
+  log-probs or a LoRA policy's own base as the reference (`ref_graphdef`): then call it as step(state, None,
+  batch)."""
+  step = lambda s, r, b: dpo_train_step(graphdef, tx, dpo_cfg, prompt_len, s, r, b, ref_graphdef)  # noqa: E731
   return jax.jit(step, donate_argnums=0, in_shardings=(shardings, ref_shardings, shd.batch_sharding(mesh)),
                  out_shardings=(shardings, shd.replicated(mesh)))
 
@@ -220,25 +227,35 @@ def run(config, workdir: str, name: str = 'dpo', inputs: Mapping[str, str] | Non
   steps = dc.steps or max(dc.epochs * (len(recs) // bs), 1)
 
   # ---------------------------------------------------------------- models: trained policy, frozen reference
-  policy = common.load_lm(os.path.join(policy_dir, 'hf'), config, tok)
+  policy = common.add_lora(common.load_lm(os.path.join(policy_dir, 'hf'), config, tok), config)
   if policy.config.layout == 'gpt2' and p_len + r_len > policy.config.max_len:
     raise common.UserError(f'{name}: sequences of {p_len + r_len} tokens (data.max_prompt_len + '
                            f'data.max_response_len) are longer than the model\'s {policy.config.max_len} positions')
-  reference = common.load_lm(os.path.join(reference_dir, 'hf'), config, tok)
-  if reference.config != policy.config:  # one graphdef serves both
+  # LoRA with the reference run = the policy's run: the reference is the policy's base (adapters off), no copy
+  shared_ref = common.lora_config(config).rank > 0 and inputs['reference'] == inputs['policy']
+  reference = None if shared_ref else common.load_lm(os.path.join(reference_dir, 'hf'), config, tok)
+  if reference is not None and reference.config != policy.config:  # one graphdef serves both
     raise common.UserError(f'{name}: the reference ({reference_dir}) and the policy ({policy_dir}) differ in '
                            f'architecture; DPO needs the policy to start as a copy of its reference')
   tx = state_lib.make_optimizer(dc.optimizer, steps)
+  ref_graphdef = lora.reference_graphdef(policy) if shared_ref else None
   graphdef, state, shardings = state_lib.place_state(policy, tx, mesh)
-  _, ref, ref_shardings = state_lib.place_state(reference, None, mesh)
+  if shared_ref:
+    ref, ref_shardings = None, None
+  else:
+    ref_graphdef, ref, ref_shardings = state_lib.place_state(reference, None, mesh)
   del policy, reference
   if dc.precompute_ref:  # one pass over the dataset; deterministic, so a resumed run recomputes the same numbers
     t0 = time.perf_counter()
-    train_arrays['ref_logps'] = precompute_ref(graphdef, ref, train_arrays, p_len, bs, mesh, ref_shardings)
+    train_arrays['ref_logps'] = precompute_ref(ref_graphdef, state if shared_ref else ref, train_arrays, p_len, bs,
+                                               mesh, shardings if shared_ref else ref_shardings)
     info['precompute_ref_seconds'] = time.perf_counter() - t0
-  train_step = jit_train_step(graphdef, tx, dc, p_len, shardings, None if dc.precompute_ref else ref_shardings, mesh)
+  train_step = jit_train_step(graphdef, tx, dc, p_len, shardings, None if dc.precompute_ref else ref_shardings, mesh,
+                              ref_graphdef)
   logps_fn = jax.jit(lambda params, rest, b: response_logps(nnx.merge(graphdef, params, rest), b, p_len),
                      out_shardings=shd.replicated(mesh))  # policy and reference: the same rules place both
+  ref_logps_fn = jax.jit(lambda params, rest, b: response_logps(nnx.merge(ref_graphdef, params, rest), b, p_len),
+                         out_shardings=shd.replicated(mesh))
   eval_loss_fn = jax.jit(lambda p, r, b: preference_loss(p, r, b, dc))
 
   def evaluate(state) -> dict[str, float]:
@@ -248,7 +265,8 @@ def run(config, workdir: str, name: str = 'dpo', inputs: Mapping[str, str] | Non
     for b, n in batches.padded_batches({k: eval_arrays[k] for k in keys}, bs, shd.batch_divisor(mesh)):
       b = shd.put_batch(b, mesh)
       pol.append(np.asarray(logps_fn(state.params, state.rest, b))[:n])
-      refs.append(np.asarray(logps_fn(ref.params, ref.rest, b))[:n])
+      r = state if ref is None else ref  # LoRA: the policy's own base
+      refs.append(np.asarray(ref_logps_fn(r.params, r.rest, b))[:n])
     loss, m = eval_loss_fn(np.concatenate(pol), np.concatenate(refs),
                            {k: eval_arrays[k] for k in ('ranking', 'valid', 'lengths')})
     return {'loss': float(loss), **metrics_lib.to_host(m)}
@@ -289,6 +307,7 @@ def run(config, workdir: str, name: str = 'dpo', inputs: Mapping[str, str] | Non
     writer.write(steps, ev, split='eval')
   writer.close()
   hf.save_pretrained(nnx.merge(graphdef, state.params, state.rest), os.path.join(out, 'hf'), tokenizer=tok)
+  common.export_lora(nnx.merge(graphdef, state.params, state.rest), config, out, os.path.join(policy_dir, 'hf'))
   summary = {'stage': 'dpo', 'name': name, 'inputs': inputs, 'mode': dc.mode, 'loss_type': dc.loss_type,
              'beta': dc.beta, 'steps': steps, **ev}
   checkpoint.mark_done(out, summary)

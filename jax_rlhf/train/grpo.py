@@ -47,7 +47,7 @@ from jax_rlhf import losses, rl, sampling
 from jax_rlhf import metrics as metrics_lib
 from jax_rlhf import sharding as shd
 from jax_rlhf.data import batches, sources
-from jax_rlhf.models import hf, scoring
+from jax_rlhf.models import hf, lora, scoring
 from jax_rlhf.models.scoring import response_logprobs
 from jax_rlhf.train import checkpoint, common
 from jax_rlhf.train import rollout as rollout_lib
@@ -109,7 +109,8 @@ def check_config(gc) -> None:
 def rollout(g, gc, eos_id: int, pad_id: int, policy, ref, reward, batch, rng):
   """G samples per prompt and everything the loss needs that does not depend on the rewards (pure).
 
-  g: graphdefs {policy, ref, reward}; policy/ref/reward: TrainStates (ref/reward may be None when unused);
+  g: graphdefs {policy, ref, reward}; policy/ref/reward: TrainStates (ref/reward may be None when unused; ref
+  None with g['ref'] set: a LoRA policy's reference, its graphdef with the adapters off on the policy's state);
   batch: {'prompt', 'prompt_mask'} [Bp, P] left-padded. Returns (exp, metrics); exp holds [Bp*G, ...] rows,
   group-major: seq/att [R, P+N], mask [R, N] float, has_eos [R], rm_score [R] (0 without a reward model),
   ref_logp / old_logp [R, N] when used.
@@ -127,8 +128,8 @@ def rollout(g, gc, eos_id: int, pad_id: int, policy, ref, reward, batch, rng):
   has_eos = jnp.any((tokens == eos_id) & (out.mask > 0), axis=1)  # [R]
   exp = {'seq': seq, 'att': att, 'mask': mask, 'has_eos': has_eos}
   temp = _temperature(gc)
-  if ref is not None:
-    exp['ref_logp'], _ = response_logprobs(_merge(g['ref'], ref), seq, att, p, temp)
+  if ref is not None or g['ref'] is not None:  # no ref state with LoRA: the policy's base (adapters off)
+    exp['ref_logp'], _ = response_logprobs(_merge(g['ref'], policy if ref is None else ref), seq, att, p, temp)
   if needs_old_logp(gc):
     exp['old_logp'], _ = response_logprobs(_merge(g['policy'], policy), seq, att, p, temp)
   exp['rm_score'] = (scoring.reward_at_last(_merge(g['reward'], reward), seq, att) if reward is not None
@@ -266,6 +267,8 @@ class GRPOTrainer:
     for name, (model, tx) in models.items():
       if model is None:
         g[name], st[name], sh[name] = None, None, None
+        if name == 'ref' and uses_ref(gc):  # LoRA: the reference is the policy's base, adapters off
+          g[name] = lora.reference_graphdef(policy_model)
         continue
       g[name], st[name], sh[name] = state_lib.place_state(model, tx, mesh)
     self.graphdefs, self.states, self.shardings = g, st, sh
@@ -444,8 +447,10 @@ def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | No
   roles = ['policy'] + (['reference'] if uses_ref(gc) else []) + (['reward'] if 'rm' in names else [])
   hf_dir = {role: os.path.join(common.require_stage(workdir, inputs[role], name), 'hf') for role in roles}
   kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-  policy = hf.load_pretrained(hf_dir['policy'], **kw)
-  ref = hf.load_pretrained(hf_dir['reference'], **kw) if 'reference' in hf_dir else None
+  policy = common.add_lora(hf.load_pretrained(hf_dir['policy'], **kw), config)
+  # LoRA with the reference run = the policy's run: no second copy (the reference is the policy's base)
+  shared_ref = common.lora_config(config).rank > 0 and inputs['reference'] == inputs['policy']
+  ref = hf.load_pretrained(hf_dir['reference'], **kw) if 'reference' in hf_dir and not shared_ref else None
   reward = hf.load_scalar_model(hf_dir['reward'], **kw) if 'reward' in hf_dir else None
   tok = common.load_tokenizer(config)
   mesh = common.mesh(config)
@@ -512,6 +517,7 @@ def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | No
   # ---------------------------------------------------------------- export
   hf.save_pretrained(_merge(trainer.graphdefs['policy'], trainer.states['policy']), os.path.join(out, 'hf'),
                      tokenizer=tok)
+  common.export_lora(_merge(trainer.graphdefs['policy'], trainer.states['policy']), config, out, hf_dir['policy'])
   summary = {'stage': 'grpo', 'run': name, 'inputs': inputs, 'iterations': gc.iterations, 'estimator': gc.estimator,
              'rewards': [f'{n}:{w:g}' for n, w in rewards], 'final_beta': beta, **info}
   checkpoint.mark_done(out, summary)

@@ -30,7 +30,7 @@ def lm_train_step(graphdef, tx: optax.GradientTransformation, state: TrainState,
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state.rest)
-    loss, n = lm_loss(model, batch, key if model.config.dropout_rate > 0 else None)
+    loss, n = lm_loss(model, batch, key if model.config.dropout_rate > 0 or model.lora_dropout > 0 else None)
     return loss, n
 
   (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

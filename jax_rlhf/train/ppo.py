@@ -26,7 +26,7 @@ from jax_rlhf import losses, rl
 from jax_rlhf import metrics as metrics_lib
 from jax_rlhf import sharding as shd
 from jax_rlhf.data import batches, sources
-from jax_rlhf.models import hf, scoring
+from jax_rlhf.models import hf, lora, scoring
 from jax_rlhf.train import checkpoint, common, lm, rollout
 from jax_rlhf.train import state as state_lib
 from jax_rlhf.train import update as update_lib
@@ -103,7 +103,8 @@ def ppo_update(graphdefs, ppo_config, optimizers, trained, exp, ptx, rng):
 
 
 class PPOTrainer:
-  """The four models' sharded states ({policy, value, reference, reward}) and the two compiled functions:
+  """The four models' sharded states ({policy, value, reference, reward}; with LoRA and models['reference'] None,
+  no reference state: the reference runs on the policy's state with its adapters off) and two compiled functions:
   experience(states, prompts, rng, beta) -> (exp, metrics) and update(trained, exp, ptx, rng) -> (trained,
   metrics), where trained = {policy, value} (donated)."""
 
@@ -117,7 +118,11 @@ class PPOTrainer:
     self.optimizers = {'policy': state_lib.make_optimizer(ppo_config.policy_optimizer, n_updates),
                        'value': state_lib.make_optimizer(ppo_config.value_optimizer, n_updates)}
     graphdefs, self.states, shardings = {}, {}, {}
+    if models.get('reference') is None:  # LoRA: the reference is the policy's own base, adapters off
+      graphdefs['reference'] = lora.reference_graphdef(models['policy'])
     for name in ('policy', 'value', 'reference', 'reward'):
+      if name == 'reference' and models.get('reference') is None:
+        continue
       model, tx = models[name], self.optimizers.get(name)
       if tx is None and config.model.frozen_dtype != 'float32':
         model = _cast(model, config.model.frozen_dtype)
@@ -158,13 +163,16 @@ def load_models(config, workdir: str, name: str = 'ppo', inputs=None) -> dict:
     raise common.UserError(f'ppo.value_from must be rm | sft, got {config.ppo.value_from!r}')
   hf_dir = {role: os.path.join(common.require_stage(workdir, run, name), 'hf') for role, run in inputs.items()}
   kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-  models = {'policy': hf.load_pretrained(hf_dir['policy'], **kw),
-            'reference': hf.load_pretrained(hf_dir['reference'], **kw),
+  # LoRA with the reference run = the policy's run: no second copy (the reference is the policy's base)
+  shared_ref = common.lora_config(config).rank > 0 and inputs['reference'] == inputs['policy']
+  models = {'policy': common.add_lora(hf.load_pretrained(hf_dir['policy'], **kw), config),
+            'reference': None if shared_ref else hf.load_pretrained(hf_dir['reference'], **kw),
             'reward': hf.load_scalar_model(hf_dir['reward'], **kw)}
   if 'value' in inputs or config.ppo.value_from == 'rm':
     models['value'] = hf.load_scalar_model(hf_dir.get('value', hf_dir['reward']), **kw)
   else:  # a fresh head on the policy's body
     models['value'] = hf.load_pretrained_body(hf_dir['policy'], seed=config.seed, **kw)
+  models['value'] = common.add_lora(models['value'], config)
   return models
 
 
@@ -237,6 +245,8 @@ def run(config, workdir: str, name: str = 'ppo', inputs=None) -> dict:
   # ---------------------------------------------------------------- export
   hf.save_pretrained(rollout.merge(trainer.graphdefs['policy'], trainer.states['policy']), os.path.join(out, 'hf'),
                      tokenizer=tok)
+  common.export_lora(rollout.merge(trainer.graphdefs['policy'], trainer.states['policy']), config, out,
+                     os.path.join(common.stage_dir(workdir, {**DEFAULT_INPUTS, **(inputs or {})}['policy']), 'hf'))
   summary = {'stage': 'ppo', 'run': name, 'iterations': ppo_config.iterations, 'final_beta': beta,
              'ptx_coef': ppo_config.ptx.coef, 'kl_coef': ppo_config.kl.coef, **info}
   checkpoint.mark_done(out, summary)

@@ -159,6 +159,7 @@ def run(config, workdir: str, name: str = 'rm', inputs: Mapping[str, str] | None
   # ---------------------------------------------------------------- model: SFT body + fresh scalar head
   model = hf.load_pretrained_body(os.path.join(sft_dir, 'hf'), seed=config.seed, dtype=config.model.dtype,
                                   param_dtype=config.model.param_dtype)
+  model = common.add_lora(model, config)  # LoRA: adapters + the head train; exported merged
   tx = state_lib.make_optimizer(rc.optimizer, steps)
   graphdef, state, shardings = state_lib.place_state(model, tx, mesh)
   del model

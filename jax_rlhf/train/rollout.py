@@ -73,8 +73,10 @@ def generate(graphdefs: Mapping[str, Any], states: Mapping[str, Any], batch: Map
              settings: Settings) -> dict:
   """Sample G responses per prompt with the policy and score their tokens under policy and reference (pure).
 
-  graphdefs/states: {'policy', 'reference', ...} graphdefs and TrainStates; batch: {'prompt', 'prompt_mask'}
-  [B, P] left-padded. Returns the rollout dict without 'scores' (see the module docstring).
+  graphdefs/states: {'policy', 'reference', ...} graphdefs and TrainStates (with LoRA, states may lack
+  'reference': graphdefs['reference'] is the policy's with its adapters off, run on the policy's state);
+  batch: {'prompt', 'prompt_mask'} [B, P] left-padded. Returns the rollout dict without 'scores' (see the
+  module docstring).
   """
   out = _sample(graphdefs['policy'], states['policy'], batch['prompt'], batch['prompt_mask'], rng, settings)
   batch = repeat_prompts(batch, settings.group_size)
@@ -85,8 +87,8 @@ def generate(graphdefs: Mapping[str, Any], states: Mapping[str, Any], batch: Map
   att = jnp.concatenate([prompt_mask, out.mask], 1)
   t = scoring.effective_temperature(settings.temperature)
   logp, logits = scoring.response_logprobs(merge(graphdefs['policy'], states['policy']), seq, att, prompt_len, t)
-  ref_logp, _ = scoring.response_logprobs(merge(graphdefs['reference'], states['reference']), seq, att,
-                                          prompt_len, t)
+  ref_state = states['reference'] if 'reference' in states else states['policy']  # LoRA: the policy's base
+  ref_logp, _ = scoring.response_logprobs(merge(graphdefs['reference'], ref_state), seq, att, prompt_len, t)
   has_eos = jnp.any((tokens == settings.eos_id) & (out.mask > 0), axis=1)  # [B*G]
   return {'seq': seq, 'att': att, 'tokens': tokens, 'mask': mask, 'logp': logp, 'logits': logits,
           'ref_logp': ref_logp, 'sampler_logp': out.logprobs, 'has_eos': has_eos}

@@ -58,6 +58,15 @@ def _initial_model(config, workdir, stage, tok, sc, name, inputs):
   return Transformer(cfg, rngs=nnx.Rngs(config.seed))
 
 
+def _base_dir(config, workdir, sc, inputs) -> str:
+  """The HF folder SFT starts from ('' from scratch): the base a PEFT adapter export points to."""
+  if sc.init == 'hf':
+    return os.path.abspath(os.path.expanduser(config.model.path))
+  if sc.init == 'pretrain':
+    return os.path.join(common.stage_dir(workdir, inputs.get('init', 'pretrain')), 'hf')
+  return ''
+
+
 def evaluate_lm(eval_fn, state, arrays, batch_size: int, mesh) -> float:
   """Exact mean token loss over every row of `arrays`."""
   total, count = 0.0, 0.0
@@ -93,6 +102,8 @@ def _train(config, workdir: str, stage: str, name: str, inputs: Mapping[str, str
 
   # ---------------------------------------------------------------- model, optimizer, sharded state
   model = _initial_model(config, workdir, stage, tok, sc, name, inputs)
+  if stage != 'pretrain':  # LoRA (model.lora.rank > 0): the adapters train, the loaded weights stay frozen
+    model = common.add_lora(model, config)
   context = config.data.seq_len if stage == 'pretrain' else config.data.max_prompt_len + config.data.max_response_len
   if model.config.layout == 'gpt2' and context > model.config.max_len:  # learned positions end there
     raise common.UserError(f'{stage} sequences of {context} tokens (data.max_prompt_len + data.max_response_len, '
@@ -135,6 +146,9 @@ def _train(config, workdir: str, stage: str, name: str, inputs: Mapping[str, str
   final_eval = evaluate_lm(eval_step, state, eval_arrays, bs, mesh)
   writer.close()
   hf.save_pretrained(nnx.merge(graphdef, state.params, state.rest), os.path.join(out, 'hf'), tokenizer=tok)
+  if stage != 'pretrain':
+    common.export_lora(nnx.merge(graphdef, state.params, state.rest), config, out,
+                       _base_dir(config, workdir, sc, inputs))
   summary = {'stage': stage, 'steps': sc.steps, 'eval_loss': final_eval, **_skipped(data_metrics),
              'train_loss': float(np.asarray(m['loss'])) if m else None}
   checkpoint.mark_done(out, summary)

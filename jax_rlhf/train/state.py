@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jax_rlhf import sharding as shd
+from jax_rlhf.models import lora
 
 
 @flax.struct.dataclass
@@ -81,8 +82,9 @@ def nonfinite_counts(tree) -> tuple[jax.Array, jax.Array]:
 
 
 def split_model(model: nnx.Module):
-  """(graphdef, params, rest) of a model."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  """(graphdef, params, rest) of a model. With LoRA adapters (`models.lora`) `params` holds the adapters (and a
+  scalar model's head) alone and the frozen base weights go to `rest`: the optimizer never sees them."""
+  graphdef, params, rest = nnx.split(model, lora.trainable if lora.has_adapters(model) else nnx.Param, ...)
   return graphdef, params, rest
 
 
