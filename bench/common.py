@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_rlhf.evaluate import cpu_model
+
 PEER_RUN = os.environ.get('PEER_RUN', '/work/shared/peer/run.sh')
 VOCAB = 4096
 LOW_TOKEN = 2  # random ids in [2, VOCAB): never EOS (0) or pad (1), as the peer's prompts
@@ -38,7 +40,7 @@ def load_avg() -> str:
 
 def machine() -> dict:
   return {'date': datetime.datetime.now().isoformat(timespec='seconds'), 'load': load_avg(),
-          'cpus': os.cpu_count(), 'jax': jax.__version__, 'backend': jax.default_backend(),
+          'cpus': os.cpu_count(), 'cpu_model': cpu_model(), 'jax': jax.__version__, 'backend': jax.default_backend(),
           'devices': len(jax.devices())}
 
 
