@@ -269,6 +269,8 @@ def base_config() -> ml_collections.ConfigDict:
       loss_type='sigmoid',      # sigmoid (DPO; cDPO with label_smoothing) | ipo (summed log-ratios, DPO authors' code)
                                 # | ipo_norm (per-token log-ratios, TRL's ipo) | hinge (SLiC-HF) | robust (rDPO)
       label_smoothing=0.0,      # eps, the assumed label-flip rate of sigmoid (cDPO) and robust; in [0, 0.5)
+      soft_labels=True,         # pairwise sigmoid on rankings with a judge's soft 'prefs': per-pair label smoothing
+                                # eps_ij = 1 - P_ij (losses.soft_ranking_dpo_loss) instead of the hard ranking
       mode='pairwise',          # pairwise: all C(K,2) pairs of a ranking, each prompt counting once | listwise:
                                 # Plackett-Luce over the whole ranking (sigmoid only) | best_vs_worst: rank 1 vs rank K
       precompute_ref=False,     # True: reference log-probs once over the dataset before training (TRL's
@@ -403,44 +405,40 @@ def apply_cpu_bf16(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def rounds(c: ml_collections.ConfigDict, n: int) -> None:
+def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: int = 0) -> None:
   """Iterated RLHF (InstructGPT section 3.5, HH-RLHF's weekly refresh): round 1 is the plan's own label, rm
   and ppo; each round r >= 2 adds
-    label_r  samples of round r-1's policy on fresh training prompts (label.prompt_offset past the earlier
-             rounds' prompts), ranked by label.judge;
-    rm_r     a reward model trained on every ranking so far (label, label_2, ..., label_r), from the SFT body;
+    label_r  samples of round r-1's policy on `prompts` fresh training prompts (default label.num_prompts),
+             past the earlier rounds' (label.prompt_offset), ranked by label.judge;
+    rm_r     a reward model trained on every ranking so far (label, label_2, ..., label_r), from the SFT body
+             (rm_init='sft') or continued from rm_{r-1}, head and all (rm_init='last');
     ppo_r    the policy continued from round r-1's, with SFT as its reference (the KL anchor) and rm_r's reward;
   and the eval compares each round's policy as model round<r> (eval.rounds). task.n_prompts_train grows to
   hold every round's prompts (the task's prompt stream is prefix-stable: round 1's prompts do not change)."""
   if n < 1:
     raise ValueError(f'rounds={n}: need at least one round')
+  if rm_init not in ('sft', 'last'):
+    raise ValueError(f'rounds_rm={rm_init}: choose sft or last')
   names = {r.name for r in c.plan}
   if not {'sft', 'label', 'rm', 'ppo'} <= names:
     raise ValueError('rounds=N needs a plan with sft, label, rm and ppo runs')
-  per = int(c.label.num_prompts)
-  c.task.n_prompts_train = max(int(c.task.n_prompts_train), n * per)
+  first = int(c.label.num_prompts)
+  per = int(prompts) or first
+  c.task.n_prompts_train = max(int(c.task.n_prompts_train), first + (n - 1) * per)
   at = next(i for i, r in enumerate(c.plan) if r.kind == 'eval')
-  runs, policy, labels, rounds_ = [], 'ppo', ['label'], ['ppo:rm:label']
+  runs, policy, rm, labels, rounds_ = [], 'ppo', 'rm', ['label'], ['ppo:rm:label']
   for r in range(2, n + 1):
-    label, rm, ppo = f'label_{r}', f'rm_{r}', f'ppo_{r}'
+    label = f'label_{r}'
     labels.append(label)
-    runs += [plan_run(label, 'label', {'policy': policy}, {'label': {'prompt_offset': (r - 1) * per}}),
-             plan_run(rm, 'rm', {'init': 'sft', 'rankings': tuple(labels)}),
-             plan_run(ppo, 'ppo', {'policy': policy, 'reference': 'sft', 'reward': rm})]
-    rounds_.append(f'{ppo}:{rm}:{label}')
-    policy = ppo
+    runs += [plan_run(label, 'label', {'policy': policy},
+                      {'label': {'prompt_offset': first + (r - 2) * per, 'num_prompts': per}}),
+             plan_run(f'rm_{r}', 'rm', {'init': 'sft' if rm_init == 'sft' else rm, 'rankings': tuple(labels)}),
+             plan_run(f'ppo_{r}', 'ppo', {'policy': policy, 'reference': 'sft', 'reward': f'rm_{r}'})]
+    rounds_.append(f'ppo_{r}:rm_{r}:{label}')
+    policy, rm = f'ppo_{r}', f'rm_{r}'
   c.plan = (*c.plan[:at], *runs, *c.plan[at:])
   c.eval.rounds = tuple(rounds_)
   c.eval.models = ('sft',)  # the rounds' policies join as round1 .. roundN
-
-
-def rounds_rm_last(c: ml_collections.ConfigDict) -> None:
-  """`rounds_rm=last`: each round's RM continues from the last RM (its body and head) instead of the SFT body."""
-  rms = [r for r in c.plan if r.kind == 'rm']
-  if len(rms) < 2 or not isinstance(rms[1].inputs.get('rankings'), tuple):
-    raise ValueError('rounds_rm=last goes after rounds=N (N >= 2) in the variant list')
-  for prev, cur in zip(rms, rms[1:]):
-    cur.inputs.init = prev.name
 
 
 VARIANTS = {'quick': quick, 'instructgpt': instructgpt, 'ablation': ablation, 'compare': compare,
@@ -448,23 +446,30 @@ VARIANTS = {'quick': quick, 'instructgpt': instructgpt, 'ablation': ablation, 'c
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """`arg` is a comma list: flags (`quick`) or `key=value` (`model=tiny` sets model.preset, `ptx=27.8`)."""
+  """`arg` is a comma list: flags (`quick`) or `key=value` (`model=tiny` sets model.preset, `ptx=27.8`,
+  `rounds=3` iterated RLHF with its options `rounds_rm=sft|last` and `round_prompts=M`, applied after the
+  rest whatever their place in the list)."""
+  round_args = {}
   for item in filter(None, (arg or '').split(',')):
     key, _, value = item.partition('=')
-    if not value and key in VARIANTS:
+    if key in ('rounds', 'round_prompts') and value.isdigit():
+      round_args[key] = int(value)
+    elif key == 'rounds_rm' and value in ('sft', 'last'):
+      round_args[key] = value
+    elif not value and key in VARIANTS:
       VARIANTS[key](c)
     elif key == 'model' and value:
       c.model.preset = value
     elif key == 'ptx' and value:
       c.ppo.ptx.coef = float(value)
-    elif key == 'rounds' and value.isdigit():
-      rounds(c, int(value))
-    elif key == 'rounds_rm' and value in ('sft', 'last'):
-      if value == 'last':
-        rounds_rm_last(c)
     else:
-      known = sorted(VARIANTS) + ['model=<preset>', 'ptx=<coef>', 'rounds=<N>', 'rounds_rm=sft|last']
+      known = sorted(VARIANTS) + ['model=<preset>', 'ptx=<coef>', 'rounds=<N>', 'rounds_rm=sft|last',
+                                  'round_prompts=<M>']
       raise ValueError(f'unknown config variant {item!r}; known: {", ".join(known)}')
+  if round_args:
+    if 'rounds' not in round_args:
+      raise ValueError(f'{", ".join(sorted(round_args))} go with rounds=N')
+    rounds(c, round_args['rounds'], round_args.get('rounds_rm', 'sft'), round_args.get('round_prompts', 0))
   return c
 
 

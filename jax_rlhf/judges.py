@@ -241,6 +241,21 @@ def _chat(tok, mode) -> bool:
   return tok_lib.uses_chat_template(tok, mode)
 
 
+def soft_labels(recs: list[dict], k_max: int) -> np.ndarray:
+  """P(i beats j) [N, k_max, k_max] of ranking records: a judge's soft 'prefs' where a record has them, else
+  the hard labels of its ranking (1 when i is ranked above j, 0 below; 0.5 on the diagonal and padding)."""
+  out = np.full((len(recs), k_max, k_max), 0.5, np.float32)
+  for n, r in enumerate(recs):
+    k = len(r['responses'])
+    if 'prefs' in r:
+      out[n, :k, :k] = np.asarray(r['prefs'], np.float32)
+    else:
+      pos = np.empty(k, np.int64)
+      pos[np.asarray(r['ranking'])] = np.arange(k)
+      out[n, :k, :k] = np.where(pos[:, None] < pos[None, :], 1.0, np.where(pos[:, None] > pos[None, :], 0.0, 0.5))
+  return out
+
+
 def get_judge(config, workdir: str, needed_by: str = 'label'):
   """The judge `label.judge` names: task | rm:RUN | lm:PATH; any other is a UserError naming them."""
   name = config.label.judge

@@ -204,7 +204,6 @@ def ref_soft_loss(rewards, prefs, valid):
 
 def test_soft_ranking_loss_equals_a_float64_loop_and_the_ranking_loss_on_hard_labels():
   import jax.numpy as jnp
-  from jax_rlhf.train import rm
   rng = np.random.default_rng(7)
   b, kmax = 6, 5
   rewards = rng.normal(size=(b, kmax)).astype(np.float32) * 2
@@ -225,10 +224,46 @@ def test_soft_ranking_loss_equals_a_float64_loop_and_the_ranking_loss_on_hard_la
     order = [int(i) for i in rng.permutation(k)]
     ranking[n, :k] = order
     recs.append({'responses': ['x'] * k, 'ranking': order})
-  hard = rm.soft_labels(recs, kmax)
+  hard = judges.soft_labels(recs, kmax)
   hard_loss, hard_m = losses.soft_ranking_loss(jnp.asarray(rewards), jnp.asarray(hard), jnp.asarray(valid))
   rank_loss, rank_m = losses.ranking_loss(jnp.asarray(rewards), jnp.asarray(ranking), jnp.asarray(valid))
   np.testing.assert_allclose(float(hard_loss), float(rank_loss), rtol=1e-6)
   np.testing.assert_allclose(float(hard_m['accuracy']), float(rank_m['accuracy']), rtol=1e-6)
   recs[0]['prefs'] = prefs[0].tolist()  # a record with a judge's prefs keeps them
-  np.testing.assert_array_equal(rm.soft_labels(recs, kmax)[0], prefs[0])
+  np.testing.assert_array_equal(judges.soft_labels(recs, kmax)[0], prefs[0])
+
+
+def test_soft_ranking_dpo_loss_is_per_pair_label_smoothing_and_hard_labels_give_ranking_dpo():
+  import jax.numpy as jnp
+  rng = np.random.default_rng(3)
+  b, kmax, beta = 5, 4, 0.5
+  pol, ref = rng.normal(size=(b, kmax)) * 3, rng.normal(size=(b, kmax)) * 3
+  ks = [4, 2, 3, 1, 4]
+  valid = np.arange(kmax)[None] < np.asarray(ks)[:, None]
+  prefs = rng.uniform(size=(b, kmax, kmax))
+  prefs = np.triu(prefs, 1) + np.tril(1 - prefs.transpose(0, 2, 1), -1) + 0.5 * np.eye(kmax)
+  loss, m = losses.soft_ranking_dpo_loss(jnp.asarray(pol, jnp.float32), jnp.asarray(ref, jnp.float32),
+                                         jnp.asarray(prefs, jnp.float32), jnp.asarray(valid), beta=beta)
+  per_prompt = []
+  for n, k in enumerate(ks):  # float64: cDPO with eps = 1 - P_ij for the pair "i beats j"
+    terms = []
+    for i in range(k):
+      for j in range(i + 1, k):
+        z = beta * ((pol[n, i] - ref[n, i]) - (pol[n, j] - ref[n, j]))
+        eps = 1 - prefs[n, i, j]
+        terms.append(-(1 - eps) * np.log(1 / (1 + np.exp(-z))) - eps * np.log(1 / (1 + np.exp(z))))
+    if terms:
+      per_prompt.append(np.mean(terms))
+  np.testing.assert_allclose(float(loss), np.mean(per_prompt), rtol=2e-6)
+  assert int(m['num_pairs']) == sum(k * (k - 1) // 2 for k in ks)
+  ranking = np.zeros((b, kmax), np.int32)
+  recs = []
+  for n, k in enumerate(ks):
+    order = [int(i) for i in rng.permutation(k)]
+    ranking[n, :k] = order
+    recs.append({'responses': ['x'] * k, 'ranking': order})
+  hard, _ = losses.soft_ranking_dpo_loss(jnp.asarray(pol, jnp.float32), jnp.asarray(ref, jnp.float32),
+                                         jnp.asarray(judges.soft_labels(recs, kmax)), jnp.asarray(valid), beta=beta)
+  plain, _ = losses.ranking_dpo_loss(jnp.asarray(pol, jnp.float32), jnp.asarray(ref, jnp.float32),
+                                     jnp.asarray(ranking), jnp.asarray(valid), beta=beta)
+  np.testing.assert_allclose(float(hard), float(plain), rtol=1e-6)

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jax_rlhf import losses
+from jax_rlhf import judges, losses
 from jax_rlhf import metrics as metrics_lib
 from jax_rlhf import sharding as shd
 from jax_rlhf.data import batches, sources
@@ -162,7 +162,7 @@ def run(config, workdir: str, name: str = 'rm', inputs: Mapping[str, str] | None
   eval_arrays, _ = batches.rankings(tok, eval_recs, config.data.max_prompt_len, config.data.max_response_len, k_max)
   soft = bool(rc.soft_labels) and any('prefs' in r for r in train_recs)
   if soft:
-    train_arrays['prefs'] = soft_labels(train_recs, k_max)
+    train_arrays['prefs'] = judges.soft_labels(train_recs, k_max)
   bs = min(rc.batch_size, len(train_recs))
   bs -= bs % shd.batch_divisor(mesh)
   if bs <= 0:
@@ -241,21 +241,6 @@ def _is_scalar(hf_dir: str) -> bool:
   import json
   with open(os.path.join(hf_dir, 'config.json')) as f:
     return any(a.endswith('ForSequenceClassification') for a in json.load(f).get('architectures') or [])
-
-
-def soft_labels(recs: list[dict], k_max: int) -> np.ndarray:
-  """P(i beats j) [N, k_max, k_max] of ranking records: a judge's soft 'prefs' where a record has them, else
-  the hard labels of its ranking (1 when i is ranked above j, 0 below; 0.5 on the diagonal and padding)."""
-  out = np.full((len(recs), k_max, k_max), 0.5, np.float32)
-  for n, r in enumerate(recs):
-    k = len(r['responses'])
-    if 'prefs' in r:
-      out[n, :k, :k] = np.asarray(r['prefs'], np.float32)
-    else:
-      pos = np.empty(k, np.int64)
-      pos[np.asarray(r['ranking'])] = np.arange(k)
-      out[n, :k, :k] = np.where(pos[:, None] < pos[None, :], 1.0, np.where(pos[:, None] > pos[None, :], 0.0, 0.5))
-  return out
 
 
 def normalise(model, config, workdir, tok, train_arrays) -> dict[str, float]:
