@@ -267,3 +267,28 @@ def test_soft_ranking_dpo_loss_is_per_pair_label_smoothing_and_hard_labels_give_
   plain, _ = losses.ranking_dpo_loss(jnp.asarray(pol, jnp.float32), jnp.asarray(ref, jnp.float32),
                                      jnp.asarray(ranking), jnp.asarray(valid), beta=beta)
   np.testing.assert_allclose(float(hard), float(plain), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_label_stage_with_the_lm_judge_writes_soft_labels_that_train_the_rm(judge_dir, tmp_path):
+  """label.judge=lm:PATH on a tiny policy: every record carries complementary prefs whose Bradley-Terry order
+  is its ranking (and the task's gold scores); the RM then trains on the soft target."""
+  from jax_rlhf.train import checkpoint, label, rm
+  w = tmp_path / 'W'
+  shutil_copy = __import__('shutil').copytree
+  shutil_copy(judge_dir, w / 'sft' / 'hf')  # the random judge's LM doubles as the policy and the RM's body
+  checkpoint.mark_done(str(w / 'sft'), {'stage': 'sft'})
+  c = lm_config(judge_dir, constitution(tmp_path, ['Choose the correct response.', 'Choose the honest one.']))
+  c.label.num_prompts = 20
+  summary = label.run(c, str(w), 'label', {'policy': 'sft'})
+  assert summary['judge'] == f'lm:{judge_dir}' and summary['rankings'] == 20
+  with open(w / 'label' / 'rankings.jsonl') as f:
+    recs = [__import__('json').loads(line) for line in f]
+  for r in recs:
+    p = np.asarray(r['prefs'])
+    k = len(r['responses'])
+    assert p.shape == (k, k) and np.all(p + p.T == 1.0) and len(r['gold']) == k and r['category']
+    assert r['ranking'] == judges.ranking_from_prefs(p, 'bt')
+  c.rm.update(batch_size=8, epochs=1)
+  out = rm.run(c, str(w), 'rm', {'init': 'sft', 'rankings': 'label'})
+  assert out['soft_labels'] is True and out['rankings_from'] == ['label']
