@@ -305,7 +305,7 @@ def parse_rounds(spec) -> list[dict]:
 def gold_agreement(scores: np.ndarray, gold: np.ndarray) -> tuple[float, int]:
   """How often a scorer orders two samples of the same prompt as the gold labeler does: over the pairs with
   different gold scores, the share with the scores strictly in gold's order (a tie is wrong, as in the RM's
-  accuracy). scores, gold: [P, n]. Returns (agreement, pairs)."""
+  accuracy). scores, gold: [P, n]. Returns (agreement, pairs); nan without such pairs."""
   right = total = 0
   n = gold.shape[1]
   for i in range(n):
@@ -313,7 +313,7 @@ def gold_agreement(scores: np.ndarray, gold: np.ndarray) -> tuple[float, int]:
       differ = gold[:, i] != gold[:, j]
       right += int(np.sum(differ & ((scores[:, i] - scores[:, j]) * (gold[:, i] - gold[:, j]) > 0)))
       total += int(np.sum(differ))
-  return right / max(total, 1), total
+  return (right / total if total else float('nan')), total
 
 
 def round_measures(config, workdir, rounds, results, golds, kept, graphdef, score_fn, world, tok, prompt_recs,

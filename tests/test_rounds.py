@@ -140,7 +140,9 @@ def test_round_2_labels_samples_of_round_1s_policy_on_fresh_prompts(round2):
   assert (r1['sampled_from'], r2['sampled_from']) == ('sft', 'ppo')
   assert r1['labels_used']['prompts'] == 48 and r2['labels_used']['prompts'] == 96
   assert r2['labels_used']['pairs'] == r1['labels_used']['pairs'] + done['pairs']
-  assert 'rm_agreement_old' not in r1 and 0 <= r2['rm_agreement_new'] <= 1 and 0 <= r2['rm_agreement_old'] <= 1
+  assert 'rm_agreement_old' not in r1 and 'rm_agreement_old' in r2
+  for key in ('rm_agreement_new', 'rm_agreement_old'):  # nan where no two samples differ in gold (tiny models)
+    assert (0 <= r2[key] <= 1) if r2['agreement_pairs'] else np.isnan(r2[key])
   for r, m in ((r1, 'round1'), (r2, 'round2')):
     assert r['win_rate_vs_sft'] == res['models'][m]['win_rate_vs_sft']
   report = (w / 'eval' / 'report.md').read_text()
@@ -172,4 +174,15 @@ def test_round_2_killed_in_its_rm_and_its_ppo_resumes_bitwise(round2, tmp_path):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=f'{run} {k}')
   with open(ref / 'eval' / 'results.json') as f, open(w / 'eval' / 'results.json') as g:
-    assert json.load(f)['rounds'] == json.load(g)['rounds']
+    assert json.dumps(json.load(f)['rounds']) == json.dumps(json.load(g)['rounds'])  # NaN != NaN
+
+
+def test_gold_agreement_counts_pairs_with_different_gold_in_gold_order():
+  from jax_rlhf.evaluate import gold_agreement
+  gold = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+  scores = np.array([[2.0, 1.0, 3.0], [0.0, 1.0, 2.0]])
+  # prompt 0: pairs (0,1) right, (0,2) wrong, (1,2) same gold; prompt 1: no pair differs in gold
+  assert gold_agreement(scores, gold) == (0.5, 2)
+  assert gold_agreement(np.zeros((2, 3)), gold) == (0.0, 2)  # ties are wrong, as in the RM's accuracy
+  agreement, pairs = gold_agreement(scores[1:], gold[1:])
+  assert pairs == 0 and np.isnan(agreement)
