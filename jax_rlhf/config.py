@@ -405,20 +405,25 @@ def apply_cpu_bf16(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: int = 0) -> None:
+def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: int = 0, policy_kind: str = 'ppo'
+           ) -> None:
   """Iterated RLHF (InstructGPT section 3.5, HH-RLHF's weekly refresh): round 1 is the plan's own label, rm
   and ppo; each round r >= 2 adds
     label_r  samples of round r-1's policy on `prompts` fresh training prompts (default label.num_prompts),
              past the earlier rounds' (label.prompt_offset), ranked by label.judge;
     rm_r     a reward model trained on every ranking so far (label, label_2, ..., label_r), from the SFT body
              (rm_init='sft') or continued from rm_{r-1}, head and all (rm_init='last');
-    ppo_r    the policy continued from round r-1's, with SFT as its reference (the KL anchor) and rm_r's reward;
+    ppo_r    the policy continued from round r-1's, with SFT as its reference (the KL anchor) and rm_r's reward
+             (policy_kind='grpo': grpo_r, the same inputs; 'dpo': dpo_r, online DPO on label_r's fresh rankings
+             of the last policy's samples);
   and the eval compares each round's policy as model round<r> (eval.rounds). task.n_prompts_train grows to
   hold every round's prompts (the task's prompt stream is prefix-stable: round 1's prompts do not change)."""
   if n < 1:
     raise ValueError(f'rounds={n}: need at least one round')
   if rm_init not in ('sft', 'last'):
     raise ValueError(f'rounds_rm={rm_init}: choose sft or last')
+  if policy_kind not in ('ppo', 'grpo', 'dpo'):
+    raise ValueError(f'rounds_policy={policy_kind}: choose ppo, grpo or dpo')
   names = {r.name for r in c.plan}
   if not {'sft', 'label', 'rm', 'ppo'} <= names:
     raise ValueError('rounds=N needs a plan with sft, label, rm and ppo runs')
@@ -433,9 +438,11 @@ def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: 
     runs += [plan_run(label, 'label', {'policy': policy},
                       {'label': {'prompt_offset': first + (r - 2) * per, 'num_prompts': per}}),
              plan_run(f'rm_{r}', 'rm', {'init': 'sft' if rm_init == 'sft' else rm, 'rankings': tuple(labels)}),
-             plan_run(f'ppo_{r}', 'ppo', {'policy': policy, 'reference': 'sft', 'reward': f'rm_{r}'})]
-    rounds_.append(f'ppo_{r}:rm_{r}:{label}')
-    policy, rm = f'ppo_{r}', f'rm_{r}'
+             plan_run(f'{policy_kind}_{r}', policy_kind,
+                      {'policy': policy, 'reference': 'sft',
+                       **({'rankings': label} if policy_kind == 'dpo' else {'reward': f'rm_{r}'})})]
+    rounds_.append(f'{policy_kind}_{r}:rm_{r}:{label}')
+    policy, rm = f'{policy_kind}_{r}', f'rm_{r}'
   c.plan = (*c.plan[:at], *runs, *c.plan[at:])
   c.eval.rounds = tuple(rounds_)
   c.eval.models = ('sft',)  # the rounds' policies join as round1 .. roundN
@@ -447,14 +454,15 @@ VARIANTS = {'quick': quick, 'instructgpt': instructgpt, 'ablation': ablation, 'c
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """`arg` is a comma list: flags (`quick`) or `key=value` (`model=tiny` sets model.preset, `ptx=27.8`,
-  `rounds=3` iterated RLHF with its options `rounds_rm=sft|last` and `round_prompts=M`, applied after the
-  rest whatever their place in the list)."""
+  `rounds=3` iterated RLHF with its options `rounds_rm=sft|last`, `round_prompts=M` and
+  `rounds_policy=ppo|grpo|dpo`, applied after the rest whatever their place in the list)."""
   round_args = {}
   for item in filter(None, (arg or '').split(',')):
     key, _, value = item.partition('=')
     if key in ('rounds', 'round_prompts') and value.isdigit():
       round_args[key] = int(value)
-    elif key == 'rounds_rm' and value in ('sft', 'last'):
+    elif (key, value) in {('rounds_rm', 'sft'), ('rounds_rm', 'last'), ('rounds_policy', 'ppo'),
+                          ('rounds_policy', 'grpo'), ('rounds_policy', 'dpo')}:
       round_args[key] = value
     elif not value and key in VARIANTS:
       VARIANTS[key](c)
@@ -464,12 +472,13 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
       c.ppo.ptx.coef = float(value)
     else:
       known = sorted(VARIANTS) + ['model=<preset>', 'ptx=<coef>', 'rounds=<N>', 'rounds_rm=sft|last',
-                                  'round_prompts=<M>']
+                                  'round_prompts=<M>', 'rounds_policy=ppo|grpo|dpo']
       raise ValueError(f'unknown config variant {item!r}; known: {", ".join(known)}')
   if round_args:
     if 'rounds' not in round_args:
       raise ValueError(f'{", ".join(sorted(round_args))} go with rounds=N')
-    rounds(c, round_args['rounds'], round_args.get('rounds_rm', 'sft'), round_args.get('round_prompts', 0))
+    rounds(c, round_args['rounds'], round_args.get('rounds_rm', 'sft'), round_args.get('round_prompts', 0),
+           round_args.get('rounds_policy', 'ppo'))
   return c
 
 

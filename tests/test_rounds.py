@@ -42,6 +42,10 @@ def test_rounds_variant_makes_a_plan_of_rounds_that_composes_with_quick():
   assert last['rm_2'].inputs.init == 'rm' and last['rm_3'].inputs.init == 'rm_2'
   assert [(last[f'label_{r}'].overrides.label.prompt_offset, last[f'label_{r}'].overrides.label.num_prompts)
           for r in (2, 3)] == [(48, 20), (68, 20)]
+  for kind, role in (('grpo', ('reward', 'rm_2')), ('dpo', ('rankings', 'label_2'))):
+    other = {r.name: r for r in plan(f'quick,rounds=2,rounds_policy={kind}').plan}
+    assert dict(other[f'{kind}_2'].inputs) == {'policy': 'ppo', 'reference': 'sft', role[0]: role[1]}
+    assert other[f'{kind}_2'].kind == kind
   assert [r.name for r in plan('rounds=1').plan] == [r.name for r in plan('').plan]
   assert plan('rounds=2').task.n_prompts_train == 8000  # the demo's 4000 prompts per round
 
