@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Mapping
 
 import jax
 import numpy as np
