@@ -120,11 +120,29 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.label = ml_collections.ConfigDict(dict(
-      judge='task',             # who ranks the samples: task (the task's noisy labeler)
+      judge='task',             # who ranks the samples (jax_rlhf/judges.py): task (the task's noisy labeler) |
+                                # rm:RUN (the reward model of that run of the workdir ranks: self-labelling) |
+                                # lm:PATH (a causal LM folder judges every pair under a constitution principle)
       num_prompts=4000,         # prompts whose samples get ranked (InstructGPT: ~33k)
+      prompt_offset=0,          # the first training prompt labelled: a later round's label run takes fresh ones
       k_min=4, k_max=9,         # responses per prompt, K uniform in [k_min, k_max] (InstructGPT: 4-9)
       temperature=1.0,          # sampling temperature of the ranked responses
       batch_size=256,           # responses per sampling call
+      # ---- the lm: judge (jax_rlhf/judges.py; Constitutional AI, Bai et al. 2022b; RLAIF, Lee et al. 2023)
+      constitution='',          # principles, one per line, one drawn at random per comparison; '' = the packaged
+                                # jax_rlhf/constitution.txt
+      judge_template=('Consider a request and two responses to it.\n{principle}\n\nRequest: {prompt}\n'
+                      'Response (A): {a}\nResponse (B): {b}\n\nWhich response is better? Answer A or B.'),
+                                # the judge's question ({principle}, {prompt}, {a}, {b}); it goes through the judge
+                                # tokenizer's chat template (as the user turn) when it has one and data.chat_template
+                                # is auto, then judge_answer_prefix follows
+      judge_answer_prefix='\nAnswer: (',  # text after the question (after the assistant turn's start with a chat
+                                # template); the next token is read
+      judge_options=('A', 'B'),  # the two option tokens (each one token of the judge's tokenizer)
+      judge_rank='bt',          # K-way ranking from all pairs: bt (Bradley-Terry fit to the soft preferences) |
+                                # wins (expected win counts)
+      judge_max_len=512,        # judge prompt tokens (longer ones are cut from the left, counted)
+      judge_batch_size=64,      # judge prompts per forward pass
   ))
 
   c.rm = ml_collections.ConfigDict(dict(
@@ -136,6 +154,8 @@ def base_config() -> ml_collections.ConfigDict:
       centering_coef=0.0,       # c * mean((r_w + r_l)^2) (TRL's 0.01)
       normalize=True,           # bias so that reference demonstrations score mean 0 (InstructGPT)
       normalize_gain=True,      # also a gain so SFT samples score std 1 (Ziegler, N+ #15; RLHF_DETAILS: off)
+      soft_labels=True,         # rankings that carry a judge's soft preferences ('prefs', P(i beats j)) train on the
+                                # soft Bradley-Terry target (losses.soft_ranking_loss); False: on the ranking alone
       optimizer=_optimizer(1e-3, warmup=5),
   ))
 
@@ -227,6 +247,10 @@ def base_config() -> ml_collections.ConfigDict:
       n_snapshot_prompts=100,   # held-out prompts scoring each PPO snapshot (over-optimisation curve); 0: none
       report_samples=20,        # held-out prompts shown in W/eval/report.{md,html} with SFT and PPO responses
       max_prompts=0,            # held-out prompts evaluated; 0 = all
+      rounds=(),                # iterated RLHF (variant rounds=N): per round 'policy:rm:label' runs; each round's
+                                # policy is compared as model round<r>, and per round the new and the old RM's
+                                # agreement with the gold labeler on the previous policy's samples is measured
+      round_samples=4,          # samples per held-out prompt of each round's sampling policy for those agreements
       # ---- public benchmarks per compared model (jax_rlhf/benchmarks.py); each '' / () / 0 = off
       truthfulqa='',            # TruthfulQA mc_task.json or TruthfulQA.csv: MC1/MC2 as lm-eval (0-shot, QA primer)
       toxicity_prompts='',      # RealToxicityPrompts prompts.jsonl: expected max toxicity, toxicity probability
@@ -254,6 +278,8 @@ def base_config() -> ml_collections.ConfigDict:
       loss_type='sigmoid',      # sigmoid (DPO; cDPO with label_smoothing) | ipo (summed log-ratios, DPO authors' code)
                                 # | ipo_norm (per-token log-ratios, TRL's ipo) | hinge (SLiC-HF) | robust (rDPO)
       label_smoothing=0.0,      # eps, the assumed label-flip rate of sigmoid (cDPO) and robust; in [0, 0.5)
+      soft_labels=True,         # pairwise sigmoid on rankings with a judge's soft 'prefs': per-pair label smoothing
+                                # eps_ij = 1 - P_ij (losses.soft_ranking_dpo_loss) instead of the hard ranking
       mode='pairwise',          # pairwise: all C(K,2) pairs of a ranking, each prompt counting once | listwise:
                                 # Plackett-Luce over the whole ranking (sigmoid only) | best_vs_worst: rank 1 vs rank K
       precompute_ref=False,     # True: reference log-probs once over the dataset before training (TRL's
@@ -388,23 +414,80 @@ def apply_cpu_bf16(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: int = 0, policy_kind: str = 'ppo'
+           ) -> None:
+  """Iterated RLHF (InstructGPT section 3.5, HH-RLHF's weekly refresh): round 1 is the plan's own label, rm
+  and ppo; each round r >= 2 adds
+    label_r  samples of round r-1's policy on `prompts` fresh training prompts (default label.num_prompts),
+             past the earlier rounds' (label.prompt_offset), ranked by label.judge;
+    rm_r     a reward model trained on every ranking so far (label, label_2, ..., label_r), from the SFT body
+             (rm_init='sft') or continued from rm_{r-1}, head and all (rm_init='last');
+    ppo_r    the policy continued from round r-1's, with SFT as its reference (the KL anchor) and rm_r's reward
+             (policy_kind='grpo': grpo_r, the same inputs; 'dpo': dpo_r, online DPO on label_r's fresh rankings
+             of the last policy's samples);
+  and the eval compares each round's policy as model round<r> (eval.rounds). task.n_prompts_train grows to
+  hold every round's prompts (the task's prompt stream is prefix-stable: round 1's prompts do not change)."""
+  if n < 1:
+    raise ValueError(f'rounds={n}: need at least one round')
+  if rm_init not in ('sft', 'last'):
+    raise ValueError(f'rounds_rm={rm_init}: choose sft or last')
+  if policy_kind not in ('ppo', 'grpo', 'dpo'):
+    raise ValueError(f'rounds_policy={policy_kind}: choose ppo, grpo or dpo')
+  names = {r.name for r in c.plan}
+  if not {'sft', 'label', 'rm', 'ppo'} <= names:
+    raise ValueError('rounds=N needs a plan with sft, label, rm and ppo runs')
+  first = int(c.label.num_prompts)
+  per = int(prompts) or first
+  c.task.n_prompts_train = max(int(c.task.n_prompts_train), first + (n - 1) * per)
+  at = next(i for i, r in enumerate(c.plan) if r.kind == 'eval')
+  runs, policy, rm, labels, rounds_ = [], 'ppo', 'rm', ['label'], ['ppo:rm:label']
+  for r in range(2, n + 1):
+    label = f'label_{r}'
+    labels.append(label)
+    runs += [plan_run(label, 'label', {'policy': policy},
+                      {'label': {'prompt_offset': first + (r - 2) * per, 'num_prompts': per}}),
+             plan_run(f'rm_{r}', 'rm', {'init': 'sft' if rm_init == 'sft' else rm, 'rankings': tuple(labels)}),
+             plan_run(f'{policy_kind}_{r}', policy_kind,
+                      {'policy': policy, 'reference': 'sft',
+                       **({'rankings': label} if policy_kind == 'dpo' else {'reward': f'rm_{r}'})})]
+    rounds_.append(f'{policy_kind}_{r}:rm_{r}:{label}')
+    policy, rm = f'{policy_kind}_{r}', f'rm_{r}'
+  c.plan = (*c.plan[:at], *runs, *c.plan[at:])
+  c.eval.rounds = tuple(rounds_)
+  c.eval.models = ('sft',)  # the rounds' policies join as round1 .. roundN
+
+
 VARIANTS = {'quick': quick, 'instructgpt': instructgpt, 'ablation': ablation, 'compare': compare,
             'cpu_bf16': cpu_bf16}
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """`arg` is a comma list: flags (`quick`) or `key=value` (`model=tiny` sets model.preset, `ptx=27.8`)."""
+  """`arg` is a comma list: flags (`quick`) or `key=value` (`model=tiny` sets model.preset, `ptx=27.8`,
+  `rounds=3` iterated RLHF with its options `rounds_rm=sft|last`, `round_prompts=M` and
+  `rounds_policy=ppo|grpo|dpo`, applied after the rest whatever their place in the list)."""
+  round_args = {}
   for item in filter(None, (arg or '').split(',')):
     key, _, value = item.partition('=')
-    if not value and key in VARIANTS:
+    if key in ('rounds', 'round_prompts') and value.isdigit():
+      round_args[key] = int(value)
+    elif (key, value) in {('rounds_rm', 'sft'), ('rounds_rm', 'last'), ('rounds_policy', 'ppo'),
+                          ('rounds_policy', 'grpo'), ('rounds_policy', 'dpo')}:
+      round_args[key] = value
+    elif not value and key in VARIANTS:
       VARIANTS[key](c)
     elif key == 'model' and value:
       c.model.preset = value
     elif key == 'ptx' and value:
       c.ppo.ptx.coef = float(value)
     else:
-      known = sorted(VARIANTS) + ['model=<preset>', 'ptx=<coef>']
+      known = sorted(VARIANTS) + ['model=<preset>', 'ptx=<coef>', 'rounds=<N>', 'rounds_rm=sft|last',
+                                  'round_prompts=<M>', 'rounds_policy=ppo|grpo|dpo']
       raise ValueError(f'unknown config variant {item!r}; known: {", ".join(known)}')
+  if round_args:
+    if 'rounds' not in round_args:
+      raise ValueError(f'{", ".join(sorted(round_args))} go with rounds=N')
+    rounds(c, round_args['rounds'], round_args.get('rounds_rm', 'sft'), round_args.get('round_prompts', 0),
+           round_args.get('rounds_policy', 'ppo'))
   return c
 
 

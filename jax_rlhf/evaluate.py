@@ -11,6 +11,10 @@ an HF export) on the held-out prompts:
   kl_to_ref         sum over response tokens of log pi(y_t) - log pi_ref(y_t), mean over prompts (nats)
   lm_loss_pretrain  token loss on held-out pretraining text (the alignment tax when it rises)
   win_rate_vs_sft   P(gold(model) > gold(SFT)) per prompt, ties counting half, with a 95% interval
+With `eval.rounds` (iterated RLHF, variant rounds=N), each round's policy is compared as model round<r>, and
+results.json's `rounds` holds per round its gold, win vs SFT, its own RM's score, the labels used so far and
+the new and old RM's agreement with the gold labeler on the samples of the policy that round labelled
+(`round_measures`); `win_rate_ceiling` is the win rate of a policy that is always right.
 and `best_of_n`: the reward model picks the best of n SFT samples (`eval.best_of_n`). It is the RM's ceiling:
 what optimising it buys without any policy training, at KL <= log n - (n-1)/n, against the oracle (the best
 gold among the n). When best-of-n gold stops rising (or falls) with n, the RM is the bottleneck, not PPO.
@@ -129,6 +133,11 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
   sft_dir = common.require_stage(workdir, inputs['reference'], name)
   rm_dir = common.require_stage(workdir, inputs['reward'], name)
   model_dirs = {m: common.require_stage(workdir, m, name) for m in ec.models}
+  rounds = parse_rounds(ec.rounds)
+  for r, rnd in enumerate(rounds, 1):  # iterated RLHF: each round's policy is compared as round<r>
+    model_dirs[f'round{r}'] = common.require_stage(workdir, rnd['policy'], name)
+    for role in ('rm', 'label'):
+      common.require_stage(workdir, rnd[role], name)
   if any(int(n) < 1 for n in ec.best_of_n):
     raise common.UserError(f'eval.best_of_n must hold positive sample counts, got {tuple(ec.best_of_n)}')
   tok = common.load_tokenizer(config)
@@ -172,6 +181,7 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
 
   run_name = name
   results, golds, samples, curves = {}, {}, {m: [] for m in model_dirs}, {}
+  kept = {}  # round<r> -> its samples' (seq, att): scored again by the round's own RM
   sft_point = None
   for name, d in model_dirs.items():
     model = hf.load_pretrained(os.path.join(d, 'hf'), **kw)
@@ -198,6 +208,10 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
     if bench:  # TruthfulQA / toxicity / lm-eval of this model
       results[name].update(bench(model, tok))
     golds[name] = gold if world else rm_scores  # the judge of the win rate
+    if name.startswith('round') and rounds:
+      results[name]['run'] = rounds[int(name[5:]) - 1]['policy']
+      kept[name] = (np.concatenate([prompt_arrays['prompt'], toks], 1),
+                    np.concatenate([prompt_arrays['prompt_mask'], masks], 1))
     samples[name] = [{'response': t, 'gold': float(g) if world else None, 'rm': float(r)}
                      for t, g, r in zip(texts_out, golds[name], rm_scores)]
     snap_dir = os.path.join(d, 'snapshots')
@@ -233,6 +247,11 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
                                               prompt_arrays, ec, max(int(n) for n in ec.best_of_n), config.seed)
     extra['best_of_n'] = best_of_n(bon_scores, bon_gold, golds['sft'], [int(n) for n in ec.best_of_n], cats)
 
+  if rounds:
+    extra['rounds'] = round_measures(config, workdir, rounds, results, golds, kept, graphdef, score_fn, world,
+                                     tok, prompt_recs, prompt_arrays, cats)
+    if world and 'sft' in golds:  # a policy always right ties the SFT sample where it is exact already
+      extra['win_rate_ceiling'] = win_rate(np.maximum(golds['sft'], 1.0), golds['sft'])[0]
   common.write_json(os.path.join(out, 'results.json'), {'models': results, 'temperature': ec.temperature,
                                                         'categories': categories, 'overoptimisation': curves,
                                                         'machine': _machine(), **extra})
@@ -248,8 +267,11 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
     print(report.text_table(*report.fmt_subcategory_table({'models': results})))
   if bench:
     print(benchmarks.format_table(results))
-  if extra:
+  if extra.get('best_of_n'):
     print(format_best_of_n(extra['best_of_n']))
+  if extra.get('rounds'):
+    from jax_rlhf import report
+    print(report.text_table(*report.fmt_rounds_table({'models': results, **extra})))
   _write_report(config, workdir, run_name)
   return results
 
@@ -267,6 +289,92 @@ def _best_of_n_samples(graphdef, sft_state, reward, score_fn, world, tok, prompt
   prompts = [r['prompt'] for r in prompt_recs for _ in range(n)]
   gold = np.array([world.gold_score(p, t) for p, t in zip(prompts, texts)])
   return scores.reshape(-1, n), gold.reshape(-1, n)
+
+
+def parse_rounds(spec) -> list[dict]:
+  """eval.rounds ('policy:rm:label' per round) as [{'policy', 'rm', 'label'}]; a bad entry is a UserError."""
+  out = []
+  for entry in spec:
+    parts = str(entry).split(':')
+    if len(parts) != 3 or not all(parts):
+      raise common.UserError(f"eval.rounds: {entry!r} is not 'policy:rm:label' (the runs of one round)")
+    out.append(dict(zip(('policy', 'rm', 'label'), parts)))
+  return out
+
+
+def gold_agreement(scores: np.ndarray, gold: np.ndarray) -> tuple[float, int]:
+  """How often a scorer orders two samples of the same prompt as the gold labeler does: over the pairs with
+  different gold scores, the share with the scores strictly in gold's order (a tie is wrong, as in the RM's
+  accuracy). scores, gold: [P, n]. Returns (agreement, pairs); nan without such pairs."""
+  right = total = 0
+  n = gold.shape[1]
+  for i in range(n):
+    for j in range(i + 1, n):
+      differ = gold[:, i] != gold[:, j]
+      right += int(np.sum(differ & ((scores[:, i] - scores[:, j]) * (gold[:, i] - gold[:, j]) > 0)))
+      total += int(np.sum(differ))
+  return (right / total if total else float('nan')), total
+
+
+def round_measures(config, workdir, rounds, results, golds, kept, graphdef, score_fn, world, tok, prompt_recs,
+                   prompt_arrays, cats) -> list[dict]:
+  """Per round r of iterated RLHF: the round's policy (model round<r>: gold, win vs SFT, its own RM's score of
+  its samples), the labels used so far (ranked prompts, responses and pairs of label runs 1..r), and how
+  stale the reward models are: on `eval.round_samples` fresh samples per held-out prompt of the policy the
+  round's label run sampled (round r-1's policy; SFT in round 1), the share of pairs the new RM (rm_r) and
+  the old RM (rm_{r-1}) order as the gold labeler does. Without a task (no gold) only the first two."""
+  ec = config.eval
+  kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  n = int(ec.round_samples)
+  rep = {k: np.repeat(v, n, axis=0) for k, v in prompt_arrays.items()}
+  prompts = [r['prompt'] for r in prompt_recs for _ in range(n)]
+  cats_rep = np.asarray(cats)
+  bs = ec.batch_size
+  rms, out, used = {}, [], {'prompts': 0, 'responses': 0, 'pairs': 0}
+
+  def rm(run):
+    if run not in rms:
+      rms[run] = hf.load_scalar_model(os.path.join(common.stage_dir(workdir, run), 'hf'), **kw)
+    return rms[run]
+
+  def scores(model, seq, att):
+    return np.concatenate([np.asarray(score_fn(model, seq[s:s + bs], att[s:s + bs])) for s in range(0, len(seq), bs)])
+
+  for r, rnd in enumerate(rounds, 1):
+    with open(os.path.join(common.stage_dir(workdir, rnd['label']), 'DONE')) as f:
+      lab = json.load(f)
+    recs = common.read_rankings(workdir, rnd['label'], 'eval')
+    used['prompts'] += len(recs)
+    used['responses'] += sum(len(x['responses']) for x in recs)
+    used['pairs'] += sum(len(x['responses']) * (len(x['responses']) - 1) // 2 for x in recs)
+    name = f'round{r}'
+    m = results[name]
+    seq, att = kept[name]
+    row = {'round': r, 'model': name, **rnd, 'sampled_from': lab.get('policy'), 'judge': lab.get('judge'),
+           'gold_score': m['gold_score'], 'per_category': m['per_category'], 'kl_to_ref': m['kl_to_ref'],
+           'win_rate_vs_sft': m.get('win_rate_vs_sft'), 'win_rate_vs_sft_ci95': m.get('win_rate_vs_sft_ci95'),
+           'rm_score_own': float(scores(rm(rnd['rm']), seq, att).mean()),
+           'labels_used': dict(used), 'label_prompts': len(recs)}
+    if world and lab.get('policy'):
+      d = common.require_stage(workdir, lab['policy'], 'eval')
+      _, st = nnx.split(hf.load_pretrained(os.path.join(d, 'hf'), **kw))
+      texts, toks, masks = sample_responses(graphdef, st, tok, rep, jax.random.key(config.seed + 17 + r),
+                                            batch_size=bs, max_new_tokens=ec.max_new_tokens,
+                                            temperature=ec.temperature)
+      gold = np.array([world.gold_score(p, t) for p, t in zip(prompts, texts)]).reshape(-1, n)
+      s_seq = np.concatenate([rep['prompt'], toks], 1)
+      s_att = np.concatenate([rep['prompt_mask'], masks], 1)
+      new = scores(rm(rnd['rm']), s_seq, s_att).reshape(-1, n)
+      row['rm_agreement_new'], row['agreement_pairs'] = gold_agreement(new, gold)
+      row['rm_agreement_new_per_category'] = {c: gold_agreement(new[cats_rep == c], gold[cats_rep == c])[0]
+                                              for c in sorted(set(cats))}
+      if r > 1:
+        old = scores(rm(rounds[r - 2]['rm']), s_seq, s_att).reshape(-1, n)
+        row['rm_agreement_old'] = gold_agreement(old, gold)[0]
+        row['rm_agreement_old_per_category'] = {c: gold_agreement(old[cats_rep == c], gold[cats_rep == c])[0]
+                                                for c in sorted(set(cats))}
+    out.append(row)
+  return out
 
 
 def _write_report(config, workdir: str, name: str) -> None:

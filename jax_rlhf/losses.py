@@ -1,10 +1,11 @@
 """The losses of the stages, as small pure jnp functions (float32 math, jit-able).
 
   SFT / ptx : token_cross_entropy
-  RM        : ranking_loss (K-way Bradley-Terry over all C(K,2) pairs of a prompt; InstructGPT eq. 1)
+  RM        : ranking_loss (K-way Bradley-Terry over all C(K,2) pairs of a prompt; InstructGPT eq. 1),
+              soft_ranking_loss (the same with a judge's soft pairwise labels)
   PPO       : clipped_policy_loss, clipped_value_loss (Schulman et al. 2017; Ziegler et al. 2019)
   DPO       : dpo_loss (pairs; sigmoid/cDPO, IPO, SLiC-HF hinge, robust), ranking_dpo_loss (all pairs of a
-              K-way ranking), best_vs_worst_dpo_loss, listwise_dpo_loss (Plackett-Luce; DPO appendix A.3)
+              K-way ranking), soft_ranking_dpo_loss (all pairs, a judge's soft label each: per-pair cDPO), best_vs_worst_dpo_loss, listwise_dpo_loss (Plackett-Luce; DPO appendix A.3)
 
 Masks are bool or 0/1 float arrays of the data's shape; masked reductions never divide by zero. Each loss
 returns (loss, metrics) or (loss, n_tokens); metrics are flat dicts of scalars.
@@ -73,6 +74,41 @@ def ranking_loss(rewards, ranking, valid, margin=0.0, centering_coef=0.0):
       'num_pairs': jnp.sum(pairs.astype(jnp.int32)),
   }
   return loss, metrics
+
+
+def soft_ranking_loss(rewards, prefs, valid):
+  """The reward model's loss on soft pairwise labels (a soft Bradley-Terry target; the cross-entropy form of
+  InstructGPT eq. 1 with the label a probability, as RLAIF's distilled RM, Lee et al. 2023, section 2.3):
+
+    loss(b)  = 1/C(k_b,2) sum_{i<j<k_b} -[ P_ij log sigmoid(r_i - r_j) + (1 - P_ij) log sigmoid(r_j - r_i) ]
+    loss     = mean over prompts with at least one pair of loss(b)   (each prompt counts once)
+
+  with i, j response indices (not ranks) and P_ij = P(response i beats response j), a judge's soft preference.
+  A hard ranking (P_ij = 1 when i is ranked above j, else 0) gives `ranking_loss` with margin 0.
+
+  rewards  # [B, K]; prefs  # [B, K, K] P(i beats j) (only i < j is read); valid  # [B, K] bool, the first k_b
+  responses of row b. Returns (loss, metrics): 'accuracy' the expected agreement P_ij [r_i > r_j] +
+  (1 - P_ij) [r_j > r_i], 'margin_mean' the mean of (2 P_ij - 1)(r_i - r_j), both per prompt then over prompts.
+  """
+  rewards = _float(rewards)  # [B, K]
+  prefs = _float(prefs)  # [B, K, K]
+  k = rewards.shape[-1]
+  valid = _valid(valid)  # [B, K]
+  r = jnp.where(valid, rewards, 0.0)  # padded garbage never reaches a pair
+  diff = r[:, :, None] - r[:, None, :]  # [B, K, K] r_i - r_j
+  upper = jnp.triu(jnp.ones((k, k), jnp.bool_), k=1)
+  pairs = upper[None] & valid[:, :, None] & valid[:, None, :]  # [B, K, K]
+  p = jnp.where(pairs, prefs, 0.5)
+  pair_loss = -(p * jax.nn.log_sigmoid(diff) + (1.0 - p) * jax.nn.log_sigmoid(-diff))
+
+  def per_prompt_then_batch(x):
+    per_prompt = masked_mean(x, pairs, axis=(1, 2))  # [B]
+    return masked_mean(per_prompt, pairs.any(axis=(1, 2)))
+
+  agree = p * (diff > 0).astype(rewards.dtype) + (1.0 - p) * (diff < 0).astype(rewards.dtype)
+  metrics = {'accuracy': per_prompt_then_batch(agree), 'margin_mean': per_prompt_then_batch((2 * p - 1) * diff),
+             'num_pairs': jnp.sum(pairs.astype(jnp.int32))}
+  return per_prompt_then_batch(pair_loss), metrics
 
 
 def clipped_policy_loss(logp, old_logp, advantages, mask, clip=0.2):
@@ -331,6 +367,36 @@ def ranking_dpo_loss(policy_logps, ref_logps, ranking, valid, *, beta=0.1, loss_
   metrics = {name: per_prompt_then_batch(v) for name, v in m.items()}
   metrics['num_pairs'] = jnp.sum(pairs.astype(jnp.int32))
   return per_prompt_then_batch(loss), metrics
+
+
+def soft_ranking_dpo_loss(policy_logps, ref_logps, prefs, valid, *, beta=0.1):
+  """DPO over all C(k_b, 2) pairs of a prompt with a judge's soft label per pair: conservative DPO (cDPO,
+  Mitchell 2023; `dpo_pair_losses` sigmoid) with a per-pair label-smoothing eps_ij = 1 - P_ij, i.e.
+
+    loss(b) = 1/C(k_b,2) sum_{i<j<k_b} -[ P_ij log sigmoid(beta Delta_ij) + (1 - P_ij) log sigmoid(-beta Delta_ij) ]
+    loss    = mean over prompts with at least one pair of loss(b),     Delta_ij = s_i - s_j
+
+  (s = log pi - log pi_ref of each response, i, j response indices, P_ij = P(i beats j)). Hard labels give
+  `ranking_dpo_loss` (sigmoid, eps 0). policy_logps, ref_logps  # [B, K]; prefs  # [B, K, K]; valid  # [B, K].
+  Returns (loss, metrics): 'rewards/margins' the mean of beta (2 P_ij - 1) Delta_ij, 'rewards/accuracies' the
+  expected agreement of sign(Delta_ij) with the soft label, 'num_pairs'.
+  """
+  valid = _valid(valid)
+  k = valid.shape[-1]
+  s = jnp.where(valid, _float(policy_logps) - _float(ref_logps), 0.0)  # [B, K]
+  delta = s[:, :, None] - s[:, None, :]  # [B, K, K]
+  pairs = jnp.triu(jnp.ones((k, k), jnp.bool_), k=1)[None] & valid[:, :, None] & valid[:, None, :]
+  p = jnp.where(pairs, _float(prefs), 0.5)
+  z = beta * delta
+  pair_loss = -(p * jax.nn.log_sigmoid(z) + (1.0 - p) * jax.nn.log_sigmoid(-z))
+
+  def per_prompt_then_batch(x):
+    return masked_mean(masked_mean(x, pairs, axis=(1, 2)), pairs.any(axis=(1, 2)))
+
+  agree = p * (delta > 0).astype(z.dtype) + (1.0 - p) * (delta < 0).astype(z.dtype)
+  metrics = {'rewards/margins': per_prompt_then_batch((2 * p - 1) * z), 'rewards/accuracies': per_prompt_then_batch(agree),
+             'num_pairs': jnp.sum(pairs.astype(jnp.int32))}
+  return per_prompt_then_batch(pair_loss), metrics
 
 
 def best_vs_worst_dpo_loss(policy_logps, ref_logps, ranking, valid, *, beta=0.1, loss_type='sigmoid',

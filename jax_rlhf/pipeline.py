@@ -5,7 +5,8 @@ A plan (`config.plan`, a tuple) lists runs in the order they are made. Each run 
   name       its folder W/<name> (and the name other runs' inputs use)
   kind       pretrain | sft | label | rm | ppo | eval | dpo | grpo: which stage's `run` makes it (KINDS)
   inputs     role -> name of a run of the same workdir: init (the model it starts from), policy, reference,
-             reward, value, rankings, prompts_from. A stage fills in its default for a role left out.
+             reward, value, rankings (a name, or a tuple of label runs whose rankings add up: later rounds),
+             prompts_from. A stage fills in its default for a role left out.
   overrides  a nested dict of config fields, applied to this run's own copy of the (locked) config:
              {'ppo': {'kl': {'coef': 0.02}}}. A field the config does not have fails naming the nearest one.
 
@@ -129,9 +130,17 @@ def check_plan(plan) -> None:
     for role, src in r.inputs.items():
       if role not in ROLES:
         raise PlanError(f'plan run {r.name}: unknown input role {role!r} (roles: {", ".join(ROLES)})')
-      if src not in seen:
-        raise PlanError(f'plan run {r.name}: its {role} input {src!r} is no earlier run of the plan')
+      if not isinstance(src, str) and role != 'rankings':
+        raise PlanError(f'plan run {r.name}: its {role} input must be one run name, got {src!r}')
+      for s in input_runs(src):
+        if s not in seen:
+          raise PlanError(f'plan run {r.name}: its {role} input {s!r} is no earlier run of the plan')
     seen.add(r.name)
+
+
+def input_runs(src) -> tuple[str, ...]:
+  """The run names of one input: a name, or (the `rankings` role) a tuple of names whose rankings add up."""
+  return (src,) if isinstance(src, str) else tuple(src)
 
 
 def used_inputs(run, rc: ml_collections.ConfigDict) -> dict[str, str]:
@@ -162,7 +171,7 @@ def plan_of(config: ml_collections.ConfigDict) -> list[tuple[Any, ml_collections
   runs = [(r, run_config(config, r)) for r in plan]
   needed = set()
   for r, rc in runs:
-    needed |= set(used_inputs(r, rc).values())
+    needed |= {n for src in used_inputs(r, rc).values() for n in input_runs(src)}
   return [(r, rc) for r, rc in runs if r.kind not in ('pretrain', 'label') or r.name in needed]
 
 

@@ -51,8 +51,10 @@ def _summary(workdir: str, name: str) -> dict:
 
 
 def ppo_runs(workdir: str, results: dict) -> list[str]:
-  """The compared models that are PPO runs (their DONE says stage ppo), in the results' order."""
-  return [n for n in results['models'] if _summary(workdir, n).get('stage') == 'ppo']
+  """The runs of the compared models that are PPO runs (their DONE says stage ppo), in the results' order (a
+  model named for its round, round<r>, stands for its run)."""
+  runs = [r.get('run', n) for n, r in results['models'].items()]
+  return [n for n in runs if _summary(workdir, n).get('stage') == 'ppo']
 
 
 def describe(workdir: str, name: str) -> str:
@@ -193,6 +195,58 @@ def fmt_results_table(workdir: str, results: dict) -> tuple[list[str], list[list
   return results_table(results, {n: describe(workdir, n) for n in results['models']})
 
 
+def fmt_rounds_table(results: dict) -> tuple[list[str], list[list[str]]]:
+  """Iterated RLHF, one row per round: the policy's gold, win vs SFT (95% CI) and its share of the ceiling,
+  its own RM's score, the labels used so far, and the new and old RM's agreement with the gold labeler on
+  the samples that round labelled."""
+  ceiling = results.get('win_rate_ceiling')
+  header = ['round', 'policy', 'gold', 'win vs SFT (95% CI)', 'share of ceiling', 'own RM score', 'KL to ref',
+            'labels so far (prompts / pairs)', 'RM agreement new / old']
+  rows = []
+  for r in results.get('rounds', []):
+    win = share = '-'
+    if r.get('win_rate_vs_sft') is not None:
+      lo, hi = r['win_rate_vs_sft_ci95']
+      win = f'{r["win_rate_vs_sft"]:.3f} [{lo:.3f}, {hi:.3f}]'
+      if ceiling:
+        share = f'{r["win_rate_vs_sft"] / ceiling:.1%}'
+    agree = '-'
+    if 'rm_agreement_new' in r:
+      old = f'{r["rm_agreement_old"]:.3f}' if 'rm_agreement_old' in r else '-'
+      agree = f'{r["rm_agreement_new"]:.3f} / {old}'
+    gold = '-' if r['gold_score'] is None else f'{r["gold_score"]:.3f}'
+    rows.append([str(r['round']), r['policy'], gold, win, share, f'{r["rm_score_own"]:+.3f}', f'{r["kl_to_ref"]:.3f}',
+                 f'{r["labels_used"]["prompts"]} / {r["labels_used"]["pairs"]}', agree])
+  return header, rows
+
+
+def plot_rounds(results: dict, path: str) -> bool:
+  """Gold score and the round's own RM score of each round's policy against the round (SFT at round 0)."""
+  rounds = results.get('rounds') or []
+  if not rounds or rounds[0].get('gold_score') is None:
+    return False
+  fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+  xs = [0] + [r['round'] for r in rounds]
+  sft = results['models'].get('sft', {})
+  ax[0].plot(xs, [sft.get('gold_score', float('nan'))] + [r['gold_score'] for r in rounds], 'o-', label='gold')
+  ax[0].set_title('gold score (task labeler)')
+  ax[1].plot(xs[1:], [r['rm_score_own'] for r in rounds], 'o-', color='C1', label="the round's RM")
+  if any('rm_agreement_new' in r for r in rounds):
+    ax2 = ax[1].twinx()
+    ax2.plot(xs[1:], [r.get('rm_agreement_new', float('nan')) for r in rounds], 's--', color='C2', label='new RM agreement')
+    ax2.plot(xs[1:], [r.get('rm_agreement_old', float('nan')) for r in rounds], 'x:', color='C3', label='old RM agreement')
+    ax2.set_ylabel('agreement with gold')
+    ax2.legend(loc='lower right', fontsize=7)
+  ax[1].set_title("RM score (each round's own RM)")
+  for a in ax:
+    a.set_xlabel('round (0 = SFT)')
+    a.set_xticks(xs if a is ax[0] else xs[1:])
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def text_table(header: list[str], rows: list[list[str]]) -> str:
   """A table as fixed-width text lines, `| a | b |`, for the console."""
   widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
@@ -328,6 +382,17 @@ def write(workdir: str, n_samples: int = 20, name: str = 'eval') -> str:
   rm_line = rm_summary(workdir)
   if rm_line:
     blocks.append(('p', rm_line))
+  if results.get('rounds'):
+    blocks += [('h2', 'Rounds of iterated RLHF'),
+               ('p', 'Each round labels fresh prompts with samples of the last round\'s policy, retrains the RM on every '
+                     'ranking so far and continues the policy against it (SFT stays the KL anchor). RM agreement: '
+                     'the share of pairs of that round\'s labelled policy\'s held-out samples the new RM and the '
+                     'previous round\'s RM order as the gold labeler does. Share of ceiling: win rate over the win '
+                     f'rate of a policy that is always right ({results.get("win_rate_ceiling", float("nan")):.3f}).'),
+               ('table', *fmt_rounds_table(results))]
+    rounds_png = os.path.join(plots, 'rounds.png')
+    if plot_rounds(results, rounds_png):
+      blocks.append(('img', 'Gold and RM score against rounds', rounds_png))
   tax = os.path.join(plots, 'alignment_tax.png')
   if plot_alignment_tax(results, tax):
     blocks.append(('img', 'The alignment tax with and without ptx, and the gold score it buys', tax))

@@ -73,7 +73,7 @@ def compact(batch: dict[str, np.ndarray], rows: int, offset: int = 0) -> dict[st
   """`batches.compact` (the real responses only, as `rows` sequences), keeping the DPO batch's per-response fields."""
   small = batches.compact(batch, rows, offset)
   if small is not None:
-    small.update({k: batch[k] for k in ('lengths', 'ref_logps') if k in batch})
+    small.update({k: batch[k] for k in ('lengths', 'ref_logps', 'prefs') if k in batch})
   return small
 
 
@@ -96,6 +96,8 @@ def response_logps(model, batch, prompt_len: int):
 
 def preference_loss(policy_logps, ref_logps, batch, dpo_cfg):
   """The loss of `dpo_cfg.mode` on log-probs [B, K] of a batch of rankings: (loss, metrics)."""
+  if 'prefs' in batch:  # a judge's soft labels (jax_rlhf/judges.py): per-pair label smoothing
+    return losses.soft_ranking_dpo_loss(policy_logps, ref_logps, batch['prefs'], batch['valid'], beta=dpo_cfg.beta)
   args = (policy_logps, ref_logps, batch['ranking'], batch['valid'])
   if dpo_cfg.mode == 'listwise':
     return losses.listwise_dpo_loss(*args, beta=dpo_cfg.beta)
@@ -218,6 +220,9 @@ def run(config, workdir: str, name: str = 'dpo', inputs: Mapping[str, str] | Non
     raise common.UserError(f'{name}: no training ranking with two or more responses')
   k_max = max(len(r['responses']) for r in recs + eval_recs)
   train_arrays, cut = preference_arrays(tok, recs, p_len, r_len, k_max)
+  if dc.soft_labels and dc.mode == 'pairwise' and dc.loss_type == 'sigmoid' and any('prefs' in r for r in recs):
+    from jax_rlhf import judges
+    train_arrays['prefs'] = judges.soft_labels(recs, k_max)
   eval_arrays, _ = preference_arrays(tok, eval_recs, p_len, r_len, k_max) if eval_recs else (None, None)
   bs = min(dc.batch_size, len(recs))
   bs -= bs % shd.batch_divisor(mesh)

@@ -1,10 +1,13 @@
 """Reward model: train the K-way ranking loss on rankings, normalise, export.
 
 1. Rankings: those of the `rankings` input run (a label run: SFT samples ranked by the task's labeler,
-   jax_rlhf/train/label.py), or `data.rankings` (any ranking source), or `rm.data` (a ranking JSONL).
-2. Train a ScalarModel initialised from the SFT body (head N(0, 1/sqrt(d+1)), bias 0) for `rm.epochs`
-   epochs: all K responses of a prompt go through the model once, the loss averages
-   -log sigmoid(r_better - r_worse) over the prompt's C(K,2) pairs, each prompt counting once.
+   jax_rlhf/train/label.py) or runs (a tuple: a later round's RM trains on every round's rankings, each run
+   holding out its own first rm.eval_fraction), or `data.rankings` (any ranking source), or `rm.data`.
+2. Train a ScalarModel initialised from the `init` run: an LM's body (SFT; head N(0, 1/sqrt(d+1)), bias 0) or
+   a reward model run, continued head and all, for `rm.epochs` epochs: all K responses of a prompt go
+   through the model once, the loss averages -log sigmoid(r_better - r_worse) over the prompt's C(K,2)
+   pairs, each prompt counting once. Rankings with a judge's soft preferences ('prefs', the lm: judge) train
+   on the soft Bradley-Terry target instead (`losses.soft_ranking_loss`, rm.soft_labels).
 3. Normalise: a bias so that reference demonstrations score mean 0 (InstructGPT), optionally a gain so the
    SFT samples' scores have std 1 (Ziegler; N+ #15).
 """
@@ -20,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jax_rlhf import losses
+from jax_rlhf import judges, losses
 from jax_rlhf import metrics as metrics_lib
 from jax_rlhf import sharding as shd
 from jax_rlhf.data import batches, sources
@@ -51,6 +54,8 @@ def rm_loss(model, batch, rm_cfg):
     rewards = compact_scores(model, batch)  # [B, K]
   else:
     rewards = scores_of(model, batch['tokens'], batch['attention_mask'])  # [B, K]
+  if 'prefs' in batch:  # a judge's soft labels
+    return losses.soft_ranking_loss(rewards, batch['prefs'], batch['valid'])
   return losses.ranking_loss(rewards, batch['ranking'], batch['valid'], margin=rm_cfg.margin,
                              centering_coef=rm_cfg.centering_coef)
 
@@ -133,23 +138,31 @@ def run(config, workdir: str, name: str = 'rm', inputs: Mapping[str, str] | None
   # ---------------------------------------------------------------- rankings
   t0 = time.perf_counter()
   info = {}
-  eval_recs = None
+  eval_recs = train_recs = None
   if config.data.rankings:  # a ranking source: its held-out split (or the first data.eval_fraction) for eval
     recs = common.records_for(config, workdir, 'rankings', 'train', tok, info)
     eval_recs = common.records_for(config, workdir, 'rankings', 'eval', tok, info)
   elif rc.data:
     recs = common.read(config, rc.data, 'ranking')
-  else:
-    recs = common.read_rankings(workdir, inputs['rankings'], name)
+  else:  # one label run, or (later rounds) several: each holds out its own first rm.eval_fraction
+    parts = [common.read_rankings(workdir, run_name, name) for run_name in _runs(inputs['rankings'])]
+    recs = [r for part in parts for r in part]
+    if len(parts) > 1:
+      cuts = [max(int(len(part) * rc.eval_fraction), 1) for part in parts]
+      eval_recs = [r for part, n in zip(parts, cuts) for r in part[:n]]
+      train_recs = [r for part, n in zip(parts, cuts) for r in part[n:]]
   label_s = time.perf_counter() - t0
   if eval_recs is None:
     n_eval = max(int(len(recs) * rc.eval_fraction), 1)
     train_recs, eval_recs = recs[n_eval:], recs[:n_eval]
-  else:
+  elif train_recs is None:
     train_recs = recs
   k_max = max(len(r['responses']) for r in train_recs + eval_recs)
   train_arrays, cut = batches.rankings(tok, train_recs, config.data.max_prompt_len, config.data.max_response_len, k_max)
   eval_arrays, _ = batches.rankings(tok, eval_recs, config.data.max_prompt_len, config.data.max_response_len, k_max)
+  soft = bool(rc.soft_labels) and any('prefs' in r for r in train_recs)
+  if soft:
+    train_arrays['prefs'] = judges.soft_labels(train_recs, k_max)
   bs = min(rc.batch_size, len(train_recs))
   bs -= bs % shd.batch_divisor(mesh)
   if bs <= 0:
@@ -157,8 +170,12 @@ def run(config, workdir: str, name: str = 'rm', inputs: Mapping[str, str] | None
   steps = max(rc.epochs * (len(train_recs) // bs), 1)
 
   # ---------------------------------------------------------------- model: SFT body + fresh scalar head
-  model = hf.load_pretrained_body(os.path.join(sft_dir, 'hf'), seed=config.seed, dtype=config.model.dtype,
-                                  param_dtype=config.model.param_dtype)
+  if _is_scalar(os.path.join(sft_dir, 'hf')):  # init is a reward model run: continue it, head included
+    model = hf.load_scalar_model(os.path.join(sft_dir, 'hf'), dtype=config.model.dtype,
+                                 param_dtype=config.model.param_dtype)
+  else:
+    model = hf.load_pretrained_body(os.path.join(sft_dir, 'hf'), seed=config.seed, dtype=config.model.dtype,
+                                    param_dtype=config.model.param_dtype)
   model = common.add_lora(model, config)  # LoRA: adapters + the head train; exported merged
   tx = state_lib.make_optimizer(rc.optimizer, steps)
   graphdef, state, shardings = state_lib.place_state(model, tx, mesh)
@@ -189,6 +206,8 @@ def run(config, workdir: str, name: str = 'rm', inputs: Mapping[str, str] | None
   for step in range(start + 1, steps + 1):
     batch = next(loader)
     small = batches.compact(batch, rows, local_bs.start * batch['valid'].shape[1])
+    if small is not None and 'prefs' in batch:
+      small['prefs'] = batch['prefs']
     state, m = train_step(state, shd.put_batch(batch if small is None else small, mesh, local=True))
     writer.advance()
     if step % config.log_every == 0 or step == steps:
@@ -204,12 +223,25 @@ def run(config, workdir: str, name: str = 'rm', inputs: Mapping[str, str] | None
   writer.write(steps, norm, split='eval')
   writer.close()
   hf.save_pretrained(model, os.path.join(out, 'hf'), tokenizer=tok)
-  summary = {'stage': 'rm', 'steps': steps, **{f'eval_{k}': v for k, v in ev.items()}, **norm, **info}
+  summary = {'stage': 'rm', 'steps': steps, 'init': inputs['init'], 'rankings_from': list(_runs(inputs['rankings'])),
+             'train_rankings': len(train_recs), 'soft_labels': soft, **{f'eval_{k}': v for k, v in ev.items()}, **norm, **info}
   checkpoint.mark_done(out, summary)
   print(f'[{name}] done: held-out pairwise accuracy {ev["accuracy"]:.3f} ({ev["accuracy_distinct"]:.3f} on distinct '
         f'responses, {ev.get("gold_accuracy", float("nan")):.3f} against the gold labeler) on {len(eval_recs)} prompts; '
         f'exported {os.path.join(out, "hf")}')
   return summary
+
+
+def _runs(src) -> tuple[str, ...]:
+  """The label runs of the `rankings` input: one name, or a tuple of names (later rounds: every round's)."""
+  return (src,) if isinstance(src, str) else tuple(src)
+
+
+def _is_scalar(hf_dir: str) -> bool:
+  """Whether an HF folder holds a scalar (sequence-classification) model, i.e. a reward model run's export."""
+  import json
+  with open(os.path.join(hf_dir, 'config.json')) as f:
+    return any(a.endswith('ForSequenceClassification') for a in json.load(f).get('architectures') or [])
 
 
 def normalise(model, config, workdir, tok, train_arrays) -> dict[str, float]:
