@@ -409,7 +409,7 @@ def test_grpo_update_on_8_devices_equals_one_device(estimator, where):
                                ScalarModel(cfg, rngs=nnx.Rngs(1)), (0, 1))
     st = trainer.states
     if 'exp' not in out:  # one rollout (on one device) that both meshes update from
-      exp, _ = trainer.experience(st['policy'], st['ref'], st['reward'], shd.put_batch(batch, mesh),
+      exp, _ = trainer.experience(st, shd.put_batch(batch, mesh),
                                   jax.random.key(3), jnp.float32(0.04))
       out['exp'] = jax.device_get(exp)
       assert np.any(out['exp']['advantages'] != 0)
