@@ -638,3 +638,47 @@ def test_host_scored_step_equals_the_in_graph_step_on_the_same_rewards():
     assert float(mh[k]) == pytest.approx(float(mg[k]), rel=1e-5, abs=1e-7), k
   for a, b in zip(jax.tree.leaves(pg), jax.tree.leaves(ph)):
     np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def test_grpo_rollout_is_the_shared_rollout_less_what_it_does_not_read():
+  """grpo.rollout is rollout.rollout: with one update per rollout and no KL it skips the policy and reference
+  forwards and, without an RM, scores 0; the tokens are those of the full rollout under the same key.
+  rollout.host_responses / group_rows give the texts and the group-major prompt of each row."""
+  from flax import nnx
+  from jax_rlhf import sharding as shd
+  from jax_rlhf.models.heads import ScalarModel
+  from jax_rlhf.models.transformer import Transformer, preset
+  from jax_rlhf.train import grpo, rollout
+  from jax_rlhf.train import state as state_lib
+  cfg = preset('tiny', vocab_size=64, pad_token_id=1, eos_token_id=0)
+  mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  graphdefs, states = {}, {}
+  for name, model in (('policy', Transformer(cfg, rngs=nnx.Rngs(0))), ('reference', Transformer(cfg, rngs=nnx.Rngs(1))),
+                      ('reward', ScalarModel(cfg, rngs=nnx.Rngs(2)))):
+    graphdefs[name], states[name], _ = state_lib.place_state(model, None, mesh)
+  prompts = np.random.default_rng(2).integers(2, 64, (2, 4)).astype(np.int32)
+  batch = {'prompt': jnp.asarray(prompts), 'prompt_mask': jnp.ones((2, 4), jnp.int32)}
+  lean = _grpo_config(num_iterations=1, num_minibatches=1, prompts_per_step=2, num_generations=3).grpo
+  lean.kl.coef = 0.0
+  settings = grpo.settings(lean, 0, 1)
+  key = jax.random.key(9)
+  full = jax.jit(lambda st: rollout.rollout(graphdefs, st, batch, key, settings))(states)
+  exp, m = jax.jit(lambda st: grpo.rollout(graphdefs, lean, settings, st, batch, key))(
+      {'policy': states['policy'], 'reference': None, 'reward': None})
+  assert set(exp) == {'seq', 'att', 'tokens', 'mask', 'has_eos', 'rm_score'}  # no policy, reference forward
+  np.testing.assert_array_equal(exp['tokens'], full['tokens'])
+  np.testing.assert_array_equal(exp['seq'], full['seq'])
+  np.testing.assert_array_equal(exp['rm_score'], np.zeros(6))
+  # a KL in the reward needs both forwards; with the RM the scores are the shared rollout's
+  moving = _grpo_config(num_iterations=1, num_minibatches=1, prompts_per_step=2, num_generations=3).grpo
+  moving.kl.update(coef=0.04, where='reward', estimator='k1')
+  exp, _ = jax.jit(lambda st: grpo.rollout(graphdefs, moving, settings, st, batch, key))(states)
+  for mine, shared in (('old_logp', 'logp'), ('ref_logp', 'ref_logp'), ('rm_score', 'scores')):
+    np.testing.assert_array_equal(exp[mine], full[shared])
+  texts = rollout.host_responses(full, lambda t, mk: [' '.join(str(x) for x, k in zip(r, mr) if k)
+                                                      for r, mr in zip(t, mk)], 0)
+  tokens, mask = np.asarray(full['tokens']), np.asarray(full['mask']) > 0
+  assert texts == [' '.join(str(x) for x, k in zip(r, mr) if k and x != 0) for r, mr in zip(tokens, mask)]
+  assert rollout.group_rows(['a', 'b'], 3, 6) == ['a', 'a', 'a', 'b', 'b', 'b']
+  with pytest.raises(ValueError, match='2 prompt texts for 3 prompt rows'):
+    rollout.group_rows(['a', 'b'], 3, 9)
