@@ -176,6 +176,8 @@ def base_config() -> ml_collections.ConfigDict:
                                 # | task:verify (the task's exact checker; None = no opinion) | module.path:function
                                 # (a user's (prompts, responses) -> list[float], on the host). Mixed per response
                                 # as sum w_k s_k / sum w_k over the functions that spoke (0 where none did)
+      reward_mix='mean',        # mean: the weight-normalised mean of the functions that spoke | first: the first listed
+                                # function that spoke decides alone (a verifier where it can check, the RM elsewhere)
       estimator='grpo',         # grpo (group-normalised) | dr_grpo (no std) | rloo (leave-one-out) | reinforce_pp
       scale_rewards='group',    # grpo: divide by the group's std | batch (the batch's std) | none (= dr_grpo)
       adv_eps=1e-4,             # grpo: added to the std (TRL 1e-4)

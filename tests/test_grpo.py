@@ -435,7 +435,7 @@ def test_grpo_config_errors_are_one_line():
   grpo.check_config(_grpo_config().grpo)  # the defaults (with the test's sizes) pass
   for over, match in [(dict(estimator='ppo'), 'estimator'), (dict(num_generations=1), 'num_generations'),
                       (dict(overlong='cut'), 'overlong'), (dict(num_minibatches=3), 'divisible'),
-                      (dict(drop_equal_groups=True, oversample=1), 'oversample')]:
+                      (dict(drop_equal_groups=True, oversample=1), 'oversample'), (dict(reward_mix='sum'), 'reward_mix')]:
     with pytest.raises(ValueError, match=match):
       grpo.check_config(_grpo_config(**over).grpo)
   c = _grpo_config(estimator='reinforce_pp')
@@ -487,6 +487,16 @@ def test_mix_rewards_is_the_weight_normalised_mean_of_the_functions_that_spoke()
   np.testing.assert_allclose(grpo.mix_rewards({'rm': rm}, {'rm': 7.0}), rm, rtol=1e-12)
   both = grpo.mix_rewards({'rm': rm, 'task:verify': verify}, {'rm': 1.0, 'task:verify': 1.0})
   np.testing.assert_allclose(both, np.where(np.isnan(verify), rm, (rm + np.nan_to_num(verify)) / 2), rtol=1e-12)
+  # first: the first listed function that spoke decides alone (weight times its score), against a hand loop
+  got = grpo.mix_rewards({'task:verify': verify, 'u:f': user, 'rm': rm}, weights, 'first')
+  for i in range(r):
+    first = next(((name, s[i]) for name, s in (('task:verify', verify), ('u:f', user), ('rm', rm))
+                  if not math.isnan(s[i])), None)
+    assert got[i] == pytest.approx(0.0 if first is None else weights[first[0]] * first[1], abs=1e-12)
+  np.testing.assert_array_equal(grpo.mix_rewards({'task:verify': verify, 'rm': rm}, {'task:verify': 1.0, 'rm': 1.0},
+                                                 'first'), np.where(np.isnan(verify), rm, verify))
+  with pytest.raises(ValueError, match='reward_mix'):
+    grpo.mix_rewards({'rm': rm}, {'rm': 1.0}, 'max')
 
 
 def _stage_config(**grpo):

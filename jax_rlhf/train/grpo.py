@@ -30,8 +30,10 @@ Reward functions (`grpo.rewards`, each `spec[:weight]`, weight > 0, default 1):
                         cannot check (that function then says nothing for that response).
   module.path:function  a user's `(prompts: list[str], responses: list[str]) -> list[float]` on the host
                         (TRL's reward_funcs); a raise, NaN or wrong length is one line naming it (exit 2).
-  Mixed per response over the functions that spoke: r = sum_k w_k s_k / sum_k w_k (`mix_rewards`); where none
-  spoke, r = 0. With any host function: jit(rollout) -> host decode + functions -> jit(advantages) -> update.
+  Mixed per response over the functions that spoke (`grpo.reward_mix`, `mix_rewards`): mean, r = sum_k w_k s_k /
+  sum_k w_k; first, r = w_k s_k of the first listed function that spoke (a verifier first decides alone where it
+  can check; the RM speaks elsewhere). Where none spoke, r = 0. With any host function: jit(rollout) -> host
+  decode + functions -> jit(advantages) -> update.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ from jax_rlhf.train import state as state_lib
 from jax_rlhf.train import update as update_lib
 
 ESTIMATORS = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp')
+REWARD_MIXES = ('mean', 'first')
 
 
 def uses_ref(gc) -> bool:
@@ -92,6 +95,8 @@ def check_config(gc) -> None:
   if (gc.prompts_per_step * gc.num_generations) % gc.num_minibatches:
     raise ValueError(f'grpo: prompts_per_step x num_generations must be divisible by num_minibatches '
                      f'({gc.num_minibatches})')
+  if gc.reward_mix not in REWARD_MIXES:
+    raise ValueError(f'grpo.reward_mix must be one of {" | ".join(REWARD_MIXES)}, got {gc.reward_mix!r}')
   if gc.drop_equal_groups and gc.oversample < 2:
     raise ValueError(f'grpo.oversample must be >= 2 with drop_equal_groups, got {gc.oversample}')
 
@@ -312,19 +317,27 @@ def parse_rewards(specs: Sequence[str]) -> list[tuple[str, float]]:
   return out
 
 
-def mix_rewards(parts: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-  """The weight-normalised mix of reward functions: [R] float64.
+def mix_rewards(parts: Mapping[str, np.ndarray], weights: Mapping[str, float], mode: str = 'mean') -> np.ndarray:
+  """The mix of reward functions: [R] float64.
 
-  parts: name -> [R] scores, NaN where that function says nothing (task:verify's None); weights: name -> w > 0.
-  r_i = sum_k w_k s_ki [k spoke on i] / sum_k w_k [k spoke on i]; r_i = 0 where no function spoke.
+  parts: name -> [R] scores, NaN where that function says nothing (task:verify's None), in `grpo.rewards` order;
+  weights: name -> w > 0. Per response i, over the functions k that spoke on i:
+    mean   r_i = sum_k w_k s_ki / sum_k w_k (weight-normalised);
+    first  r_i = w_k s_ki of the first function (in order) that spoke: a verifier listed first decides alone
+           where it can check, and the later ones (the RM) speak only where it cannot.
+  r_i = 0 where no function spoke.
   """
+  if mode not in REWARD_MIXES:
+    raise ValueError(f'grpo.reward_mix must be one of {" | ".join(REWARD_MIXES)}, got {mode!r}')
   num = 0.0
   den = 0.0
   for name, s in parts.items():
     s = np.asarray(s, np.float64)
     spoke = ~np.isnan(s)
+    if mode == 'first':
+      spoke = spoke & (np.asarray(den) == 0)  # nobody before it spoke
     num = num + np.where(spoke, weights[name] * np.nan_to_num(s), 0.0)
-    den = den + np.where(spoke, weights[name], 0.0)
+    den = den + np.where(spoke, 1.0 if mode == 'first' else weights[name], 0.0)
   den = np.asarray(den)
   return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
@@ -358,7 +371,9 @@ class HostRewards:
   `grpo.rewards` (rm: the rollout's in-graph score), mix (`mix_rewards`). `prompt_texts(exp)` gives the R
   prompt texts in row order (group-major)."""
 
-  def __init__(self, rewards: list[tuple[str, float]], fns: Mapping[str, Callable], tokenizer, eos_id: int):
+  def __init__(self, rewards: list[tuple[str, float]], fns: Mapping[str, Callable], tokenizer, eos_id: int,
+               mode: str = 'mean'):
+    self.mode = mode
     self.rewards, self.fns, self.eos_id = rewards, dict(fns), eos_id
     self.decode = functools.partial(sampling.decode_responses, tokenizer)
     self.weights = dict(rewards)
@@ -378,7 +393,7 @@ class HostRewards:
       metrics[f'reward/{name}/spoke'] = float(np.mean(spoke))
       if spoke.any():
         metrics[f'reward/{name}'] = float(np.mean(s[spoke]))
-    return mix_rewards(parts, self.weights).astype(np.float32), metrics
+    return mix_rewards(parts, self.weights, self.mode).astype(np.float32), metrics
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -442,7 +457,7 @@ def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | No
   texts = [r['prompt'] for r in recs]
   prompts = sources.GrainLoader(prompt_arrays, n_prompts, config.seed)
   in_graph = names == ['rm']
-  host = None if in_graph else HostRewards(rewards, fns, tok, tok.eos_token_id)
+  host = None if in_graph else HostRewards(rewards, fns, tok, tok.eos_token_id, gc.reward_mix)
 
   # ---------------------------------------------------------------- resume
   ckpt = checkpoint.for_stage(out, config)
