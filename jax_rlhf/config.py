@@ -335,21 +335,30 @@ def ablation(c: ml_collections.ConfigDict) -> None:
   c.eval.models = policies(c.plan)
 
 
+# The critic-free runs of `compare` on the demo's SFT and RM (measured there, 120 rollouts of 16 x 8):
+#  * overlong 'penalty' (PPO's -1): the RM rewards a response cut at max_new_tokens, and with no penalty GRPO
+#    learnt to drop the EOS (EOS fraction 1.0 -> 0.17, reverse/sort/uppercase exact 0.00);
+#  * the KL as PPO's, beta 0.2 x k1 summed in the reward: in the loss (DeepSeekMath's 0.04 x k3) the KL
+#    reached 8 nats per token and the gold fell to 0.15 (win vs SFT 0.30; 0.44 at beta 0.2, 0.63 at 0.5);
+#  * grpo_verifier: reward_mix 'first', the verifier alone where it can check: mixed half-half with the RM
+#    (which cannot check lists, and decides every group with no right answer) reverse/sort/uppercase fell to 0.03.
+GRPO_DEMO = {'overlong': 'penalty', 'kl': {'coef': 0.2, 'where': 'reward', 'estimator': 'k1'}}
+
+
 def compare(c: ml_collections.ConfigDict) -> None:
   """After InstructGPT, side by side: from the default plan's pretrain, sft, label and rm (the same runs `make
   demo` makes), PPO and the methods that came after it, each a named run, all compared by one eval:
   dpo (offline pairwise DPO on the label run's rankings), dpo_listwise (Plackett-Luce over each whole ranking),
-  grpo (group-normalised advantages, the RM's reward), grpo_verifier (the task's checker where it speaks, the
-  RM elsewhere) and rloo (leave-one-out baseline, the RM's reward, KL in the reward)."""
+  grpo (group-normalised advantages, the RM's reward), grpo_verifier (the task's checker alone where it speaks,
+  the RM elsewhere) and rloo (leave-one-out baseline, the RM's reward); all three with `GRPO_DEMO`."""
   at = next(i for i, r in enumerate(c.plan) if r.kind == 'eval')
   sft_ref = {'policy': 'sft', 'reference': 'sft'}
   runs = (plan_run('dpo', 'dpo', {**sft_ref, 'rankings': 'label'}),
           plan_run('dpo_listwise', 'dpo', {**sft_ref, 'rankings': 'label'}, {'dpo': {'mode': 'listwise'}}),
-          plan_run('grpo', 'grpo', {**sft_ref, 'reward': 'rm'}),
+          plan_run('grpo', 'grpo', {**sft_ref, 'reward': 'rm'}, {'grpo': GRPO_DEMO}),
           plan_run('grpo_verifier', 'grpo', {**sft_ref, 'reward': 'rm'},
-                   {'grpo': {'rewards': ('task:verify', 'rm')}}),
-          plan_run('rloo', 'grpo', {**sft_ref, 'reward': 'rm'},
-                   {'grpo': {'estimator': 'rloo', 'kl': {'where': 'reward', 'estimator': 'k1'}}}))
+                   {'grpo': {**GRPO_DEMO, 'rewards': ('task:verify', 'rm'), 'reward_mix': 'first'}}),
+          plan_run('rloo', 'grpo', {**sft_ref, 'reward': 'rm'}, {'grpo': {**GRPO_DEMO, 'estimator': 'rloo'}}))
   c.plan = (*c.plan[:at], *runs, *c.plan[at:])
   c.eval.models = policies(c.plan)
 

@@ -692,3 +692,20 @@ def test_grpo_rollout_is_the_shared_rollout_less_what_it_does_not_read():
   assert rollout.group_rows(['a', 'b'], 3, 6) == ['a', 'a', 'a', 'b', 'b', 'b']
   with pytest.raises(ValueError, match='2 prompt texts for 3 prompt rows'):
     rollout.group_rows(['a', 'b'], 3, 9)
+
+
+def test_compare_plan_grpo_runs_use_the_demo_settings_and_pass_the_config_check():
+  """configs/pipeline.py:compare: grpo, grpo_verifier and rloo from SFT and the RM, each with the overlong penalty
+  and PPO's KL in the reward; the verifier decides alone where it can check; each run's config passes check_config."""
+  from jax_rlhf import pipeline
+  from jax_rlhf.config import stage_config
+  from jax_rlhf.train import grpo
+  c = stage_config('pipeline', 'compare')
+  runs = {r.name: pipeline.run_config(c, r).grpo for r in c.plan if r.kind == 'grpo'}
+  assert sorted(runs) == ['grpo', 'grpo_verifier', 'rloo']
+  for name, gc in runs.items():
+    grpo.check_config(gc)
+    assert (gc.overlong, gc.kl.coef, gc.kl.where, gc.kl.estimator) == ('penalty', 0.2, 'reward', 'k1'), name
+  assert tuple(runs['grpo_verifier'].rewards) == ('task:verify', 'rm') and runs['grpo_verifier'].reward_mix == 'first'
+  assert runs['rloo'].estimator == 'rloo' and tuple(runs['grpo'].rewards) == ('rm',)
+  assert {'grpo', 'grpo_verifier', 'rloo'} <= set(c.eval.models)
