@@ -340,6 +340,8 @@ def ablation(c: ml_collections.ConfigDict) -> None:
 #    learnt to drop the EOS (EOS fraction 1.0 -> 0.17, reverse/sort/uppercase exact 0.00);
 #  * the KL as PPO's, beta 0.2 x k1 summed in the reward: in the loss (DeepSeekMath's 0.04 x k3) the KL
 #    reached 8 nats per token and the gold fell to 0.15 (win vs SFT 0.30; 0.44 at beta 0.2, 0.63 at 0.5);
+#  * grpo: the batch's std, not each group's (win vs SFT 0.71, as PPO's; 0.66 with the group's std, which
+#    complied with unsafe requests: 0.16 refusals against 0.98);
 #  * grpo_verifier: reward_mix 'first', the verifier alone where it can check: mixed half-half with the RM
 #    (which cannot check lists, and decides every group with no right answer) reverse/sort/uppercase fell to 0.03.
 GRPO_DEMO = {'overlong': 'penalty', 'kl': {'coef': 0.2, 'where': 'reward', 'estimator': 'k1'}}
@@ -355,7 +357,7 @@ def compare(c: ml_collections.ConfigDict) -> None:
   sft_ref = {'policy': 'sft', 'reference': 'sft'}
   runs = (plan_run('dpo', 'dpo', {**sft_ref, 'rankings': 'label'}),
           plan_run('dpo_listwise', 'dpo', {**sft_ref, 'rankings': 'label'}, {'dpo': {'mode': 'listwise'}}),
-          plan_run('grpo', 'grpo', {**sft_ref, 'reward': 'rm'}, {'grpo': GRPO_DEMO}),
+          plan_run('grpo', 'grpo', {**sft_ref, 'reward': 'rm'}, {'grpo': {**GRPO_DEMO, 'scale_rewards': 'batch'}}),
           plan_run('grpo_verifier', 'grpo', {**sft_ref, 'reward': 'rm'},
                    {'grpo': {**GRPO_DEMO, 'rewards': ('task:verify', 'rm'), 'reward_mix': 'first'}}),
           plan_run('rloo', 'grpo', {**sft_ref, 'reward': 'rm'}, {'grpo': {**GRPO_DEMO, 'estimator': 'rloo'}}))

@@ -708,4 +708,5 @@ def test_compare_plan_grpo_runs_use_the_demo_settings_and_pass_the_config_check(
     assert (gc.overlong, gc.kl.coef, gc.kl.where, gc.kl.estimator) == ('penalty', 0.2, 'reward', 'k1'), name
   assert tuple(runs['grpo_verifier'].rewards) == ('task:verify', 'rm') and runs['grpo_verifier'].reward_mix == 'first'
   assert runs['rloo'].estimator == 'rloo' and tuple(runs['grpo'].rewards) == ('rm',)
+  assert runs['grpo'].scale_rewards == 'batch' and runs['grpo_verifier'].scale_rewards == 'group'
   assert {'grpo', 'grpo_verifier', 'rloo'} <= set(c.eval.models)
