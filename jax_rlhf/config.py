@@ -344,6 +344,8 @@ def ablation(c: ml_collections.ConfigDict) -> None:
 #    complied with unsafe requests: 0.16 refusals against 0.98);
 #  * grpo_verifier: reward_mix 'first', the verifier alone where it can check: mixed half-half with the RM
 #    (which cannot check lists, and decides every group with no right answer) reverse/sort/uppercase fell to 0.03.
+#    With it, 40-60% of the groups had all-equal rewards (all right or all wrong): DAPO's dynamic sampling
+#    (drop_equal_groups, 32 prompts sampled for 16 kept) raised gold 0.795 -> 0.821, win 0.706 -> 0.727.
 GRPO_DEMO = {'overlong': 'penalty', 'kl': {'coef': 0.2, 'where': 'reward', 'estimator': 'k1'}}
 
 
@@ -359,7 +361,8 @@ def compare(c: ml_collections.ConfigDict) -> None:
           plan_run('dpo_listwise', 'dpo', {**sft_ref, 'rankings': 'label'}, {'dpo': {'mode': 'listwise'}}),
           plan_run('grpo', 'grpo', {**sft_ref, 'reward': 'rm'}, {'grpo': {**GRPO_DEMO, 'scale_rewards': 'batch'}}),
           plan_run('grpo_verifier', 'grpo', {**sft_ref, 'reward': 'rm'},
-                   {'grpo': {**GRPO_DEMO, 'rewards': ('task:verify', 'rm'), 'reward_mix': 'first'}}),
+                   {'grpo': {**GRPO_DEMO, 'rewards': ('task:verify', 'rm'), 'reward_mix': 'first',
+                             'drop_equal_groups': True}}),
           plan_run('rloo', 'grpo', {**sft_ref, 'reward': 'rm'}, {'grpo': {**GRPO_DEMO, 'estimator': 'rloo'}}))
   c.plan = (*c.plan[:at], *runs, *c.plan[at:])
   c.eval.models = policies(c.plan)

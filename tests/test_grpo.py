@@ -709,4 +709,5 @@ def test_compare_plan_grpo_runs_use_the_demo_settings_and_pass_the_config_check(
   assert tuple(runs['grpo_verifier'].rewards) == ('task:verify', 'rm') and runs['grpo_verifier'].reward_mix == 'first'
   assert runs['rloo'].estimator == 'rloo' and tuple(runs['grpo'].rewards) == ('rm',)
   assert runs['grpo'].scale_rewards == 'batch' and runs['grpo_verifier'].scale_rewards == 'group'
+  assert runs['grpo_verifier'].drop_equal_groups and not runs['grpo'].drop_equal_groups
   assert {'grpo', 'grpo_verifier', 'rloo'} <= set(c.eval.models)
