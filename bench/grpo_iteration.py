@@ -88,7 +88,7 @@ def main():
   holder = {}
 
   def experience(i):
-    exp, em = trainer.experience(st['policy'], st['ref'], st['reward'], prompts, jax.random.fold_in(key, 2000 + i),
+    exp, em = trainer.experience(st, prompts, jax.random.fold_in(key, 2000 + i),
                                  beta)
     jax.block_until_ready((exp, em))
     holder['exp'] = exp

@@ -409,7 +409,7 @@ def test_grpo_update_on_8_devices_equals_one_device(estimator, where):
                                ScalarModel(cfg, rngs=nnx.Rngs(1)), (0, 1))
     st = trainer.states
     if 'exp' not in out:  # one rollout (on one device) that both meshes update from
-      exp, _ = trainer.experience(st['policy'], st['ref'], st['reward'], shd.put_batch(batch, mesh),
+      exp, _ = trainer.experience(st, shd.put_batch(batch, mesh),
                                   jax.random.key(3), jnp.float32(0.04))
       out['exp'] = jax.device_get(exp)
       assert np.any(out['exp']['advantages'] != 0)
@@ -435,7 +435,7 @@ def test_grpo_config_errors_are_one_line():
   grpo.check_config(_grpo_config().grpo)  # the defaults (with the test's sizes) pass
   for over, match in [(dict(estimator='ppo'), 'estimator'), (dict(num_generations=1), 'num_generations'),
                       (dict(overlong='cut'), 'overlong'), (dict(num_minibatches=3), 'divisible'),
-                      (dict(drop_equal_groups=True, oversample=1), 'oversample')]:
+                      (dict(drop_equal_groups=True, oversample=1), 'oversample'), (dict(reward_mix='sum'), 'reward_mix')]:
     with pytest.raises(ValueError, match=match):
       grpo.check_config(_grpo_config(**over).grpo)
   c = _grpo_config(estimator='reinforce_pp')
@@ -487,6 +487,16 @@ def test_mix_rewards_is_the_weight_normalised_mean_of_the_functions_that_spoke()
   np.testing.assert_allclose(grpo.mix_rewards({'rm': rm}, {'rm': 7.0}), rm, rtol=1e-12)
   both = grpo.mix_rewards({'rm': rm, 'task:verify': verify}, {'rm': 1.0, 'task:verify': 1.0})
   np.testing.assert_allclose(both, np.where(np.isnan(verify), rm, (rm + np.nan_to_num(verify)) / 2), rtol=1e-12)
+  # first: the first listed function that spoke decides alone (weight times its score), against a hand loop
+  got = grpo.mix_rewards({'task:verify': verify, 'u:f': user, 'rm': rm}, weights, 'first')
+  for i in range(r):
+    first = next(((name, s[i]) for name, s in (('task:verify', verify), ('u:f', user), ('rm', rm))
+                  if not math.isnan(s[i])), None)
+    assert got[i] == pytest.approx(0.0 if first is None else weights[first[0]] * first[1], abs=1e-12)
+  np.testing.assert_array_equal(grpo.mix_rewards({'task:verify': verify, 'rm': rm}, {'task:verify': 1.0, 'rm': 1.0},
+                                                 'first'), np.where(np.isnan(verify), rm, verify))
+  with pytest.raises(ValueError, match='reward_mix'):
+    grpo.mix_rewards({'rm': rm}, {'rm': 1.0}, 'max')
 
 
 def _stage_config(**grpo):
@@ -638,3 +648,66 @@ def test_host_scored_step_equals_the_in_graph_step_on_the_same_rewards():
     assert float(mh[k]) == pytest.approx(float(mg[k]), rel=1e-5, abs=1e-7), k
   for a, b in zip(jax.tree.leaves(pg), jax.tree.leaves(ph)):
     np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def test_grpo_rollout_is_the_shared_rollout_less_what_it_does_not_read():
+  """grpo.rollout is rollout.rollout: with one update per rollout and no KL it skips the policy and reference
+  forwards and, without an RM, scores 0; the tokens are those of the full rollout under the same key.
+  rollout.host_responses / group_rows give the texts and the group-major prompt of each row."""
+  from flax import nnx
+  from jax_rlhf import sharding as shd
+  from jax_rlhf.models.heads import ScalarModel
+  from jax_rlhf.models.transformer import Transformer, preset
+  from jax_rlhf.train import grpo, rollout
+  from jax_rlhf.train import state as state_lib
+  cfg = preset('tiny', vocab_size=64, pad_token_id=1, eos_token_id=0)
+  mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  graphdefs, states = {}, {}
+  for name, model in (('policy', Transformer(cfg, rngs=nnx.Rngs(0))), ('reference', Transformer(cfg, rngs=nnx.Rngs(1))),
+                      ('reward', ScalarModel(cfg, rngs=nnx.Rngs(2)))):
+    graphdefs[name], states[name], _ = state_lib.place_state(model, None, mesh)
+  prompts = np.random.default_rng(2).integers(2, 64, (2, 4)).astype(np.int32)
+  batch = {'prompt': jnp.asarray(prompts), 'prompt_mask': jnp.ones((2, 4), jnp.int32)}
+  lean = _grpo_config(num_iterations=1, num_minibatches=1, prompts_per_step=2, num_generations=3).grpo
+  lean.kl.coef = 0.0
+  settings = grpo.settings(lean, 0, 1)
+  key = jax.random.key(9)
+  full = jax.jit(lambda st: rollout.rollout(graphdefs, st, batch, key, settings))(states)
+  exp, m = jax.jit(lambda st: grpo.rollout(graphdefs, lean, settings, st, batch, key))(
+      {'policy': states['policy'], 'reference': None, 'reward': None})
+  assert set(exp) == {'seq', 'att', 'tokens', 'mask', 'has_eos', 'rm_score'}  # no policy, reference forward
+  np.testing.assert_array_equal(exp['tokens'], full['tokens'])
+  np.testing.assert_array_equal(exp['seq'], full['seq'])
+  np.testing.assert_array_equal(exp['rm_score'], np.zeros(6))
+  # a KL in the reward needs both forwards; with the RM the scores are the shared rollout's
+  moving = _grpo_config(num_iterations=1, num_minibatches=1, prompts_per_step=2, num_generations=3).grpo
+  moving.kl.update(coef=0.04, where='reward', estimator='k1')
+  exp, _ = jax.jit(lambda st: grpo.rollout(graphdefs, moving, settings, st, batch, key))(states)
+  for mine, shared in (('old_logp', 'logp'), ('ref_logp', 'ref_logp'), ('rm_score', 'scores')):
+    np.testing.assert_array_equal(exp[mine], full[shared])
+  texts = rollout.host_responses(full, lambda t, mk: [' '.join(str(x) for x, k in zip(r, mr) if k)
+                                                      for r, mr in zip(t, mk)], 0)
+  tokens, mask = np.asarray(full['tokens']), np.asarray(full['mask']) > 0
+  assert texts == [' '.join(str(x) for x, k in zip(r, mr) if k and x != 0) for r, mr in zip(tokens, mask)]
+  assert rollout.group_rows(['a', 'b'], 3, 6) == ['a', 'a', 'a', 'b', 'b', 'b']
+  with pytest.raises(ValueError, match='2 prompt texts for 3 prompt rows'):
+    rollout.group_rows(['a', 'b'], 3, 9)
+
+
+def test_compare_plan_grpo_runs_use_the_demo_settings_and_pass_the_config_check():
+  """configs/pipeline.py:compare: grpo, grpo_verifier and rloo from SFT and the RM, each with the overlong penalty
+  and PPO's KL in the reward; the verifier decides alone where it can check; each run's config passes check_config."""
+  from jax_rlhf import pipeline
+  from jax_rlhf.config import stage_config
+  from jax_rlhf.train import grpo
+  c = stage_config('pipeline', 'compare')
+  runs = {r.name: pipeline.run_config(c, r).grpo for r in c.plan if r.kind == 'grpo'}
+  assert sorted(runs) == ['grpo', 'grpo_verifier', 'rloo']
+  for name, gc in runs.items():
+    grpo.check_config(gc)
+    assert (gc.overlong, gc.kl.coef, gc.kl.where, gc.kl.estimator) == ('penalty', 0.2, 'reward', 'k1'), name
+  assert tuple(runs['grpo_verifier'].rewards) == ('task:verify', 'rm') and runs['grpo_verifier'].reward_mix == 'first'
+  assert runs['rloo'].estimator == 'rloo' and tuple(runs['grpo'].rewards) == ('rm',)
+  assert runs['grpo'].scale_rewards == 'batch' and runs['grpo_verifier'].scale_rewards == 'group'
+  assert runs['grpo_verifier'].drop_equal_groups and not runs['grpo'].drop_equal_groups
+  assert {'grpo', 'grpo_verifier', 'rloo'} <= set(c.eval.models)

@@ -1,21 +1,24 @@
 """GRPO and its critic-free family (Dr. GRPO, DAPO, RLOO, REINFORCE++): the compiled step functions.
 
-No value model. Per rollout, for `prompts_per_step` prompts x G = `num_generations` samples each:
+No value model. One iteration = rollout, advantages, loss, update, each on the shared parts; per rollout,
+`prompts_per_step` prompts x G = `num_generations` samples each:
 
-  experience: sample G responses per prompt from ONE prefill per prompt (`sampling.sample(num_samples=G)`,
-              rows group-major: row i answers prompt i // G) -> reference log-probs of the sampled tokens
-              (teacher-forced, logits / T; only when a KL term is on) -> behaviour log-probs (only when the
-              policy moves before the last use of the rollout: num_iterations > 1 or several minibatches) ->
-              RM score at the last real token -> overlong handling -> `advantages`.
-  advantages: per-response rewards [B*G] (the RM's, and later the task's verifier or a user's function) ->
-              DAPO's dynamic sampling inside a fixed compiled batch (`drop_equal_groups`: groups whose rewards
-              are all equal are replaced by groups from the extra sampled prompts) -> advantages by
-              `grpo.estimator`: grpo (group-normalised), dr_grpo (no std), rloo (leave-one-out), reinforce_pp
-              (per-token KL in the reward, whitened returns).
-  update:     num_iterations x num_minibatches steps in one `lax.scan` of `losses.grpo_policy_loss`
-              (asymmetric clip, token / sequence / constant aggregation, optional GSPO sequence ratio,
-              beta x kl_estimate in the loss). With one update per rollout the ratio is exactly 1 and the old
-              log-probs are the loss's own (stop-gradient), as TRL; so no extra forward is spent on them.
+  rollout:    `rollout.rollout` (train/rollout.py) with G rows per prompt from ONE prefill per prompt, rows
+              group-major (row i answers prompt i // G): reference log-probs of the sampled tokens (teacher-
+              forced, logits / T; only when a KL term is on), behaviour log-probs (only when the policy moves
+              before the last use of the rollout: num_iterations > 1, several minibatches, or a KL in the
+              reward), the RM's score at the last real token (in the graph; host reward functions score the
+              decoded texts between two jits: `rollout.host_responses`, `rollout.call_reward_fn`).
+  advantages: per-response rewards [B*G] (the RM's, the task's verifier, a user's function, mixed) -> overlong
+              handling -> DAPO's dynamic sampling inside a fixed compiled batch (`drop_equal_groups`: groups
+              whose rewards are all equal are replaced by groups from the extra sampled prompts) -> advantages
+              by `grpo.estimator`: grpo (group-normalised), dr_grpo (no std), rloo (leave-one-out),
+              reinforce_pp (per-token KL in the reward, whitened returns).
+  loss:       `losses.grpo_policy_loss` (asymmetric clip, token / sequence / constant aggregation, optional
+              GSPO sequence ratio, beta x kl_estimate in the loss).
+  update:     `update.update` over {policy}: num_iterations x num_minibatches steps in one `lax.scan`. With one
+              update per rollout the ratio is exactly 1 and the old log-probs are the loss's own
+              (stop-gradient), as TRL; so no extra forward is spent on them.
 
 beta is fixed or follows `rl.adaptive_loss_beta_update` on the measured loss-side KL (a host scalar between
 rollouts). Equations and defaults: ../shared/POSTTRAINING_DETAILS.md, section 2.
@@ -27,11 +30,14 @@ Reward functions (`grpo.rewards`, each `spec[:weight]`, weight > 0, default 1):
                         cannot check (that function then says nothing for that response).
   module.path:function  a user's `(prompts: list[str], responses: list[str]) -> list[float]` on the host
                         (TRL's reward_funcs); a raise, NaN or wrong length is one line naming it (exit 2).
-  Mixed per response over the functions that spoke: r = sum_k w_k s_k / sum_k w_k (`mix_rewards`); where none
-  spoke, r = 0. With any host function: jit(rollout) -> host decode + functions -> jit(advantages) -> update.
+  Mixed per response over the functions that spoke (`grpo.reward_mix`, `mix_rewards`): mean, r = sum_k w_k s_k /
+  sum_k w_k; first, r = w_k s_k of the first listed function that spoke (a verifier first decides alone where it
+  can check; the RM speaks elsewhere). Where none spoke, r = 0. With any host function: jit(rollout) -> host
+  decode + functions -> jit(advantages) -> update.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import time
@@ -40,7 +46,6 @@ from typing import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from jax_rlhf import losses, rl, sampling
@@ -48,20 +53,13 @@ from jax_rlhf import metrics as metrics_lib
 from jax_rlhf import sharding as shd
 from jax_rlhf.data import batches, sources
 from jax_rlhf.models import hf, lora, scoring
-from jax_rlhf.models.scoring import response_logprobs
 from jax_rlhf.train import checkpoint, common
 from jax_rlhf.train import rollout as rollout_lib
 from jax_rlhf.train import state as state_lib
+from jax_rlhf.train import update as update_lib
 
 ESTIMATORS = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp')
-
-
-def _merge(graphdef, st):
-  return nnx.merge(graphdef, st.params, st.rest)
-
-
-def _temperature(gc) -> float:
-  return gc.temperature if gc.temperature > 0 else 1.0
+REWARD_MIXES = ('mean', 'first')
 
 
 def uses_ref(gc) -> bool:
@@ -97,6 +95,8 @@ def check_config(gc) -> None:
   if (gc.prompts_per_step * gc.num_generations) % gc.num_minibatches:
     raise ValueError(f'grpo: prompts_per_step x num_generations must be divisible by num_minibatches '
                      f'({gc.num_minibatches})')
+  if gc.reward_mix not in REWARD_MIXES:
+    raise ValueError(f'grpo.reward_mix must be one of {" | ".join(REWARD_MIXES)}, got {gc.reward_mix!r}')
   if gc.drop_equal_groups and gc.oversample < 2:
     raise ValueError(f'grpo.oversample must be >= 2 with drop_equal_groups, got {gc.oversample}')
 
@@ -106,35 +106,30 @@ def check_config(gc) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def rollout(g, gc, eos_id: int, pad_id: int, policy, ref, reward, batch, rng):
-  """G samples per prompt and everything the loss needs that does not depend on the rewards (pure).
+def settings(gc, eos_id: int, pad_id: int) -> rollout_lib.Settings:
+  """The rollout's sampling settings: G = num_generations rows per prompt from one shared prefill."""
+  return rollout_lib.Settings(gc.max_new_tokens, gc.temperature, gc.top_k, gc.top_p, eos_id, pad_id,
+                              group_size=gc.num_generations)
 
-  g: graphdefs {policy, ref, reward}; policy/ref/reward: TrainStates (ref/reward may be None when unused; ref
-  None with g['ref'] set: a LoRA policy's reference, its graphdef with the adapters off on the policy's state);
-  batch: {'prompt', 'prompt_mask'} [Bp, P] left-padded. Returns (exp, metrics); exp holds [Bp*G, ...] rows,
-  group-major: seq/att [R, P+N], mask [R, N] float, has_eos [R], rm_score [R] (0 without a reward model),
-  ref_logp / old_logp [R, N] when used.
+
+def rollout(graphdefs, gc, settings_: rollout_lib.Settings, states, batch, rng):
+  """G samples per prompt and everything the loss needs that does not depend on the rewards (pure): the shared
+  `rollout.rollout` (one prefill per prompt; reference log-probs when `uses_ref`; the RM's score at the last
+  real token when states['reward'] is set, else 0), kept as the experience the update reads.
+
+  states: {'policy', 'reference', 'reward'} TrainStates (reference/reward None when unused); batch:
+  {'prompt', 'prompt_mask'} [Bp, P] left-padded. Returns (exp, metrics); exp holds [Bp*G, ...] rows,
+  group-major: seq/att [R, P+N], tokens/mask [R, N], has_eos [R], rm_score [R], ref_logp [R, N] when a KL term
+  is on, old_logp [R, N] (the behaviour log-probs) only when `needs_old_logp`.
   """
-  prompt, prompt_mask = batch['prompt'], batch['prompt_mask']  # [Bp, P]
-  p = prompt.shape[1]
-  n_gen = gc.num_generations
-  out = sampling.sample(g['policy'], nnx.merge_state(policy.params, policy.rest), prompt, prompt_mask, rng,
-                        max_new_tokens=gc.max_new_tokens, temperature=gc.temperature, top_k=gc.top_k,
-                        top_p=gc.top_p, eos_token_id=eos_id, pad_token_id=pad_id, num_samples=n_gen)
-  tokens = out.tokens  # [R, N], R = Bp * G
-  seq = jnp.concatenate([jnp.repeat(prompt, n_gen, axis=0), tokens], 1)  # [R, P+N]
-  att = jnp.concatenate([jnp.repeat(prompt_mask, n_gen, axis=0), out.mask], 1)  # [R, P+N]
-  mask = out.mask.astype(jnp.float32)  # [R, N]
-  has_eos = jnp.any((tokens == eos_id) & (out.mask > 0), axis=1)  # [R]
-  exp = {'seq': seq, 'att': att, 'mask': mask, 'has_eos': has_eos}
-  temp = _temperature(gc)
-  if ref is not None or g['ref'] is not None:  # no ref state with LoRA: the policy's base (adapters off)
-    exp['ref_logp'], _ = response_logprobs(_merge(g['ref'], policy if ref is None else ref), seq, att, p, temp)
-  if needs_old_logp(gc):
-    exp['old_logp'], _ = response_logprobs(_merge(g['policy'], policy), seq, att, p, temp)
-  exp['rm_score'] = (scoring.reward_at_last(_merge(g['reward'], reward), seq, att) if reward is not None
-                     else jnp.zeros(tokens.shape[:1], jnp.float32))  # [R], at the last real token
-  metrics = {'response_length': jnp.mean(jnp.sum(mask, 1)), 'eos_fraction': jnp.mean(has_eos),
+  ro = rollout_lib.rollout(graphdefs, states, batch, rng, settings_, policy_logp=needs_old_logp(gc))
+  exp = {k: ro[k] for k in ('seq', 'att', 'tokens', 'mask', 'has_eos')}
+  exp['rm_score'] = ro['scores']
+  if 'ref_logp' in ro:
+    exp['ref_logp'] = ro['ref_logp']
+  if 'logp' in ro:
+    exp['old_logp'] = ro['logp']
+  metrics = {'response_length': jnp.mean(jnp.sum(exp['mask'], 1)), 'eos_fraction': jnp.mean(exp['has_eos']),
              'rm_score': jnp.mean(exp['rm_score'])}
   return exp, metrics
 
@@ -204,10 +199,11 @@ def advantages(gc, exp, rewards, beta):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def grpo_loss(g, gc, prompt_len: int, params, rest, mb, beta):
+def grpo_loss(graphdefs, gc, prompt_len: int, params, rest, mb, beta):
   """The policy loss of one minibatch and its metrics (pure). mb: a minibatch of `advantages`' exp."""
-  policy = nnx.merge(g['policy'], params, rest)
-  logp, logits = response_logprobs(policy, mb['seq'], mb['att'], prompt_len, _temperature(gc))
+  policy = nnx.merge(graphdefs['policy'], params, rest)
+  logp, logits = scoring.response_logprobs(policy, mb['seq'], mb['att'], prompt_len,
+                                           scoring.effective_temperature(gc.temperature))
   old_logp = mb['old_logp'] if 'old_logp' in mb else jax.lax.stop_gradient(logp)
   kl_in_loss = gc.kl.where == 'loss' and 'ref_logp' in mb and gc.estimator != 'reinforce_pp'
   loss, m = losses.grpo_policy_loss(
@@ -221,68 +217,54 @@ def grpo_loss(g, gc, prompt_len: int, params, rest, mb, beta):
   return loss, m
 
 
-def update(g, gc, tx, policy, exp, rng, beta):
-  """num_iterations x num_minibatches optimizer steps in one `lax.scan` (pure). Returns (policy, metrics)."""
+def update(graphdefs, gc, tx, policy, exp, rng, beta):
+  """num_iterations x num_minibatches optimizer steps of the policy alone, `update.update`'s one `lax.scan`
+  (pure). Returns (policy, metrics)."""
   exp = {k: v for k, v in exp.items() if k in ('seq', 'att', 'mask', 'advantages', 'ref_logp', 'old_logp')}
-  rows = exp['seq'].shape[0]
   prompt_len = exp['seq'].shape[1] - exp['mask'].shape[1]
-  n_iter, n_mb = gc.num_iterations, gc.num_minibatches
-  mb_size = rows // n_mb
-  if n_mb == 1:  # every step sees the whole batch: no gather
-    idx = jnp.broadcast_to(jnp.arange(rows), (n_iter, rows))
-  else:
-    perms = jax.vmap(lambda k: jax.random.permutation(k, rows))(jax.random.split(rng, n_iter))
-    idx = perms[:, :mb_size * n_mb].reshape(n_iter * n_mb, mb_size)
-
-  def one(policy, i):
-    mb = jax.tree.map(lambda x: x[i], exp)
-    grad_fn = jax.value_and_grad(lambda pp: grpo_loss(g, gc, prompt_len, pp, policy.rest, mb, beta), has_aux=True)
-    (_, m), grads = grad_fn(policy.params)
-    upd, opt_state = tx.update(grads, policy.opt_state, policy.params)
-    policy = policy.replace(step=policy.step + 1, params=optax.apply_updates(policy.params, upd),
-                            opt_state=opt_state)
-    m['grad_norm'] = optax.tree.norm(grads)
-    return policy, m
-
-  policy, ms = jax.lax.scan(one, policy, idx)
-  metrics = jax.tree.map(jnp.mean, ms)
-  metrics['nonfinite_skipped'] = state_lib.nonfinite_counts(policy)[1]
+  trained, metrics, _ = update_lib.update(
+      lambda params, rest, mb, _: grpo_loss(graphdefs, gc, prompt_len, params['policy'], rest['policy'], mb, beta),
+      {'policy': tx}, {'policy': policy}, exp, rng, epochs=gc.num_iterations, num_minibatches=gc.num_minibatches)
+  metrics['grad_norm'] = metrics.pop('policy_grad_norm')
   metrics['beta'] = jnp.asarray(beta, jnp.float32)
-  return policy, metrics
+  return trained['policy'], metrics
 
 
 class GRPOTrainer:
-  """The policy's (trained) and the reference's and reward model's (frozen) sharded states, and the compiled
-  experience (rollout + in-graph RM reward + advantages) and update. `reward_model` None: no in-graph RM."""
+  """The policy's (trained) and the reference's and reward model's (frozen) sharded states ({policy, reference,
+  reward}; reference None without a KL term, reward None without an in-graph RM) and the compiled steps:
+  experience (rollout + in-graph RM reward + advantages, one jit), or, with host rewards, sample (the rollout)
+  and advantages; then update (the policy, donated)."""
 
   def __init__(self, config, mesh, policy_model, ref_model, reward_model, tokenizer_ids):
     gc = config.grpo
     check_config(gc)
     self.gc, self.mesh = gc, mesh
-    self.eos_id, self.pad_id = tokenizer_ids
+    self.settings = settings(gc, *tokenizer_ids)
     self.tx = state_lib.make_optimizer(gc.optimizer, gc.iterations * gc.num_iterations * gc.num_minibatches)
     g, st, sh = {}, {}, {}
-    models = {'policy': (policy_model, self.tx), 'ref': (ref_model if uses_ref(gc) else None, None),
+    models = {'policy': (policy_model, self.tx), 'reference': (ref_model if uses_ref(gc) else None, None),
               'reward': (reward_model, None)}
     for name, (model, tx) in models.items():
-      if model is None:
+      if model is None and name == 'reference' and uses_ref(gc):
+        # LoRA: the reference is the policy's base with the adapters off, run on the policy's state (no state)
+        g[name] = lora.reference_graphdef(policy_model)
+      elif model is None:
         g[name], st[name], sh[name] = None, None, None
-        if name == 'ref' and uses_ref(gc):  # LoRA: the reference is the policy's base, adapters off
-          g[name] = lora.reference_graphdef(policy_model)
-        continue
-      g[name], st[name], sh[name] = state_lib.place_state(model, tx, mesh)
+      else:
+        g[name], st[name], sh[name] = state_lib.place_state(model, tx, mesh)
     self.graphdefs, self.states, self.shardings = g, st, sh
     rep, batch_sh = shd.replicated(mesh), shd.batch_sharding(mesh)
 
-    def experience(p, r, w, batch, key, beta):
-      exp, m = rollout(g, gc, self.eos_id, self.pad_id, p, r, w, batch, key)
+    def experience(states, batch, key, beta):
+      exp, m = rollout(g, gc, self.settings, states, batch, key)
       exp, am = advantages(gc, exp, exp['rm_score'], beta)
       return exp, {**m, **am}
 
-    self.experience = jax.jit(experience, in_shardings=(sh['policy'], sh['ref'], sh['reward'], batch_sh, rep, rep))
+    self.experience = jax.jit(experience, in_shardings=(sh, batch_sh, rep, rep))
     # The host-scored path: the rollout alone, then (after the host's rewards) the advantages.
-    self.sample = jax.jit(lambda p, r, w, batch, key: rollout(g, gc, self.eos_id, self.pad_id, p, r, w, batch, key),
-                          in_shardings=(sh['policy'], sh['ref'], sh['reward'], batch_sh, rep))
+    self.sample = jax.jit(lambda states, batch, key: rollout(g, gc, self.settings, states, batch, key),
+                          in_shardings=(sh, batch_sh, rep))
     self.advantages = jax.jit(lambda exp, rewards, beta: advantages(gc, exp, rewards, beta),
                               in_shardings=(batch_sh, batch_sh, rep))
     self.update = jax.jit(lambda p, e, k, beta: update(g, gc, self.tx, p, e, k, beta),
@@ -290,7 +272,7 @@ class GRPOTrainer:
                           donate_argnums=(0,))
 
   def step(self, prompts, rng, beta, host_rewards: Callable | None = None):
-    """One rollout and its updates: (experience metrics + update metrics).
+    """One iteration: rollout, advantages, update. Returns (experience metrics + update metrics).
 
     host_rewards: None (rewards = the in-graph RM score), or exp -> (rewards np [R], metrics dict) run on the
     host between the compiled rollout and the compiled advantages (the same keys either way)."""
@@ -298,9 +280,9 @@ class GRPOTrainer:
     k_exp, k_upd = jax.random.split(rng)
     beta = jnp.float32(beta)
     if host_rewards is None:
-      exp, em = self.experience(st['policy'], st['ref'], st['reward'], prompts, k_exp, beta)
+      exp, em = self.experience(st, prompts, k_exp, beta)
     else:
-      exp, em = self.sample(st['policy'], st['ref'], st['reward'], prompts, k_exp)
+      exp, em = self.sample(st, prompts, k_exp)
       rewards, hm = host_rewards(exp)
       exp, am = self.advantages(exp, shd.put_batch(np.asarray(rewards, np.float32), self.mesh), beta)
       em = {**em, **hm, **am}
@@ -338,19 +320,27 @@ def parse_rewards(specs: Sequence[str]) -> list[tuple[str, float]]:
   return out
 
 
-def mix_rewards(parts: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-  """The weight-normalised mix of reward functions: [R] float64.
+def mix_rewards(parts: Mapping[str, np.ndarray], weights: Mapping[str, float], mode: str = 'mean') -> np.ndarray:
+  """The mix of reward functions: [R] float64.
 
-  parts: name -> [R] scores, NaN where that function says nothing (task:verify's None); weights: name -> w > 0.
-  r_i = sum_k w_k s_ki [k spoke on i] / sum_k w_k [k spoke on i]; r_i = 0 where no function spoke.
+  parts: name -> [R] scores, NaN where that function says nothing (task:verify's None), in `grpo.rewards` order;
+  weights: name -> w > 0. Per response i, over the functions k that spoke on i:
+    mean   r_i = sum_k w_k s_ki / sum_k w_k (weight-normalised);
+    first  r_i = w_k s_ki of the first function (in order) that spoke: a verifier listed first decides alone
+           where it can check, and the later ones (the RM) speak only where it cannot.
+  r_i = 0 where no function spoke.
   """
+  if mode not in REWARD_MIXES:
+    raise ValueError(f'grpo.reward_mix must be one of {" | ".join(REWARD_MIXES)}, got {mode!r}')
   num = 0.0
   den = 0.0
   for name, s in parts.items():
     s = np.asarray(s, np.float64)
     spoke = ~np.isnan(s)
+    if mode == 'first':
+      spoke = spoke & (np.asarray(den) == 0)  # nobody before it spoke
     num = num + np.where(spoke, weights[name] * np.nan_to_num(s), 0.0)
-    den = den + np.where(spoke, weights[name], 0.0)
+    den = den + np.where(spoke, 1.0 if mode == 'first' else weights[name], 0.0)
   den = np.asarray(den)
   return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
@@ -384,15 +374,15 @@ class HostRewards:
   `grpo.rewards` (rm: the rollout's in-graph score), mix (`mix_rewards`). `prompt_texts(exp)` gives the R
   prompt texts in row order (group-major)."""
 
-  def __init__(self, rewards: list[tuple[str, float]], fns: Mapping[str, Callable], tokenizer, eos_id: int):
-    self.rewards, self.fns, self.tok, self.eos_id = rewards, dict(fns), tokenizer, eos_id
+  def __init__(self, rewards: list[tuple[str, float]], fns: Mapping[str, Callable], tokenizer, eos_id: int,
+               mode: str = 'mean'):
+    self.mode = mode
+    self.rewards, self.fns, self.eos_id = rewards, dict(fns), eos_id
+    self.decode = functools.partial(sampling.decode_responses, tokenizer)
     self.weights = dict(rewards)
 
   def __call__(self, exp, prompt_texts: list[str]):
-    mask = rollout_lib.to_host(exp['mask']) > 0  # [R, N]
-    n = mask.shape[1]
-    tokens = rollout_lib.to_host(exp['seq'])[:, -n:]
-    responses = sampling.decode_responses(self.tok, tokens, mask & (tokens != self.eos_id))
+    responses = rollout_lib.host_responses(exp, self.decode, self.eos_id)
     parts, metrics = {}, {}
     for name, _ in self.rewards:
       if name == 'rm':
@@ -406,7 +396,7 @@ class HostRewards:
       metrics[f'reward/{name}/spoke'] = float(np.mean(spoke))
       if spoke.any():
         metrics[f'reward/{name}'] = float(np.mean(s[spoke]))
-    return mix_rewards(parts, self.weights).astype(np.float32), metrics
+    return mix_rewards(parts, self.weights, self.mode).astype(np.float32), metrics
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -472,7 +462,7 @@ def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | No
   texts = [r['prompt'] for r in recs]
   prompts = sources.GrainLoader(prompt_arrays, n_prompts, config.seed)
   in_graph = names == ['rm']
-  host = None if in_graph else HostRewards(rewards, fns, tok, tok.eos_token_id)
+  host = None if in_graph else HostRewards(rewards, fns, tok, tok.eos_token_id, gc.reward_mix)
 
   # ---------------------------------------------------------------- resume
   ckpt = checkpoint.for_stage(out, config)
@@ -497,7 +487,7 @@ def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | No
     host_fn = None
     if host is not None:
       idx = rollout_lib.to_host(batch['index'])
-      rows = [texts[i] for i in idx for _ in range(gc.num_generations)]  # group-major, as the rollout's rows
+      rows = rollout_lib.group_rows([texts[i] for i in idx], gc.num_generations, n_prompts * gc.num_generations)
       host_fn = lambda exp, rows=rows: host(exp, rows)  # noqa: E731
     m = metrics_lib.to_host(trainer.step(batch, jax.random.fold_in(rng, it), beta, host_fn))
     m['beta'] = beta
@@ -515,9 +505,9 @@ def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | No
   writer.close()
 
   # ---------------------------------------------------------------- export
-  hf.save_pretrained(_merge(trainer.graphdefs['policy'], trainer.states['policy']), os.path.join(out, 'hf'),
+  hf.save_pretrained(rollout_lib.merge(trainer.graphdefs['policy'], trainer.states['policy']), os.path.join(out, 'hf'),
                      tokenizer=tok)
-  common.export_lora(_merge(trainer.graphdefs['policy'], trainer.states['policy']), config, out, hf_dir['policy'])
+  common.export_lora(rollout_lib.merge(trainer.graphdefs['policy'], trainer.states['policy']), config, out, hf_dir['policy'])
   summary = {'stage': 'grpo', 'run': name, 'inputs': inputs, 'iterations': gc.iterations, 'estimator': gc.estimator,
              'rewards': [f'{n}:{w:g}' for n, w in rewards], 'final_beta': beta, **info}
   checkpoint.mark_done(out, summary)

@@ -69,14 +69,24 @@ def _sample(graphdef, state, prompt, prompt_mask, rng, settings: Settings) -> sa
                          pad_token_id=settings.pad_id, num_samples=settings.group_size)
 
 
+def reference_state(graphdefs: Mapping[str, Any], states: Mapping[str, Any]):
+  """The state the reference runs on: states['reference'] (None: no reference), or with LoRA (no 'reference'
+  state, a 'reference' graphdef with the adapters off) the policy's own state."""
+  if 'reference' in states:
+    return states['reference']
+  return states['policy'] if graphdefs.get('reference') is not None else None
+
+
 def generate(graphdefs: Mapping[str, Any], states: Mapping[str, Any], batch: Mapping[str, Any], rng,
-             settings: Settings) -> dict:
+             settings: Settings, *, policy_logp: bool = True) -> dict:
   """Sample G responses per prompt with the policy and score their tokens under policy and reference (pure).
 
-  graphdefs/states: {'policy', 'reference', ...} graphdefs and TrainStates (with LoRA, states may lack
-  'reference': graphdefs['reference'] is the policy's with its adapters off, run on the policy's state);
-  batch: {'prompt', 'prompt_mask'} [B, P] left-padded. Returns the rollout dict without 'scores' (see the
-  module docstring).
+  graphdefs/states: {'policy', 'reference', ...} graphdefs and TrainStates; batch: {'prompt', 'prompt_mask'}
+  [B, P] left-padded. Returns the rollout dict without 'scores' (see the module docstring). A critic-free method
+  that never moves the policy before the loss reads its log-probs passes policy_logp=False (no 'logp', 'logits':
+  the loss's own forward gives them). The reference: states['reference']; with LoRA, states has no 'reference'
+  and graphdefs['reference'] is the policy's with its adapters off, run on the policy's state; a None
+  states['reference'] gives no 'ref_logp' (no KL term).
   """
   out = _sample(graphdefs['policy'], states['policy'], batch['prompt'], batch['prompt_mask'], rng, settings)
   batch = repeat_prompts(batch, settings.group_size)
@@ -86,23 +96,30 @@ def generate(graphdefs: Mapping[str, Any], states: Mapping[str, Any], batch: Map
   seq = jnp.concatenate([prompt, tokens], 1)  # [B*G, P+N]
   att = jnp.concatenate([prompt_mask, out.mask], 1)
   t = scoring.effective_temperature(settings.temperature)
-  logp, logits = scoring.response_logprobs(merge(graphdefs['policy'], states['policy']), seq, att, prompt_len, t)
-  ref_state = states['reference'] if 'reference' in states else states['policy']  # LoRA: the policy's base
-  ref_logp, _ = scoring.response_logprobs(merge(graphdefs['reference'], ref_state), seq, att, prompt_len, t)
   has_eos = jnp.any((tokens == settings.eos_id) & (out.mask > 0), axis=1)  # [B*G]
-  return {'seq': seq, 'att': att, 'tokens': tokens, 'mask': mask, 'logp': logp, 'logits': logits,
-          'ref_logp': ref_logp, 'sampler_logp': out.logprobs, 'has_eos': has_eos}
+  ro = {'seq': seq, 'att': att, 'tokens': tokens, 'mask': mask, 'sampler_logp': out.logprobs, 'has_eos': has_eos}
+  if policy_logp:
+    ro['logp'], ro['logits'] = scoring.response_logprobs(merge(graphdefs['policy'], states['policy']), seq, att,
+                                                         prompt_len, t)
+  ref_state = reference_state(graphdefs, states)
+  if ref_state is not None:
+    ro['ref_logp'], _ = scoring.response_logprobs(merge(graphdefs['reference'], ref_state), seq, att, prompt_len, t)
+  return ro
 
 
 def rollout(graphdefs: Mapping[str, Any], states: Mapping[str, Any], batch: Mapping[str, Any], rng,
-            settings: Settings) -> dict:
+            settings: Settings, *, policy_logp: bool = True) -> dict:
   """`generate`, then each response's score from the reward model in the graph (pure; jit it in your step).
 
   graphdefs/states hold 'policy', 'reference' and 'reward' (a `ScalarModel`, read at the last real token by
-  `scoring.reward_at_last`). Returns the rollout dict (module docstring), scores [B*G] float32.
+  `scoring.reward_at_last`). Returns the rollout dict (module docstring), scores [B*G] float32. Without a
+  'reward' state (None or missing) the scores are 0: the caller scores on the host (`host_responses`).
   """
-  ro = generate(graphdefs, states, batch, rng, settings)
-  ro['scores'] = scoring.reward_at_last(merge(graphdefs['reward'], states['reward']), ro['seq'], ro['att'])
+  ro = generate(graphdefs, states, batch, rng, settings, policy_logp=policy_logp)
+  if states.get('reward') is None:
+    ro['scores'] = jnp.zeros(ro['has_eos'].shape, jnp.float32)
+  else:
+    ro['scores'] = scoring.reward_at_last(merge(graphdefs['reward'], states['reward']), ro['seq'], ro['att'])
   return ro
 
 
@@ -145,6 +162,22 @@ def to_host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def host_responses(ro: Mapping[str, Any], decode: Callable[[np.ndarray, np.ndarray], list], eos_id: int) -> list:
+  """A rollout's B*G response texts on this host, in row order: decode(tokens [R, N], mask [R, N]) with the
+  mask of the real tokens less the EOS."""
+  tokens, mask = to_host(ro['tokens']), to_host(ro['mask']) > 0
+  return decode(tokens, mask & (tokens != eos_id))
+
+
+def group_rows(prompts: Sequence[Any], group_size: int, rows: int) -> list:
+  """Per-prompt items (texts, ids) -> one per rollout row, group-major (row i: prompts[i // G]); `rows` is the
+  rollout's row count (a mismatch is a ValueError)."""
+  out = [p for p in prompts for _ in range(group_size)]
+  if len(out) != rows:
+    raise ValueError(f'{len(prompts)} prompt texts for {rows // group_size} prompt rows')
+  return out
+
+
 class HostScoredRollout:
   """Rollouts scored by a host function: jit(generate) -> host decode + reward_fn -> scores on the mesh.
 
@@ -163,13 +196,8 @@ class HostScoredRollout:
 
   def __call__(self, states: Mapping[str, Any], batch: Mapping[str, Any], prompts: Sequence[str], rng) -> dict:
     ro = self.generate(dict(states), dict(batch), rng)
-    tokens, mask = to_host(ro['tokens']), to_host(ro['mask'])
-    eos = (tokens == self.settings.eos_id) & (mask > 0)
-    responses = self.decode(tokens, (mask > 0) & ~eos)
-    group = self.settings.group_size
-    rows = [p for p in prompts for _ in range(group)]  # group-major, as the rollout's rows
-    if len(rows) != len(responses):
-      raise ValueError(f'{len(prompts)} prompt texts for {len(responses) // group} prompt rows')
+    responses = host_responses(ro, self.decode, self.settings.eos_id)
+    rows = group_rows(prompts, self.settings.group_size, len(responses))
     scores = call_reward_fn(self.reward_fn, rows, responses)
     ro['scores'] = shd.put_batch(scores, self.mesh)
     return ro
