@@ -206,13 +206,13 @@ def test_grpo_shared_reference():
   policy = randomise_b(lora.add(Transformer(GPT2, rngs=nnx.Rngs(0)), ALL))
   assert grpo.uses_ref(c.grpo)
   trainer = grpo.GRPOTrainer(c, mesh, policy, None, ScalarModel(GPT2, rngs=nnx.Rngs(2)), (EOS, PAD))
-  assert trainer.states['ref'] is None and trainer.graphdefs['ref'] is not None
+  assert 'reference' not in trainer.states and trainer.graphdefs['reference'] is not None
   prompt, pmask = batches.pad_left([[5, 6, 7], [8, 9]], 4, PAD)
   prompts = shd.put_batch({'prompt': prompt, 'prompt_mask': pmask}, mesh)
   st = trainer.states
-  exp, _ = trainer.sample(st['policy'], None, st['reward'], prompts, jax.random.key(0))
+  exp, _ = trainer.sample(st, prompts, jax.random.key(0))
   want, _ = scoring.response_logprobs(Transformer(GPT2, rngs=nnx.Rngs(0)), exp['seq'], exp['att'], 4,
-                                      grpo._temperature(c.grpo))
+                                      scoring.effective_temperature(c.grpo.temperature))
   m = np.asarray(exp['mask'])
   np.testing.assert_allclose(np.asarray(exp['ref_logp']) * m, np.asarray(want) * m, atol=1e-6, rtol=0)
 
