@@ -256,6 +256,16 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every=0,             # steps between held-out evaluations; 0: at the end only
       optimizer=_optimizer(1e-4, schedule='linear', warmup=10),  # AdamW; DPO paper: RMSprop 1e-6, 150 warm-up
                                 # steps on billion-parameter models (not tuned for the demo's 1M-parameter model)
+      # Online DPO (OAIF, RLHFlow): no rankings read; rounds of fresh samples of the current policy, ranked by a judge.
+      # Steps: `steps`, else epochs x (training prompts // batch_size); each step trains on batch_size prompts.
+      online=False,             # True: train on the policy's own samples, ranked by online_judge
+      online_every=1,           # steps per round: a round samples online_every x batch_size prompts with the current
+                                # policy, then trains on them batch_size per step (1: fully on-policy, OAIF)
+      online_samples=4,         # n >= 2 responses per prompt, one shared prefill (OAIF 2; RLHFlow 8)
+      online_judge='rm',        # rm (the `reward` input run's score, in the sampling jit) | task (the task's noisy
+                                # labeler, on the host; the rankings it made are logged as labels_used)
+      online_pairs='best_vs_worst',  # best_vs_worst (RLHFlow: highest vs lowest ranked) | all (every C(n,2) pair)
+      online_temperature=1.0,   # sampling temperature of the rounds (RLHFlow 1.0; TRL OnlineDPO 0.9)
   ))
   return c
 
@@ -337,12 +347,14 @@ def compare(c: ml_collections.ConfigDict) -> None:
   """After InstructGPT, side by side: from the default plan's pretrain, sft, label and rm (the same runs `make
   demo` makes), PPO and the methods that came after it, each a named run, all compared by one eval:
   dpo (offline pairwise DPO on the label run's rankings), dpo_listwise (Plackett-Luce over each whole ranking),
-  grpo (group-normalised advantages, the RM's reward), grpo_verifier (the task's checker where it speaks, the
-  RM elsewhere) and rloo (leave-one-out baseline, the RM's reward, KL in the reward)."""
+  dpo_online (DPO on the policy's own samples, best vs worst by the RM), grpo (group-normalised advantages, the
+  RM's reward), grpo_verifier (the task's checker where it speaks, the RM elsewhere) and rloo (leave-one-out
+  baseline, the RM's reward, KL in the reward)."""
   at = next(i for i, r in enumerate(c.plan) if r.kind == 'eval')
   sft_ref = {'policy': 'sft', 'reference': 'sft'}
   runs = (plan_run('dpo', 'dpo', {**sft_ref, 'rankings': 'label'}),
           plan_run('dpo_listwise', 'dpo', {**sft_ref, 'rankings': 'label'}, {'dpo': {'mode': 'listwise'}}),
+          plan_run('dpo_online', 'dpo', {**sft_ref, 'reward': 'rm'}, {'dpo': {'online': True}}),
           plan_run('grpo', 'grpo', {**sft_ref, 'reward': 'rm'}),
           plan_run('grpo_verifier', 'grpo', {**sft_ref, 'reward': 'rm'},
                    {'grpo': {'rewards': ('task:verify', 'rm')}}),
