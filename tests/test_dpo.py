@@ -619,3 +619,57 @@ def test_bad_online_settings_are_one_clear_line(tmp_path):
     dpo.run(config, str(tmp_path), 'dpo_online')
   with pytest.raises(common.UserError, match='sft'):  # no policy run yet
     dpo.run(stage_config(online=True), str(tmp_path), 'dpo_online')
+
+
+@pytest.mark.slow
+def test_online_dpo_stage_resumes_bitwise_inside_a_round(quick_pipeline, tmp_path, monkeypatch):
+  """Online DPO from the quick pipeline's SFT, judged by the task's labeler (host path), rounds of 2 steps: the
+  metrics count the labels (8 prompts per step, a round's 16 at its first step); a run preempted (SIGTERM) at
+  step 3, inside its second round, resumes from the checkpoint that holds the round's samples and exports bitwise
+  the weights of the uninterrupted run. Then the RM judge (in the sampling jit) runs a round and exports."""
+  import shutil
+  import signal
+  from safetensors.numpy import load_file
+  from jax_rlhf import metrics as metrics_lib
+  from jax_rlhf.train import dpo, preempt
+  src, proc = quick_pipeline
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  w = tmp_path / 'W'
+  for run in ('sft', 'rm'):
+    shutil.copytree(src / run, w / run, ignore=shutil.ignore_patterns('checkpoints', 'tb'))
+  shutil.copytree(src / 'data', w / 'data')
+  config = stage_config(online=True, online_judge='task', online_every=2, online_pairs='all')
+  config.log_every = 1
+  config.checkpoint.every = 100  # only the preemption's checkpoint, inside a round
+  summary = dpo.run(config, str(w), 'online')
+  assert summary['labels_used'] == 32 and summary['steps'] == 4
+  train = [r for r in metrics_lib.read_metrics(str(w / 'online' / 'metrics.jsonl')) if r['split'] == 'train']
+  assert [r['labels_used'] for r in train] == [16, 16, 32, 32]
+  assert all(r['num_pairs'] > 0 and np.isfinite(r['loss']) for r in train)
+  a = load_file(str(w / 'online' / 'hf' / 'model.safetensors'))
+  sft = load_file(str(w / 'sft' / 'hf' / 'model.safetensors'))
+  assert max(float(np.abs(a[k] - sft[k]).max()) for k in a) > 0
+
+  old = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setenv(preempt.FAULT_ENV, 'online_b:3:term')
+  try:
+    preempt.install()
+    with pytest.raises(preempt.Preempted):
+      dpo.run(config, str(w), 'online_b')
+    assert not (w / 'online_b' / 'DONE').exists()
+    preempt.install()  # a fresh process: no SIGTERM pending
+    dpo.run(config, str(w), 'online_b')
+  finally:
+    signal.signal(signal.SIGTERM, old)
+    preempt._requested = False
+  b = load_file(str(w / 'online_b' / 'hf' / 'model.safetensors'))
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+  config = stage_config(online=True, online_every=2)
+  config.dpo.steps = 2
+  summary = dpo.run(config, str(w), 'online_rm')
+  assert summary['judge'] == 'rm' and summary['inputs']['reward'] == 'rm' and summary['labels_used'] == 0
+  train = [r for r in metrics_lib.read_metrics(str(w / 'online_rm' / 'metrics.jsonl')) if r['split'] == 'train']
+  assert train[-1]['online/score_best'] > train[-1]['online/score_worst'] and train[-1]['num_pairs'] == 8
