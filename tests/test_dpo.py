@@ -571,6 +571,17 @@ def test_prompt_whose_samples_are_all_the_same_has_no_pair():
   valid, same = (np.array(x) for x in dpo.pair_valid(jnp.asarray(resp)))
   assert same.tolist() == [[False, True, False], [False, False, False]]
   assert valid[0, 1].tolist() == [True, False, False, False]
+  # best vs worst gathers rank 1 and rank k_b of each prompt; the prompt without a pair keeps none
+  batch = {'tokens': resp[0], 'attention_mask': resp[0] % 2, 'ref_logps': rng.normal(size=(3, 4)),
+           'lengths': rng.integers(1, 6, (3, 4)), 'valid': valid[0],
+           'ranking': np.stack([rng.permutation(4) for _ in range(3)])}
+  two = jax.tree.map(np.asarray, dpo.best_and_worst(jax.tree.map(jnp.asarray, batch)))
+  assert two['valid'].tolist() == [[True, True], [True, False], [True, True]]
+  assert (two['ranking'] == [0, 1]).all()
+  for i, k in enumerate((4, 1, 4)):
+    pick = [batch['ranking'][i, 0], batch['ranking'][i, k - 1]]
+    for key in ('tokens', 'attention_mask', 'ref_logps', 'lengths'):
+      np.testing.assert_array_equal(two[key][i], np.asarray(batch[key][i])[pick].astype(two[key].dtype), err_msg=key)
   valid[0, 1] = True
   assert valid.all()
 

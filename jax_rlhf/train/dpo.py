@@ -238,9 +238,23 @@ def judge_with_task(task, pool, prompts: Sequence[str], tok, prompt_len: int, me
   return shd.put_batch(ranking.reshape(e, b, n), mesh, batch_dim=1)
 
 
+def best_and_worst(batch):
+  """The two responses best vs worst reads of each prompt: [B, n, ...] -> [B, 2, ...] (rank 1 and rank k_b, in that
+  order), so that the policy runs on 2 rows per prompt, not n. A prompt without a pair keeps no second response."""
+  k_b = jnp.sum(batch['valid'].astype(jnp.int32), -1)  # [B]
+  worst = jnp.take_along_axis(batch['ranking'], jnp.maximum(k_b - 1, 0)[:, None], -1)[:, 0]
+  pick = jnp.stack([batch['ranking'][:, 0], worst], -1)  # [B, 2] response indices
+  out = {k: jax.vmap(lambda x, i: x[i])(batch[k], pick) for k in ('tokens', 'attention_mask', 'ref_logps', 'lengths')}
+  out['ranking'] = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), pick.shape)
+  out['valid'] = jnp.stack([jnp.ones_like(k_b, jnp.bool_), k_b >= 2], -1)
+  return out
+
+
 def online_train_step(graphdef, tx, loss_cfg, prompt_len: int, state, pool, j):
   """`dpo_train_step` on step j of an online round's pool ([E, B, n, ...]; the reference's log-probs in it)."""
   batch = jax.tree.map(lambda x: x[j], pool)  # [B, n, ...]
+  if loss_cfg.mode == 'best_vs_worst':
+    batch = best_and_worst(batch)
   return dpo_train_step(graphdef, tx, loss_cfg, prompt_len, state, None, batch)
 
 
