@@ -266,6 +266,8 @@ def base_config() -> ml_collections.ConfigDict:
                                 # labeler, on the host; the rankings it made are logged as labels_used)
       online_pairs='best_vs_worst',  # best_vs_worst (RLHFlow: highest vs lowest ranked) | all (every C(n,2) pair)
       online_temperature=1.0,   # sampling temperature of the rounds (RLHFlow 1.0; TRL OnlineDPO 0.9)
+      # Demo, RM judge, 250 steps, win vs SFT (KL): beta 0.1 0.443 (8.06), 0.5 0.630 (1.01), 1.0 0.656 (0.58; the
+      # compare plan's dpo_online); at beta 0.5: n=8 0.629, all pairs 0.636, lr 3e-5 0.591; task judge 0.644 (0.38)
   ))
   return c
 
@@ -354,7 +356,7 @@ def compare(c: ml_collections.ConfigDict) -> None:
   sft_ref = {'policy': 'sft', 'reference': 'sft'}
   runs = (plan_run('dpo', 'dpo', {**sft_ref, 'rankings': 'label'}),
           plan_run('dpo_listwise', 'dpo', {**sft_ref, 'rankings': 'label'}, {'dpo': {'mode': 'listwise'}}),
-          plan_run('dpo_online', 'dpo', {**sft_ref, 'reward': 'rm'}, {'dpo': {'online': True}}),
+          plan_run('dpo_online', 'dpo', {**sft_ref, 'reward': 'rm'}, {'dpo': {'online': True, 'beta': 1.0}}),
           plan_run('grpo', 'grpo', {**sft_ref, 'reward': 'rm'}),
           plan_run('grpo_verifier', 'grpo', {**sft_ref, 'reward': 'rm'},
                    {'grpo': {'rewards': ('task:verify', 'rm')}}),
