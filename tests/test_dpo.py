@@ -471,3 +471,216 @@ def test_dpo_stage_from_the_quick_pipeline_resumes_bitwise_and_exports(quick_pip
   assert sorted(a) == sorted(b)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# online DPO (train/dpo.py: sample_round, judge_with_task, online_train_step)
+# ---------------------------------------------------------------------------------------------------------
+
+
+EVERY, N_SAMPLES = 2, 4
+
+
+@pytest.fixture(scope='module')
+def online_round(tok):
+  """One round of the stage's jitted `sample_round` on 8 devices: tiny policy (seed 0), reference (seed 1) and RM
+  (seed 2), EVERY x 8 prompts, N_SAMPLES samples each. Returns a namespace of everything the tests read."""
+  import types
+  from flax import nnx
+  from jax_rlhf import sharding as shd
+  from jax_rlhf.data import batches
+  from jax_rlhf.models.heads import ScalarModel
+  from jax_rlhf.train import dpo
+  from jax_rlhf.train import state as state_lib
+  mesh = shd.make_mesh({'data': 8, 'fsdp': 1, 'model': 1})
+  _, tx, _ = dpo_setup(tok, 'pairwise')
+  g, frozen, sh = {}, {}, {}
+  g['policy'], policy, policy_sh = state_lib.place_state(tiny_lm(tok, 0), tx, mesh)
+  g['reference'], frozen['reference'], sh['reference'] = state_lib.place_state(tiny_lm(tok, 1), None, mesh)
+  g['reward'], frozen['reward'], sh['reward'] = state_lib.place_state(
+      ScalarModel(tiny_lm(tok).config, rngs=nnx.Rngs(2)), None, mesh)
+  settings = dpo.online_settings(types.SimpleNamespace(online_samples=N_SAMPLES, online_temperature=1.0), tok, 6)
+  pool_sh = shd.NamedSharding(mesh, shd.P(None, shd.BATCH_AXES))
+  rep = shd.replicated(mesh)
+  sample = jax.jit(lambda p, fz, b, k: dpo.sample_round(g, settings, EVERY, {'policy': p, **fz}, b, k),
+                   in_shardings=(policy_sh, sh, shd.batch_sharding(mesh), rep), out_shardings=(pool_sh, pool_sh, rep))
+  prompts = ['reverse: c a t\n', 'count: a b c\n', 'first: x y\n', 'what colour is the zorb?\n', 'sort: b a\n',
+             'uppercase: q r\n', 'last: m n o\n', 'who is tam?\n'] * EVERY
+  arrays, _ = batches.prompts(tok, [{'prompt': p} for p in prompts], 12)
+  batch = shd.put_batch({k: arrays[k] for k in ('prompt', 'prompt_mask')}, mesh)
+  pool, scores, metrics = sample(policy, frozen, batch, jax.random.key(7))
+  return types.SimpleNamespace(mesh=mesh, g=g, policy=policy, policy_sh=policy_sh, frozen=frozen, tx=tx,
+                               pool_sh=pool_sh, prompts=prompts, pool=pool, scores=scores, metrics=metrics)
+
+
+def rollout_merge(graphdef, state):
+  from jax_rlhf.train import rollout
+  return rollout.merge(graphdef, state)
+
+
+@pytest.mark.parametrize('pairs', ['best_vs_worst', 'all'])
+def test_online_pairs_are_the_rm_ranking_of_fresh_samples(online_round, pairs):
+  """A round on 8 devices: each prompt's n samples are ranked by the RM's scores exactly as a numpy argsort of
+  an independent RM forward ranks them; the reference log-probs are the reference's; the step's loss is DPO on
+  the pairs numpy picks from that ranking (best vs worst, or every C(n,2) pair), with the policy's log-probs of
+  the same rows."""
+  import types
+  from jax_rlhf import sharding as shd
+  from jax_rlhf.models import scoring
+  from jax_rlhf.train import dpo
+  r, n = online_round, N_SAMPLES
+  assert r.pool['tokens'].shape == (EVERY, 8, n, 18) and r.pool['ranking'].shape == (EVERY, 8, n)
+  host = {k: shd.to_host(v) for k, v in r.pool.items()}
+  seq, att = host['tokens'].reshape(-1, 18), host['attention_mask'].reshape(-1, 18)
+  models = {k: rollout_merge(r.g[k], r.frozen[k]) for k in ('reward', 'reference')}
+  models['policy'] = rollout_merge(r.g['policy'], r.policy)
+  forward = jax.jit(lambda s, a: (scoring.reward_at_last(models['reward'], s, a),
+                                  scoring.sequence_logps(models['reference'], s, a, 12),
+                                  scoring.sequence_logps(models['policy'], s, a, 12)))
+  want_scores, want_ref, pol = (np.asarray(x).reshape(EVERY, 8, n) for x in forward(seq, att))
+  np.testing.assert_allclose(shd.to_host(r.scores), want_scores, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(host['ranking'], np.argsort(-want_scores, axis=-1, kind='stable'))
+  np.testing.assert_allclose(host['ref_logps'], want_ref, rtol=1e-5, atol=1e-4)
+  assert host['valid'].all() and float(r.metrics['online/identical_fraction']) == 0.0  # T = 1: distinct samples
+  assert (host['lengths'] == host['attention_mask'][..., 12:].sum(-1)).all()
+  # the step on the round's second batch (j = 1) against numpy's pairs
+  cfg = types.SimpleNamespace(mode=dpo.ONLINE_PAIRS[pairs], beta=0.3, loss_type='sigmoid', label_smoothing=0.0)
+  step = jax.jit(lambda s, p, j: dpo.online_train_step(r.g['policy'], r.tx, cfg, 12, s, p, j),
+                 in_shardings=(r.policy_sh, r.pool_sh, shd.replicated(r.mesh)))
+  _, m = step(r.policy, r.pool, jnp.int32(1))
+  scores, ref, pol = want_scores[1], want_ref[1], pol[1]
+  order = np.argsort(-scores, axis=-1, kind='stable')
+  rows = np.arange(8)
+  if pairs == 'best_vs_worst':
+    best, worst = scores.argmax(-1), scores.argmin(-1)
+    want, _ = dpo_loss(pol[rows, best], pol[rows, worst], ref[rows, best], ref[rows, worst], beta=0.3)
+    assert int(m['num_pairs']) == 8
+  else:
+    want, _ = ref_ranking_pairs(pol, ref, order, np.ones((8, n), bool), 0.3, 'sigmoid', 0.0, np.ones((8, n)))
+    assert int(m['num_pairs']) == 8 * n * (n - 1) // 2
+  np.testing.assert_allclose(float(m['loss']), float(want), rtol=2e-5, atol=2e-5)
+
+
+def test_prompt_whose_samples_are_all_the_same_has_no_pair():
+  from jax_rlhf.train import dpo
+  rng = np.random.default_rng()
+  resp = rng.integers(0, 50, (2, 3, 4, 6))  # [E, B, n, N]
+  resp[0, 1] = resp[0, 1, 2]  # all four the same
+  resp[1, 2, :3] = resp[1, 2, 3]  # three the same, one differs at the last slot
+  resp[1, 2, 3, -1] += 1
+  valid, same = (np.array(x) for x in dpo.pair_valid(jnp.asarray(resp)))
+  assert same.tolist() == [[False, True, False], [False, False, False]]
+  assert valid[0, 1].tolist() == [True, False, False, False]
+  # best vs worst gathers rank 1 and rank k_b of each prompt; the prompt without a pair keeps none
+  batch = {'tokens': resp[0], 'attention_mask': resp[0] % 2, 'ref_logps': rng.normal(size=(3, 4)),
+           'lengths': rng.integers(1, 6, (3, 4)), 'valid': valid[0],
+           'ranking': np.stack([rng.permutation(4) for _ in range(3)])}
+  two = jax.tree.map(np.asarray, dpo.best_and_worst(jax.tree.map(jnp.asarray, batch)))
+  assert two['valid'].tolist() == [[True, True], [True, False], [True, True]]
+  assert (two['ranking'] == [0, 1]).all()
+  for i, k in enumerate((4, 1, 4)):
+    pick = [batch['ranking'][i, 0], batch['ranking'][i, k - 1]]
+    for key in ('tokens', 'attention_mask', 'ref_logps', 'lengths'):
+      np.testing.assert_array_equal(two[key][i], np.asarray(batch[key][i])[pick].astype(two[key].dtype), err_msg=key)
+  valid[0, 1] = True
+  assert valid.all()
+
+
+def test_task_judge_ranks_decoded_samples_one_label_per_prompt(tok, online_round):
+  """judge_with_task decodes every sample of a round (EOS and pads dropped), asks the task's labeler for one
+  ranking per prompt, in row order, and lays the rankings out as the pool; labels_used counts every prompt of
+  every round started so far."""
+  from jax_rlhf import sampling
+  from jax_rlhf import sharding as shd
+  from jax_rlhf.train import dpo
+  r, n = online_round, N_SAMPLES
+  calls = []
+
+  class LengthTask:  # longest text first; records each call (one label)
+    def rank(self, prompt, responses, rng):
+      calls.append((prompt, list(responses)))
+      return sorted(range(len(responses)), key=lambda i: (-len(responses[i]), i))
+
+  ranking = dpo.judge_with_task(LengthTask(), r.pool, r.prompts, tok, 12, r.mesh, np.random.default_rng(0))
+  assert ranking.sharding.spec == shd.P(None, shd.BATCH_AXES) and ranking.shape == (EVERY, 8, n)
+  assert len(calls) == EVERY * 8 == dpo.labels_used(1, EVERY, EVERY * 8)
+  tokens = shd.to_host(r.pool['tokens'])[..., 12:].reshape(-1, n, 6)
+  real = shd.to_host(r.pool['attention_mask'])[..., 12:].reshape(-1, n, 6) > 0
+  got = shd.to_host(ranking).reshape(-1, n)
+  assert any(len(set(texts)) > 1 for _, texts in calls)
+  for i, (prompt, texts) in enumerate(calls):
+    assert prompt == r.prompts[i]
+    assert texts == sampling.decode_responses(tok, tokens[i], real[i] & (tokens[i] != tok.eos_token_id))
+    assert got[i].tolist() == sorted(range(n), key=lambda k: (-len(texts[k]), k))
+  assert [dpo.labels_used(s, 2, 16) for s in range(6)] == [0, 16, 16, 32, 32, 48]
+  assert [dpo.labels_used(s, 1, 8) for s in range(1, 4)] == [8, 16, 24]
+
+
+def test_bad_online_settings_are_one_clear_line(tmp_path):
+  from jax_rlhf.train import common, dpo
+  for bad, match in (({'online_samples': 1}, 'online_samples'), ({'online_every': 0}, 'online_every'),
+                     ({'online_judge': 'gpt4'}, 'online_judge'), ({'online_pairs': 'random'}, 'online_pairs'),
+                     ({'online_temperature': 0.0}, 'online_temperature'), ({'mode': 'listwise'}, 'online_pairs')):
+    with pytest.raises(common.UserError, match=match) as e:
+      dpo.run(stage_config(online=True, **bad), str(tmp_path), 'dpo_online')
+    assert '\n' not in str(e.value)
+  config = stage_config(online=True, online_judge='task')
+  config.task.name = ''
+  with pytest.raises(common.UserError, match='task.name'):
+    dpo.run(config, str(tmp_path), 'dpo_online')
+  with pytest.raises(common.UserError, match='sft'):  # no policy run yet
+    dpo.run(stage_config(online=True), str(tmp_path), 'dpo_online')
+
+
+@pytest.mark.slow
+def test_online_dpo_stage_resumes_bitwise_inside_a_round(quick_pipeline, tmp_path, monkeypatch):
+  """Online DPO from the quick pipeline's SFT, judged by the task's labeler (host path), rounds of 2 steps: the
+  metrics count the labels (8 prompts per step, a round's 16 at its first step); a run preempted (SIGTERM) at
+  step 3, inside its second round, resumes from the checkpoint that holds the round's samples and exports bitwise
+  the weights of the uninterrupted run. Then the RM judge (in the sampling jit) runs a round and exports."""
+  import shutil
+  import signal
+  from safetensors.numpy import load_file
+  from jax_rlhf import metrics as metrics_lib
+  from jax_rlhf.train import dpo, preempt
+  src, proc = quick_pipeline
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  w = tmp_path / 'W'
+  for run in ('sft', 'rm'):
+    shutil.copytree(src / run, w / run, ignore=shutil.ignore_patterns('checkpoints', 'tb'))
+  shutil.copytree(src / 'data', w / 'data')
+  config = stage_config(online=True, online_judge='task', online_every=2, online_pairs='all')
+  config.log_every = 1
+  config.checkpoint.every = 100  # only the preemption's checkpoint, inside a round
+  summary = dpo.run(config, str(w), 'online')
+  assert summary['labels_used'] == 32 and summary['steps'] == 4
+  train = [r for r in metrics_lib.read_metrics(str(w / 'online' / 'metrics.jsonl')) if r['split'] == 'train']
+  assert [r['labels_used'] for r in train] == [16, 16, 32, 32]
+  assert all(r['num_pairs'] > 0 and np.isfinite(r['loss']) for r in train)
+  a = load_file(str(w / 'online' / 'hf' / 'model.safetensors'))
+  sft = load_file(str(w / 'sft' / 'hf' / 'model.safetensors'))
+  assert max(float(np.abs(a[k] - sft[k]).max()) for k in a) > 0
+
+  old = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setenv(preempt.FAULT_ENV, 'online_b:3:term')
+  try:
+    preempt.install()
+    with pytest.raises(preempt.Preempted):
+      dpo.run(config, str(w), 'online_b')
+    assert not (w / 'online_b' / 'DONE').exists()
+    preempt.install()  # a fresh process: no SIGTERM pending
+    dpo.run(config, str(w), 'online_b')
+  finally:
+    signal.signal(signal.SIGTERM, old)
+    preempt._requested = False
+  b = load_file(str(w / 'online_b' / 'hf' / 'model.safetensors'))
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+  config = stage_config(online=True, online_every=2)
+  config.dpo.steps = 2
+  summary = dpo.run(config, str(w), 'online_rm')
+  assert summary['judge'] == 'rm' and summary['inputs']['reward'] == 'rm' and summary['labels_used'] == 0
+  train = [r for r in metrics_lib.read_metrics(str(w / 'online_rm' / 'metrics.jsonl')) if r['split'] == 'train']
+  assert train[-1]['online/score_best'] > train[-1]['online/score_worst'] and train[-1]['num_pairs'] == 8
