@@ -5,7 +5,8 @@
 
 `config.stage` picks what runs: pipeline (every run of `config.plan` in order, jax_rlhf/pipeline.py: each
 skipped when its `W/<name>/DONE` exists; the wall time of each run made is appended to `W/wall_times.jsonl`),
-or one kind (pretrain | sft | label | rm | ppo | eval: the plan's run of that name alone). Mistakes a user can
+or one run: a kind (pretrain | sft | label | rm | ppo | eval | dpo | grpo) or any run name of the plan
+(`configs/pipeline.py:compare --config.stage=dpo_online`), that run alone. Mistakes a user can
 make end in one line and exit status 2; a misspelt override names the nearest real field.
 
 Several processes (a TPU slice's hosts, GPU hosts): every process runs the same command; with

@@ -13,7 +13,7 @@ A plan (`config.plan`, a tuple) lists runs in the order they are made. Each run 
 `config_lib.default_plan()` is InstructGPT's recipe: pretrain, sft, label, rm, ppo, eval. The `ablation`
 variant adds ppo_lowbeta and ppo_ptx after ppo. `stage=pipeline` makes every run of the plan in order (a run
 with a W/<name>/DONE is skipped, as is a pretrain or label run no later run reads: SFT from `model.path`,
-rankings from `data.rankings` or `rm.data`); `stage=<kind>` makes the plan's run of that name alone (a
+rankings from `data.rankings` or `rm.data`); `stage=<kind or run name>` makes the plan's run of that name alone (a
 default-plan run when the plan has none). Every stage's entry point is
 `run(config, workdir, name, inputs) -> dict`, imported when its run is made.
 """
@@ -156,11 +156,15 @@ def used_inputs(run, rc: ml_collections.ConfigDict) -> dict[str, str]:
 
 def plan_of(config: ml_collections.ConfigDict) -> list[tuple[Any, ml_collections.ConfigDict]]:
   """The (run, its config) pairs `config.stage` makes, in order: the whole plan less pretrain and label runs
-  that no later run reads, or the one run named like `config.stage`."""
+  that no later run reads, or the one run named like `config.stage` (a kind, or any run name of the plan:
+  `stage=dpo_online` makes the compare plan's dpo_online alone)."""
   from jax_rlhf.config import KINDS as STAGE_KINDS, STAGES, default_plan, single_run
-  if config.stage not in STAGES:
-    raise PlanError(f'config.stage={config.stage!r}; choose one of {", ".join(STAGES)}')
   plan = tuple(config.plan)
+  if config.stage not in STAGES and config.stage not in [r.name for r in plan]:
+    known = [*STAGES, *[r.name for r in plan if r.name not in STAGES]]
+    near = difflib.get_close_matches(str(config.stage), known, n=1)
+    raise PlanError(f'config.stage={config.stage!r} is neither a kind nor a run of the plan'
+                    + (f'; did you mean {near[0]!r}?' if near else '') + f' Choose one of {", ".join(known)}')
   check_plan(plan)
   if config.stage != 'pipeline':
     run = next((r for r in plan if r.name == config.stage), None)

@@ -155,3 +155,14 @@ def test_report_and_readme_script_without_results_exit_2_with_one_line(tmp_path,
   assert readme_results.main(['--workdir', str(tmp_path), '--readme', str(tmp_path / 'README.md')]) == 2
   lines = capsys.readouterr().err.splitlines()
   assert len(lines) == 2 and all(line.startswith('error: no ') and 'results.json' in line for line in lines)
+
+
+def test_stage_names_any_run_of_the_plan_and_a_typo_gets_the_nearest():
+  c = config_lib.stage_config('pipeline', 'compare')
+  c.stage = 'dpo_online'
+  [(run, rc)] = plan(c)
+  assert run.name == 'dpo_online' and run.kind == 'dpo' and rc.dpo.online and rc.dpo.beta == 1.0
+  c = config_lib.stage_config('pipeline', 'compare')
+  c.stage = 'grpo_verifer'
+  with pytest.raises(pipeline.PlanError, match="did you mean 'grpo_verifier'"):
+    plan(c)
