@@ -164,3 +164,28 @@ def test_scanned_sampler_and_sharding():
   assert specs['blocks']['mlp']['down'].get_value().spec == jax.sharding.PartitionSpec(None, None, 'fsdp')
   with pytest.raises(ValueError, match='remat'):
     _small('gpt2', remat='some')
+
+
+def test_config_model_remat_and_scan_reach_every_stages_models(tmp_path):
+  """`model.remat` / `model.scan_layers` in the config tree: the random init, HF loads (LM, scalar body, scalar
+  model) and PPO's four models all get them; a bad remat is one clear line."""
+  from jax_rlhf.config import stage_config
+  from jax_rlhf.models import hf
+  from jax_rlhf.models.heads import ScalarModel
+  from jax_rlhf.train import common, ppo
+  c = stage_config('ppo', 'quick')
+  c.model.update(remat='full', scan_layers=True)
+  assert common.model_kw(c) == dict(dtype='float32', param_dtype='float32', remat='full', scan_layers=True)
+  cfg = _small('llama')
+  for run, model in (('sft', T.Transformer(cfg, rngs=nnx.Rngs(0))), ('rm', ScalarModel(cfg, rngs=nnx.Rngs(1)))):
+    hf.save_pretrained(model, tmp_path / run / 'hf')
+    (tmp_path / run / 'DONE').write_text('')
+  lm_model = common.load_lm(str(tmp_path / 'sft' / 'hf'), c)
+  models = ppo.load_models(c, str(tmp_path))
+  for m in [lm_model, *models.values()]:
+    mc = m.config
+    assert (mc.remat, mc.scan_layers) == ('full', True)
+  assert models['policy'].blocks.attn.q[...].shape[0] == cfg.num_layers  # stacked on the 'layers' axis
+  c.model.remat = 'sometimes'
+  with pytest.raises(common.UserError, match='config.model.remat must be one of none, full, dots_saveable'):
+    common.load_lm(str(tmp_path / 'sft' / 'hf'), c)

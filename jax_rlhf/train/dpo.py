@@ -132,7 +132,7 @@ def jit_train_step(graphdef, tx, dpo_cfg, prompt_len: int, shardings, ref_shardi
   """`dpo_train_step` jitted on the mesh, state donated; `ref_shardings` None for precomputed reference
   log-probs (then call it as step(state, None, batch))."""
   step = lambda s, r, b: dpo_train_step(graphdef, tx, dpo_cfg, prompt_len, s, r, b)  # noqa: E731
-  return jax.jit(step, donate_argnums=0, in_shardings=(shardings, ref_shardings, shd.batch_sharding(mesh)),
+  return shd.mesh_jit(mesh, step, donate_argnums=0, in_shardings=(shardings, ref_shardings, shd.batch_sharding(mesh)),
                  out_shardings=(shardings, shd.replicated(mesh)))
 
 
@@ -141,7 +141,7 @@ def precompute_ref(graphdef, ref, arrays: dict[str, np.ndarray], prompt_len: int
   """The reference's summed log-probs of every response of `arrays` (`preference_arrays`), once: [N, K]
   float32 (0 for padded responses). The dataset then carries them as `ref_logps` (TRL's
   precompute_ref_log_probs; the DPO authors run the reference every step instead)."""
-  fn = jax.jit(lambda r, b: reference_logps(graphdef, r, b, prompt_len), out_shardings=shd.replicated(mesh),
+  fn = shd.mesh_jit(mesh, lambda r, b: reference_logps(graphdef, r, b, prompt_len), out_shardings=shd.replicated(mesh),
                in_shardings=(ref_shardings, shd.batch_sharding(mesh)) if ref_shardings is not None else None)
   keys = ('tokens', 'attention_mask', 'ranking', 'valid')
   out = [np.asarray(fn(ref, shd.put_batch({k: b[k] for k in keys}, mesh)))[:n]
@@ -237,7 +237,7 @@ def run(config, workdir: str, name: str = 'dpo', inputs: Mapping[str, str] | Non
     train_arrays['ref_logps'] = precompute_ref(graphdef, ref, train_arrays, p_len, bs, mesh, ref_shardings)
     info['precompute_ref_seconds'] = time.perf_counter() - t0
   train_step = jit_train_step(graphdef, tx, dc, p_len, shardings, None if dc.precompute_ref else ref_shardings, mesh)
-  logps_fn = jax.jit(lambda params, rest, b: response_logps(nnx.merge(graphdef, params, rest), b, p_len),
+  logps_fn = shd.mesh_jit(mesh, lambda params, rest, b: response_logps(nnx.merge(graphdef, params, rest), b, p_len),
                      out_shardings=shd.replicated(mesh))  # policy and reference: the same rules place both
   eval_loss_fn = jax.jit(lambda p, r, b: preference_loss(p, r, b, dc))
 

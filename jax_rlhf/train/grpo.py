@@ -234,7 +234,7 @@ def update(g, gc, tx, policy, exp, rng, beta):
     idx = perms[:, :mb_size * n_mb].reshape(n_iter * n_mb, mb_size)
 
   def one(policy, i):
-    mb = jax.tree.map(lambda x: x[i], exp)
+    mb = jax.tree.map(lambda x: shd.constrain(x[i], ('batch',)), exp)  # rows over the batch axes (sharding.py)
     grad_fn = jax.value_and_grad(lambda pp: grpo_loss(g, gc, prompt_len, pp, policy.rest, mb, beta), has_aux=True)
     (_, m), grads = grad_fn(policy.params)
     upd, opt_state = tx.update(grads, policy.opt_state, policy.params)
@@ -276,13 +276,13 @@ class GRPOTrainer:
       exp, am = advantages(gc, exp, exp['rm_score'], beta)
       return exp, {**m, **am}
 
-    self.experience = jax.jit(experience, in_shardings=(sh['policy'], sh['ref'], sh['reward'], batch_sh, rep, rep))
+    self.experience = shd.mesh_jit(mesh, experience, in_shardings=(sh['policy'], sh['ref'], sh['reward'], batch_sh, rep, rep))
     # The host-scored path: the rollout alone, then (after the host's rewards) the advantages.
-    self.sample = jax.jit(lambda p, r, w, batch, key: rollout(g, gc, self.eos_id, self.pad_id, p, r, w, batch, key),
+    self.sample = shd.mesh_jit(mesh, lambda p, r, w, batch, key: rollout(g, gc, self.eos_id, self.pad_id, p, r, w, batch, key),
                           in_shardings=(sh['policy'], sh['ref'], sh['reward'], batch_sh, rep))
     self.advantages = jax.jit(lambda exp, rewards, beta: advantages(gc, exp, rewards, beta),
                               in_shardings=(batch_sh, batch_sh, rep))
-    self.update = jax.jit(lambda p, e, k, beta: update(g, gc, self.tx, p, e, k, beta),
+    self.update = shd.mesh_jit(mesh, lambda p, e, k, beta: update(g, gc, self.tx, p, e, k, beta),
                           in_shardings=(sh['policy'], batch_sh, rep, rep), out_shardings=(sh['policy'], rep),
                           donate_argnums=(0,))
 
@@ -443,7 +443,7 @@ def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | No
   # ---------------------------------------------------------------- models (a missing input run: UserError)
   roles = ['policy'] + (['reference'] if uses_ref(gc) else []) + (['reward'] if 'rm' in names else [])
   hf_dir = {role: os.path.join(common.require_stage(workdir, inputs[role], name), 'hf') for role in roles}
-  kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  kw = common.model_kw(config)
   policy = hf.load_pretrained(hf_dir['policy'], **kw)
   ref = hf.load_pretrained(hf_dir['reference'], **kw) if 'reference' in hf_dir else None
   reward = hf.load_scalar_model(hf_dir['reward'], **kw) if 'reward' in hf_dir else None
