@@ -137,14 +137,20 @@ def test_scanned_sampler_and_sharding():
   ids = rng.integers(3, 96, size=(2, 6)).astype(np.int32)
   mask = np.ones_like(ids)
   mask[0, :2] = 0
-  outs = []
+  outs, groups = [], []
   for scan in (False, True):
     model = nnx.merge(*_split(_small('llama', scan_layers=scan, dropout_rate=0.0, remat='full')))
     outs.append(jax.device_get(sampling.generate(model, ids, mask, jax.random.key(0), max_new_tokens=5,
                                                  temperature=1.0, eos_token_id=0, pad_token_id=1)))
+    # G samples per prompt share the prompt's prefill: the cache is repeated along its batch axis (GRPO)
+    groups.append(jax.device_get(sampling.generate(model, ids, mask, jax.random.key(0), max_new_tokens=5,
+                                                   temperature=1.0, eos_token_id=0, pad_token_id=1, num_samples=3)))
   np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
   np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
   assert len(np.unique(outs[0].tokens)) > 3
+  assert groups[0].tokens.shape == (6, 5)
+  np.testing.assert_array_equal(groups[0].tokens, groups[1].tokens)
+  np.testing.assert_allclose(groups[0].logprobs, groups[1].logprobs, atol=1e-5)
   # The nnx init draws the same values in both layouts (Block by Block, then stacked).
   cfg = _small('gpt2', num_layers=2, vocab_size=32, embed_dim=16, max_len=8)
   plain = _flat(nnx.state(T.Transformer(cfg, rngs=nnx.Rngs(3))))
