@@ -89,5 +89,5 @@ def test_real_size_runs_every_stage_at_a_tiny_size(tmp_path):
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['bench'] == 'real_size' and list(result['stages']) == list(real_size.STAGES)
   for stage, r in result['stages'].items():
-    assert r['step_s'] > 0 and r['tokens_per_s'] > 0 and r['peak_rss_mib'] > 100, (stage, r)
+    assert r['timed_steps'] == 1 and r['step_s'] > 0 and r['tokens_per_s'] > 0 and r['peak_rss_mib'] > 100, (stage, r)
     assert os.path.exists(tmp_path / 'W' / stage / 'DONE'), stage
