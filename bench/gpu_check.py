@@ -117,8 +117,10 @@ def part_parity(small: bool) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     for name, path in _hf_models(tmp).items():
       ref = tr.AutoModelForCausalLM.from_pretrained(path).eval()
+      positions = np.maximum(np.cumsum(mask, -1) - 1, 0)  # ours come from the mask; GPT-2's default is arange
       with torch.no_grad():
-        want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.float().numpy()
+        want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                   position_ids=torch.tensor(positions)).logits.float().numpy()
       real = mask.astype(bool)
       row = {}
       for dtype in ('float32', 'bfloat16'):
