@@ -269,7 +269,8 @@ def part_generate(small: bool) -> dict:
   from jax_rlhf import sampling
   from jax_rlhf.models.transformer import Transformer, TransformerConfig
   b, p, new = (SMALL_SIZES if small else SIZES)['generate']
-  cfg = TransformerConfig(**(SMALL if small else QWEN25_05B), dtype='bfloat16', param_dtype='bfloat16', scan_layers=True)
+  cfg = TransformerConfig(**(SMALL if small else QWEN25_05B), dtype='bfloat16', param_dtype='bfloat16',
+                          scan_layers=True)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   state = jax.jit(lambda: nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))[1])()
   ids = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (b, p)), jnp.int32)

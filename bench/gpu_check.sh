@@ -4,7 +4,8 @@
 #   bash bench/gpu_check.sh [--dry-run] [--skip-install]
 #
 # 1. install    pip install -e '.[cuda]' (jaxlib with the CUDA 12 plugin); the parity tests also need torch (the
-#               transformers reference runs on the CPU; the tests skip without it). WHEELS=DIR installs from a local wheel folder only (--no-index --find-links DIR),
+#               transformers reference runs on the CPU; the tests skip without it). WHEELS=DIR installs from a
+#               local wheel folder only (--no-index --find-links DIR),
 #               for a host that cannot reach PyPI. PYTHON=... picks the interpreter (default: python3).
 # 2. tests      the HF-parity and sampler tests (tests/test_hf.py, tests/test_families.py,
 #               tests/test_sampling.py) on the GPU (JAX_PLATFORMS=cuda) in float32, matmuls at 'highest'

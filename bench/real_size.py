@@ -118,7 +118,8 @@ def write_model(path: str, preset: str, eos_id: int) -> int:
 def stage_flags(stage: str, args) -> list[str]:
   """The preset's config, cut to a few steps at --batch x (--prompt_len + --response_len)."""
   b, p, r, n = args.batch, args.prompt_len, args.response_len, args.steps
-  common = [f'--config.data.max_prompt_len={p}', f'--config.data.max_response_len={r}', f'--config.data.seq_len={p + r}',
+  common = [f'--config.data.max_prompt_len={p}', f'--config.data.max_response_len={r}',
+            f'--config.data.seq_len={p + r}',
             '--config.log_every=1', '--config.progress=false', f'--config.checkpoint.every={10 * n}',
             '--config.checkpoint.async_save=false', f'--config.model.scan_layers={args.scan_layers}',
             f'--config.model.remat={args.remat}']
