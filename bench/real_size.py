@@ -13,7 +13,7 @@ model (bf16 compute, fp32 parameters), for `--steps` steps and smaller batches a
   sft   from the HF folder (the preset's init=hf)                    step: batch x (P + R) tokens
   rm    on the file's rankings (K = 2), from SFT                     step: batch x 2 x (P + R) tokens
   ppo   policy/reference from SFT, reward and value from the RM      iteration: batch x (P + R) tokens (generation,
-        (the preset's path: 4 models; --ppo_epochs x 1 minibatch)    scoring by 4 models, policy + value updates)
+        (the preset's path: 4 models; 4 epochs x 2 minibatches)      scoring by 4 models, policy + value updates)
   dpo   offline pairwise DPO on the file's rankings, from SFT        step: batch x 2 x (P + R) tokens
   grpo  G samples per prompt, the RM's reward                        iteration: batch x G x (P + R) tokens
 
@@ -126,7 +126,8 @@ def stage_flags(stage: str, args) -> list[str]:
   per = {
       'sft': [f'--config.sft.steps={n}', f'--config.sft.batch_size={b}', f'--config.sft.eval_every={10 * n}'],
       'rm': [f'--config.rm.batch_size={b}', '--config.rm.epochs=1'],  # one epoch of n_train rankings = n steps
-      'ppo': [f'--config.ppo.iterations={n}', f'--config.ppo.batch_size={b}', '--config.ppo.num_minibatches=1',
+      'ppo': [f'--config.ppo.iterations={n}', f'--config.ppo.batch_size={b}',
+              f'--config.ppo.num_minibatches={args.ppo_minibatches}',
               f'--config.ppo.ppo_epochs={args.ppo_epochs}', f'--config.ppo.max_new_tokens={r}',
               '--config.ppo.snapshot_every=0'],
       'dpo': [f'--config.dpo.steps={n}', f'--config.dpo.batch_size={b}', f'--config.dpo.eval_every={10 * n}'],
@@ -186,8 +187,8 @@ def main():
   p.add_argument('--steps', type=int, default=3, help='steps (iterations) per stage')
   p.add_argument('--batch', type=int, default=8, help='sequences (rankings, prompts) per step')
   p.add_argument('--group', type=int, default=4, help='GRPO samples per prompt')
-  p.add_argument('--ppo_epochs', type=int, default=1, help="PPO epochs per iteration (the preset's 4 x 4 minibatches "
-                 'take ~16x the update time)')
+  p.add_argument('--ppo_epochs', type=int, default=4, help="PPO epochs per iteration (the preset's 4)")
+  p.add_argument('--ppo_minibatches', type=int, default=2, help="PPO minibatches per epoch (the preset's 4)")
   p.add_argument('--prompt_len', type=int, default=64)
   p.add_argument('--response_len', type=int, default=32)
   p.add_argument('--n_train', type=int, default=0,
@@ -223,7 +224,7 @@ def main():
   print(f'(batch {args.batch}, prompt {args.prompt_len} + response {args.response_len} tokens, {args.steps} steps '
         f'each, scan_layers {args.scan_layers}, remat {args.remat}; load {load}; {os.cpu_count()} CPUs)')
   out = {'bench': 'real_size', 'model': args.model, 'params': params, 'batch': args.batch,
-         'group': args.group, 'ppo_epochs': args.ppo_epochs,
+         'group': args.group, 'ppo_epochs': args.ppo_epochs, 'ppo_minibatches': args.ppo_minibatches,
          'prompt_len': args.prompt_len, 'response_len': args.response_len, 'steps': args.steps,
          'scan_layers': args.scan_layers == 'true', 'remat': args.remat, 'stages': results, 'load': load,
          'cpus': os.cpu_count(), 'date': time.strftime('%Y-%m-%dT%H:%M:%S')}

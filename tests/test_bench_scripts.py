@@ -11,6 +11,8 @@ import pytest
 from bench import real_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the scripts' processes see one CPU device, as on a user's machine (conftest gives this process 8)
+ONE_DEVICE = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'JAX_PLATFORMS': 'cpu'}
 
 
 def test_gpu_check_dry_run_prints_every_step_and_one_json_line():
@@ -69,7 +71,7 @@ def test_gpu_check_parts_run_at_tiny_shapes():
   """Every part's code path on the CPU (`--small`); the parity part compares the five families for real."""
   for part in ('parity', 'lm', 'ppo', 'grpo', 'generate'):
     out = subprocess.run([sys.executable, '-m', 'bench.gpu_check', '--part', part, '--small'], cwd=ROOT,
-                         capture_output=True, text=True, timeout=900, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+                         capture_output=True, text=True, timeout=900, env=ONE_DEVICE)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result['part'] == part and result['small'] is True
@@ -84,7 +86,8 @@ def test_gpu_check_parts_run_at_tiny_shapes():
 def test_real_size_runs_every_stage_at_a_tiny_size(tmp_path):
   out = subprocess.run([sys.executable, '-m', 'bench.real_size', '--model', 'tiny', '--steps', '2', '--batch', '4',
                         '--group', '2', '--prompt_len', '24', '--response_len', '8', '--vocab', '600',
-                        '--workdir', str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+                        '--workdir', str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1500,
+                       env=ONE_DEVICE)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['bench'] == 'real_size' and list(result['stages']) == list(real_size.STAGES)
