@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype='float32',    # parameter dtype
       frozen_dtype='float32',   # PPO's frozen reference and reward models may be held in bfloat16
       cpu_bf16=False,           # CPU with AMX/AVX512-BF16 + MKL: compute in bfloat16 on the matrix unit, fp32 weights
+      remat='none',             # activation checkpointing per block in training: none | full (keep each block's input,
+                                # recompute the rest) | dots_saveable (keep the matmul outputs); pair with scan_layers
+      scan_layers=False,        # blocks stacked on a 'layers' axis and run by one lax.scan: one compile per block
   ))
   # LoRA (models/lora.py) on every model a post-training stage trains (SFT, RM, PPO policy + value, DPO, GRPO):
   # only the adapters (and a scalar head) train; the reference is the policy's base with the adapters off.

@@ -151,7 +151,7 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
   if common.has_source(config, 'pretrain'):
     texts = [r['text'] for r in common.records_for(config, workdir, 'pretrain', 'eval')][:ec.n_pretrain_eval]
     pre = batches.texts(tok, texts, config.data.seq_len)
-  kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  kw = common.model_kw(config)
   ref = hf.load_pretrained(os.path.join(sft_dir, 'hf'), **kw)
   graphdef, ref_state = nnx.split(ref)
   reward = hf.load_scalar_model(os.path.join(rm_dir, 'hf'), **kw)

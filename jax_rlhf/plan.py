@@ -3,11 +3,13 @@
   python -m jax_rlhf.plan --config configs/ppo.py:model=llama-3-8b --devices 64 --chip v5p \
       --config.mesh.data=1 --config.mesh.fsdp=-1
 
-For each run of the config's plan that trains (pretrain, sft, rm, ppo, dpo; `pipeline.plan_of`: the whole plan for
+For each run of the config's plan that trains (pretrain, sft, rm, ppo, dpo, grpo; `pipeline.plan_of`: the whole plan for
 stage=pipeline, else the one run) it builds the stage's states as abstract arrays (`jax.eval_shape`: no weight is
 allocated), places them by the sharding rules on the config's mesh over N fake CPU devices, and lowers and
 compiles the stage's own jitted step functions (lm.jit_lm_step, rm.rm_train_step, ppo.experience + ppo.ppo_update,
-dpo.jit_train_step) on abstract batches of the config's sizes. Per device it prints:
+dpo.jit_train_step, grpo.rollout + grpo.advantages and grpo.update) on abstract batches of the config's sizes, under
+the mesh as the stages run them (`sharding.mesh_jit`: activations pinned to the batch axes, `sharding.constrain`),
+and with the config's `model.remat` / `model.scan_layers` (or --remat / --scan_layers). Per device it prints:
 
   params, optimizer, frozen  EXACT: every leaf's shard shape under its NamedSharding x its dtype's size
   temp                       ESTIMATE: XLA:CPU's `compiled.memory_analysis().temp_size_in_bytes`, the largest of
@@ -40,7 +42,7 @@ CHIPS: dict[str, tuple[int, str]] = {
     'h100': (80 * GIB, 'nvidia.com H100 SXM datasheet: 80 GB HBM3'),
     'h200': (141 * GIB, 'nvidia.com H200 datasheet: 141 GB HBM3e'),
 }
-TRAINING_KINDS = ('pretrain', 'sft', 'rm', 'ppo', 'dpo')
+TRAINING_KINDS = ('pretrain', 'sft', 'rm', 'ppo', 'dpo', 'grpo')
 
 
 def _devices_from_argv(argv: list[str]) -> int | None:
@@ -76,18 +78,20 @@ from jax_rlhf import kernels, pipeline  # noqa: E402
 from jax_rlhf import sharding as shd  # noqa: E402
 from jax_rlhf.models import hf, transformer  # noqa: E402
 from jax_rlhf.models.heads import ScalarModel  # noqa: E402
-from jax_rlhf.train import dpo, lm, ppo, rm, rollout  # noqa: E402
+from jax_rlhf.train import dpo, grpo, lm, ppo, rm, rollout  # noqa: E402
 from jax_rlhf.train import state as state_lib  # noqa: E402
+from jax_rlhf.train import common  # noqa: E402
 from jax_rlhf.train.common import UserError  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
 
 def model_config(config, **overrides) -> transformer.TransformerConfig:
-  """The model of `config.model`: `model.path`'s config.json when set, else the preset; dtypes from the config.
-  (The tokenizer's vocabulary is not read: the preset's or the file's vocab_size is planned.)"""
-  kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, **overrides)
+  """The model of `config.model`: `model.path`'s config.json when set, else the preset; dtypes, remat and
+  scan_layers from the config (`overrides` win). (The tokenizer's vocabulary is not read: the preset's or the
+  file's vocab_size is planned.)"""
   try:
+    kw = {**common.model_kw(config), **overrides}
     if config.model.path:
       path = os.path.expanduser(config.model.path)
       if not os.path.isfile(os.path.join(path, 'config.json')):
@@ -177,7 +181,7 @@ def _rm_stage(kind, rc, mesh, mcfg):
   _check_rows('rm.batch_size', r.batch_size, mesh)
   tx = state_lib.make_optimizer(r.optimizer, 1000)  # the schedule's length changes no buffer
   graphdef, state, shardings = abstract_state(lambda: ScalarModel(mcfg, rngs=nnx.Rngs(0)), tx, mesh)
-  step = jax.jit(lambda s, b: rm.rm_train_step(graphdef, tx, r, s, b), donate_argnums=0,
+  step = shd.mesh_jit(mesh, lambda s, b: rm.rm_train_step(graphdef, tx, r, s, b), donate_argnums=0,
                  in_shardings=(shardings, shd.batch_sharding(mesh)), out_shardings=(shardings, shd.replicated(mesh)))
   b, k, length = r.batch_size, rc.label.k_max, rc.data.max_prompt_len + rc.data.max_response_len
   batch = _batch({'tokens': ((b, k, length), jnp.int32), 'attention_mask': ((b, k, length), jnp.int32),
@@ -226,18 +230,18 @@ def _ppo_stage(kind, rc, mesh, mcfg):
                               mcfg.pad_token_id)
   rep, batch_sh = shd.replicated(mesh), shd.batch_sharding(mesh)
   trained_sh = {name: shardings[name] for name in ppo.TRAINED}
-  experience = jax.jit(
-      lambda s, batch, rng, beta: ppo.experience(graphdefs, pc, settings, s, batch, rng, beta),
+  experience = shd.mesh_jit(
+      mesh, lambda s, batch, rng, beta: ppo.experience(graphdefs, pc, settings, s, batch, rng, beta),
       in_shardings=(shardings, batch_sh, rep, rep))
   ptx_sh = shd.NamedSharding(mesh, shd.P(None, shd.BATCH_AXES))
-  update = jax.jit(
-      lambda trained, exp, ptx, rng: ppo.ppo_update(graphdefs, pc, optimizers, trained, exp, ptx, rng),
+  update = shd.mesh_jit(
+      mesh, lambda trained, exp, ptx, rng: ppo.ppo_update(graphdefs, pc, optimizers, trained, exp, ptx, rng),
       in_shardings=(trained_sh, batch_sh, ptx_sh, rep), out_shardings=(trained_sh, rep), donate_argnums=0)
   b, p = pc.batch_size, rc.data.max_prompt_len
   prompts = _batch({'prompt': ((b, p), jnp.int32), 'prompt_mask': ((b, p), jnp.int32)}, mesh)
   rng = _rep(jax.eval_shape(lambda: jax.random.key(0)), mesh)
   beta = _rep(jax.ShapeDtypeStruct((), jnp.float32), mesh)
-  exp, _ = jax.eval_shape(experience, states, prompts, rng, beta)
+  exp, _ = experience.eval_shape(states, prompts, rng, beta)
   exp = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in exp.items()}
   ptx = None
   if pc.ptx.coef > 0:
@@ -252,7 +256,56 @@ def _ppo_stage(kind, rc, mesh, mcfg):
   return fns, trained, frozen_states
 
 
-STAGES = {'pretrain': _lm_stage, 'sft': _lm_stage, 'rm': _rm_stage, 'ppo': _ppo_stage, 'dpo': _dpo_stage}
+def _grpo_stage(kind, rc, mesh, mcfg):
+  """The two functions `grpo.GRPOTrainer` compiles (experience: rollout + reference + RM + advantages; update),
+  on the same shardings: the policy trained, the reference (when the KL is on) and the RM (when `rm` is among
+  the rewards) frozen in model.frozen_dtype."""
+  gc = rc.grpo
+  try:
+    grpo.check_config(gc)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  n_prompts = grpo.sampled_prompts(gc)
+  _check_rows('grpo prompts per rollout', n_prompts, mesh)
+  _check_rows('grpo rows per minibatch', gc.prompts_per_step * gc.num_generations // gc.num_minibatches, mesh)
+  tx = state_lib.make_optimizer(gc.optimizer, gc.iterations * gc.num_iterations * gc.num_minibatches)
+  frozen = None if rc.model.frozen_dtype == 'float32' else rc.model.frozen_dtype
+  makers = {'policy': lambda: transformer.Transformer(mcfg, rngs=nnx.Rngs(0))}
+  if grpo.uses_ref(gc):
+    makers['ref'] = lambda: transformer.Transformer(mcfg, rngs=nnx.Rngs(0))
+  if any(name == 'rm' for name, _ in grpo.parse_rewards(gc.rewards)):
+    makers['reward'] = lambda: ScalarModel(mcfg, rngs=nnx.Rngs(0))
+  g, st, sh = {'ref': None, 'reward': None}, {'ref': None, 'reward': None}, {'ref': None, 'reward': None}
+  for name, make in makers.items():
+    g[name], st[name], sh[name] = abstract_state(make, tx if name == 'policy' else None, mesh,
+                                                 None if name == 'policy' else frozen)
+  rep, batch_sh = shd.replicated(mesh), shd.batch_sharding(mesh)
+  eos, pad = mcfg.eos_token_id, mcfg.pad_token_id
+
+  def experience(p, r, w, batch, key, beta):
+    exp, m = grpo.rollout(g, gc, eos, pad, p, r, w, batch, key)
+    exp, am = grpo.advantages(gc, exp, exp['rm_score'], beta)
+    return exp, {**m, **am}
+
+  experience = shd.mesh_jit(mesh, experience, in_shardings=(sh['policy'], sh['ref'], sh['reward'], batch_sh, rep, rep))
+  update = shd.mesh_jit(mesh, lambda p, e, k, beta: grpo.update(g, gc, tx, p, e, k, beta),
+                        in_shardings=(sh['policy'], batch_sh, rep, rep), out_shardings=(sh['policy'], rep),
+                        donate_argnums=(0,))
+  prompts = _batch({'prompt': ((n_prompts, rc.data.max_prompt_len), jnp.int32),
+                    'prompt_mask': ((n_prompts, rc.data.max_prompt_len), jnp.int32)}, mesh)
+  rng = _rep(jax.eval_shape(lambda: jax.random.key(0)), mesh)
+  beta = _rep(jax.ShapeDtypeStruct((), jnp.float32), mesh)
+  exp, _ = experience.eval_shape(st['policy'], st['ref'], st['reward'], prompts, rng, beta)
+  exp = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in exp.items()}
+  frozen_states = {name: st[name] for name in ('ref', 'reward') if st[name] is not None}
+  fns = [('experience', experience, (st['policy'], st['ref'], st['reward'], prompts, rng, beta),
+          bytes_per_device({'policy': st['policy'], **frozen_states})),
+         ('update', update, (st['policy'], exp, rng, beta), bytes_per_device(st['policy']))]
+  return fns, {'policy': st['policy']}, frozen_states
+
+
+STAGES = {'pretrain': _lm_stage, 'sft': _lm_stage, 'rm': _rm_stage, 'ppo': _ppo_stage, 'dpo': _dpo_stage,
+          'grpo': _grpo_stage}
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -364,7 +417,7 @@ def entry() -> None:
   flags.DEFINE_integer('devices', 8, 'N: devices the plan is made for (fake CPU devices here).')
   flags.DEFINE_enum('chip', 'v5p', list(CHIPS), 'Accelerator whose HBM per device the plan is checked against.')
   flags.DEFINE_boolean('compile', True, 'Compile each step for XLA\'s temporary-memory estimate.')
-  flags.DEFINE_list('stages', [], 'Only these kinds (pretrain, sft, rm, ppo, dpo); default: every training run.')
+  flags.DEFINE_list('stages', [], 'Only these kinds (pretrain, sft, rm, ppo, dpo, grpo); default: every training run.')
   flags.DEFINE_enum('remat', '', ['', 'none', 'full', 'dots_saveable'], 'Model remat override (TransformerConfig).')
   flags.DEFINE_boolean('scan_layers', False, 'Plan with the blocks scanned (TransformerConfig.scan_layers).')
   flags.mark_flag_as_required('config')

@@ -194,9 +194,10 @@ def sample(graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens: i
   h, cache = model.hidden_states(input_ids, slot_mask, positions_from_mask(attention_mask), cache, 0)
   logits0 = model.logits(h[:, -1])  # [B, V]
   if num_samples > 1:  # the group's G rows share their prompt's prefill: repeat it, group-major
-    def repeat(x):
-      return jnp.repeat(x, num_samples, axis=0)
-    cache = jax.tree.map(repeat, cache)  # [B * G, ...] per layer
+    def repeat(x, axis=0):
+      return jnp.repeat(x, num_samples, axis=axis)
+    # [B * G, ...] per layer; a scanned model's stacked cache [L, B, ...] repeats its batch axis, the second
+    cache = jax.tree.map(lambda x: repeat(x, 1 if cfg.scan_layers else 0), cache)
     slot_mask, logits0, prompt_len = repeat(slot_mask), repeat(logits0), repeat(prompt_len)
     b = b * num_samples
 

@@ -137,14 +137,20 @@ def test_scanned_sampler_and_sharding():
   ids = rng.integers(3, 96, size=(2, 6)).astype(np.int32)
   mask = np.ones_like(ids)
   mask[0, :2] = 0
-  outs = []
+  outs, groups = [], []
   for scan in (False, True):
     model = nnx.merge(*_split(_small('llama', scan_layers=scan, dropout_rate=0.0, remat='full')))
     outs.append(jax.device_get(sampling.generate(model, ids, mask, jax.random.key(0), max_new_tokens=5,
                                                  temperature=1.0, eos_token_id=0, pad_token_id=1)))
+    # G samples per prompt share the prompt's prefill: the cache is repeated along its batch axis (GRPO)
+    groups.append(jax.device_get(sampling.generate(model, ids, mask, jax.random.key(0), max_new_tokens=5,
+                                                   temperature=1.0, eos_token_id=0, pad_token_id=1, num_samples=3)))
   np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
   np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
   assert len(np.unique(outs[0].tokens)) > 3
+  assert groups[0].tokens.shape == (6, 5)
+  np.testing.assert_array_equal(groups[0].tokens, groups[1].tokens)
+  np.testing.assert_allclose(groups[0].logprobs, groups[1].logprobs, atol=1e-5)
   # The nnx init draws the same values in both layouts (Block by Block, then stacked).
   cfg = _small('gpt2', num_layers=2, vocab_size=32, embed_dim=16, max_len=8)
   plain = _flat(nnx.state(T.Transformer(cfg, rngs=nnx.Rngs(3))))
@@ -164,3 +170,28 @@ def test_scanned_sampler_and_sharding():
   assert specs['blocks']['mlp']['down'].get_value().spec == jax.sharding.PartitionSpec(None, None, 'fsdp')
   with pytest.raises(ValueError, match='remat'):
     _small('gpt2', remat='some')
+
+
+def test_config_model_remat_and_scan_reach_every_stages_models(tmp_path):
+  """`model.remat` / `model.scan_layers` in the config tree: the random init, HF loads (LM, scalar body, scalar
+  model) and PPO's four models all get them; a bad remat is one clear line."""
+  from jax_rlhf.config import stage_config
+  from jax_rlhf.models import hf
+  from jax_rlhf.models.heads import ScalarModel
+  from jax_rlhf.train import common, ppo
+  c = stage_config('ppo', 'quick')
+  c.model.update(remat='full', scan_layers=True)
+  assert common.model_kw(c) == dict(dtype='float32', param_dtype='float32', remat='full', scan_layers=True)
+  cfg = _small('llama')
+  for run, model in (('sft', T.Transformer(cfg, rngs=nnx.Rngs(0))), ('rm', ScalarModel(cfg, rngs=nnx.Rngs(1)))):
+    hf.save_pretrained(model, tmp_path / run / 'hf')
+    (tmp_path / run / 'DONE').write_text('')
+  lm_model = common.load_lm(str(tmp_path / 'sft' / 'hf'), c)
+  models = ppo.load_models(c, str(tmp_path))
+  for m in [lm_model, *models.values()]:
+    mc = m.config
+    assert (mc.remat, mc.scan_layers) == ('full', True)
+  assert models['policy'].blocks.attn.q[...].shape[0] == cfg.num_layers  # stacked on the 'layers' axis
+  c.model.remat = 'sometimes'
+  with pytest.raises(common.UserError, match='config.model.remat must be one of none, full, dots_saveable'):
+    common.load_lm(str(tmp_path / 'sft' / 'hf'), c)

@@ -85,3 +85,31 @@ def test_llama_3_8b_shape_and_model_path(tmp_path):
   c.model.path = str(tmp_path)
   p = plan_lib.make_plan(c, 8, 'v4', compile=False)['sft']
   assert p['param_count'] == cfg.num_params() and p['param_bytes'] == 4 * cfg.num_params()
+
+
+def test_grpo_is_planned_with_its_frozen_models_and_compiles():
+  """GRPO: the policy trained (param + Adam), the reference and the RM frozen (in frozen_dtype); without the KL
+  and the RM reward, no frozen model. Both functions compile, activations pinned under fsdp."""
+  c = _config('grpo', 'quick', data=1, fsdp=-1)
+  c.model.frozen_dtype = 'bfloat16'
+  p = plan_lib.make_plan(c, 8, 'h100')['grpo']
+  cfg = transformer.preset('tiny')
+  scalar = cfg.num_params(lm_head=False) + cfg.embed_dim + 1
+  assert p['kind'] == 'grpo' and p['param_count'] == cfg.num_params()
+  assert p['frozen_bytes'] >= 2 * (cfg.num_params() + scalar) / 8  # ref + RM, bf16, sharded at most 8 ways
+  assert set(p['functions']) == {'experience', 'update'} and p['temp_bytes'] > 0 and p['fits']
+  c.grpo.kl.coef = 0.0
+  c.grpo.rewards = ('task:verify',)
+  q = plan_lib.make_plan(c, 8, 'h100', compile=False)['grpo']
+  assert q['frozen_bytes'] == 0 and q['param_count'] == p['param_count']
+
+
+def test_config_remat_and_scan_reach_the_plan():
+  """model.remat / model.scan_layers from the config tree: a scanned, rematerialised LM step needs less temporary
+  memory than the plain one (the same parameters, exactly)."""
+  c = _config('sft', 'quick', data=1, fsdp=-1)
+  plain = plan_lib.make_plan(c, 8, 'v5e')['sft']
+  c.model.update(remat='full', scan_layers=True)
+  lean = plan_lib.make_plan(c, 8, 'v5e')['sft']
+  assert lean['param_bytes'] == plain['param_bytes'] and lean['param_count'] == plain['param_count']
+  assert lean['temp_bytes'] < plain['temp_bytes']

@@ -61,12 +61,15 @@ def test_forward_and_lm_step_on_8_devices_equal_one_device(layout):
   batch = {'tokens': tokens, 'attention_mask': mask, 'loss_mask': mask}
   tx = st.make_optimizer(OPT, 10)
   out = {}
-  for shape in [(1, 1, 1), (2, 2, 2)]:
+  # (shape, activations pinned by the context mesh as in every stage: sharding.mesh_jit; lm.jit_lm_step pins)
+  for shape, pinned in [((1, 1, 1), True), ((2, 2, 2), False), ((2, 2, 2), True), ((1, 8, 1), True)]:
     mesh = _mesh(shape)
     graphdef, state, shardings = st.create_state(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), tx, mesh)
-    fwd = jax.jit(lambda s, b: nnx.merge(graphdef, s.params, s.rest)(b['tokens'], b['attention_mask']))
-    logits = np.asarray(fwd(state, shd.put_batch(batch, mesh)))
+    fwd = lambda s, b: nnx.merge(graphdef, s.params, s.rest)(b['tokens'], b['attention_mask'])  # noqa: E731
+    logits = np.asarray((shd.mesh_jit(mesh, fwd) if pinned else jax.jit(fwd))(state, shd.put_batch(batch, mesh)))
     step = lm.jit_lm_step(graphdef, tx, shardings, mesh)
+    if not pinned:
+      step = step.jitted  # the same jit without the context mesh
     losses = []
     for _ in range(3):
       state, metrics = step(state, shd.put_batch(batch, mesh), jax.random.key(1))
@@ -74,13 +77,47 @@ def test_forward_and_lm_step_on_8_devices_equal_one_device(layout):
     if shape == (2, 2, 2):  # really sharded
       wte = state.params['wte']
       assert len(wte.sharding.device_set) == 8 and wte.sharding.spec == jax.sharding.PartitionSpec('model', 'fsdp')
-    out[shape] = (logits, losses, jax.tree.map(np.asarray, state.params))
-  (l1, s1, p1), (l8, s8, p8) = out[(1, 1, 1)], out[(2, 2, 2)]
-  np.testing.assert_allclose(l8, l1, atol=1e-5)
-  np.testing.assert_allclose(s8, s1, rtol=1e-5)
+    out[shape, pinned] = (logits, losses, jax.tree.map(np.asarray, state.params))
+  l1, s1, p1 = out[(1, 1, 1), True]
   assert s1[-1] < s1[0]  # it learns
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-    np.testing.assert_allclose(b, a, atol=2e-5)
+  for key in [((2, 2, 2), False), ((2, 2, 2), True), ((1, 8, 1), True)]:
+    l8, s8, p8 = out[key]
+    np.testing.assert_allclose(l8, l1, atol=1e-5)
+    np.testing.assert_allclose(s8, s1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+      np.testing.assert_allclose(b, a, atol=2e-5)
+
+
+def test_constrain_is_the_identity_outside_a_mesh_and_for_indivisible_batches():
+  x = jax.numpy.ones((6, 4))
+  fn = jax.jit(lambda x: shd.constrain(x, ('batch', None)))
+  assert 'sharding_constraint' not in str(jax.make_jaxpr(fn)(x))  # no context mesh
+  mesh = _mesh((2, 4, 1))
+  with shd.activation_mesh(mesh):
+    assert 'sharding_constraint' not in str(jax.make_jaxpr(fn)(x))  # 6 rows over 8 devices: left alone
+    assert 'sharding_constraint' in str(jax.make_jaxpr(fn)(jax.numpy.ones((8, 4))))
+    out = fn(jax.device_put(jax.numpy.ones((8, 4)), shd.replicated(mesh)))
+  assert out.sharding.spec == jax.sharding.PartitionSpec(('data', 'fsdp'))
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_pinned_activations_cut_the_fsdp_steps_temporaries(scan):
+  """ZeRO-3 over 8 devices: with the residual stream pinned to the batch axes, each device keeps its own rows
+  (the weights are gathered), so the compiled LM step's temporaries shrink (unpinned, the partitioner keeps
+  activations whole per device; Llama-3-8B PPO on 64 devices needed 1.48 TiB, README)."""
+  cfg = preset('tiny', scan_layers=scan)
+  tx = st.make_optimizer(OPT, 10)
+  mesh = _mesh((1, 8, 1))
+  graphdef, state, shardings = st.create_state(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), tx, mesh)
+  tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, (16, 33)).astype(np.int32)
+  batch = shd.put_batch({'tokens': tokens, 'attention_mask': np.ones_like(tokens), 'loss_mask': np.ones_like(tokens)},
+                        mesh)
+  temp = {}
+  for pinned in (False, True):
+    step = lm.jit_lm_step(graphdef, tx, shardings, mesh)
+    step = step if pinned else step.jitted
+    temp[pinned] = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis().temp_size_in_bytes
+  assert temp[True] < 0.75 * temp[False], temp
 
 
 def test_lm_loss_masks_prompt_tokens():

@@ -41,6 +41,11 @@ import numpy as np
 from flax import nnx
 
 from jax_rlhf import kernels
+from jax_rlhf import sharding as shd
+
+# The residual stream's logical axes, pinned at every block boundary (`sharding.constrain`: rows over the batch
+# axes under a stage's mesh, a no-op outside one).
+RESIDUAL_AXES = ('batch', None, None)
 
 # One {'k': [B, Hkv, Dh, S], 'v': [B, Hkv, S, Dh]} per layer (the layouts the attention dots read); with
 # scan_layers one such dict whose arrays carry a leading [L] axis.
@@ -648,7 +653,7 @@ class Transformer(nnx.Module):
     keys = None
     if dropout_key is not None and (cfg.dropout_rate > 0 or self.lora_dropout > 0):
       keys = jax.random.split(dropout_key, cfg.num_layers + 1)
-    x = _dropout(x, cfg.dropout_rate, None if keys is None else keys[-1])
+    x = shd.constrain(_dropout(x, cfg.dropout_rate, None if keys is None else keys[-1]), RESIDUAL_AXES)
     x, new_cache = self._blocks(x, positions, mask, cache, cache_index, keys)
     return self.ln_f(x), new_cache
 
@@ -659,7 +664,8 @@ class Transformer(nnx.Module):
     remat = cfg.remat != 'none' and cache is None
 
     def apply(graphdef, state, x, layer_cache, key):
-      return nnx.merge(graphdef, state)(x, positions, mask, layer_cache, cache_index, key)
+      x, layer_cache = nnx.merge(graphdef, state)(x, positions, mask, layer_cache, cache_index, key)
+      return shd.constrain(x, RESIDUAL_AXES), layer_cache
 
     if remat:  # static graphdef; the block's parameters, input and key are the checkpointed arguments
       apply = jax.checkpoint(apply, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,), prevent_cse=not cfg.scan_layers)
@@ -680,6 +686,7 @@ class Transformer(nnx.Module):
         x, layer_cache = apply(graphdef, state, x, layer_cache, key)
       else:
         x, layer_cache = block(x, positions, mask, layer_cache, cache_index, key)
+        x = shd.constrain(x, RESIDUAL_AXES)
       if cache is not None:
         new_cache.append(layer_cache)
     return x, new_cache

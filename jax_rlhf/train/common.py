@@ -108,8 +108,18 @@ def mesh(config: ml_collections.ConfigDict):
     raise UserError(f'config.mesh: {e}') from None
 
 
+def model_kw(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The `TransformerConfig` fields every stage takes from `config.model` for every model it builds or loads:
+  dtypes, `remat` and `scan_layers`."""
+  m = config.model
+  remat = m.get('remat', 'none')
+  if remat not in transformer.REMAT_POLICIES:
+    raise UserError(f'config.model.remat must be one of {", ".join(transformer.REMAT_POLICIES)}, got {remat!r}')
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=remat, scan_layers=bool(m.get('scan_layers', False)))
+
+
 def model_config(config: ml_collections.ConfigDict, tokenizer, **overrides) -> transformer.TransformerConfig:
-  """The preset, with the tokenizer's vocabulary and token ids, dtypes from the config."""
+  """The preset, with the tokenizer's vocabulary and token ids; dtypes, remat and scan_layers from the config."""
   vocab = len(tokenizer)
   try:
     cfg = transformer.preset(config.model.preset)
@@ -119,7 +129,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer, **overrides) -> t
                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                      bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None
                      else tokenizer.eos_token_id,
-                     dtype=config.model.dtype, param_dtype=config.model.param_dtype, **overrides)
+                     **{**model_kw(config), **overrides})
 
 
 def load_lm(path: str, config: ml_collections.ConfigDict, tok=None, **overrides):
@@ -129,7 +139,7 @@ def load_lm(path: str, config: ml_collections.ConfigDict, tok=None, **overrides)
   path = os.path.expanduser(path)
   if not os.path.isdir(path):
     raise UserError(f'model folder {path} does not exist')
-  model = hf.load_pretrained(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype, **overrides)
+  model = hf.load_pretrained(path, **{**model_kw(config), **overrides})
   if tok is not None and len(tok) > model.config.vocab_size:
     resize_vocab(model, len(tok))
   return model

@@ -156,7 +156,7 @@ def jit_train_step(graphdef, tx, dpo_cfg, prompt_len: int, shardings, ref_shardi
   log-probs or a LoRA policy's own base as the reference (`ref_graphdef`): then call it as step(state, None,
   batch)."""
   step = lambda s, r, b: dpo_train_step(graphdef, tx, dpo_cfg, prompt_len, s, r, b, ref_graphdef)  # noqa: E731
-  return jax.jit(step, donate_argnums=0, in_shardings=(shardings, ref_shardings, shd.batch_sharding(mesh)),
+  return shd.mesh_jit(mesh, step, donate_argnums=0, in_shardings=(shardings, ref_shardings, shd.batch_sharding(mesh)),
                  out_shardings=(shardings, shd.replicated(mesh)))
 
 
@@ -165,7 +165,7 @@ def precompute_ref(graphdef, ref, arrays: dict[str, np.ndarray], prompt_len: int
   """The reference's summed log-probs of every response of `arrays` (`preference_arrays`), once: [N, K]
   float32 (0 for padded responses). The dataset then carries them as `ref_logps` (TRL's
   precompute_ref_log_probs; the DPO authors run the reference every step instead)."""
-  fn = jax.jit(lambda r, b: reference_logps(graphdef, r, b, prompt_len), out_shardings=shd.replicated(mesh),
+  fn = shd.mesh_jit(mesh, lambda r, b: reference_logps(graphdef, r, b, prompt_len), out_shardings=shd.replicated(mesh),
                in_shardings=(ref_shardings, shd.batch_sharding(mesh)) if ref_shardings is not None else None)
   keys = ('tokens', 'attention_mask', 'ranking', 'valid')
   out = [np.asarray(fn(ref, shd.put_batch({k: b[k] for k in keys}, mesh)))[:n]
@@ -405,9 +405,9 @@ def run(config, workdir: str, name: str = 'dpo', inputs: Mapping[str, str] | Non
     info['precompute_ref_seconds'] = time.perf_counter() - t0
   train_step = jit_train_step(graphdef, tx, dc, p_len, shardings, None if dc.precompute_ref else ref_shardings, mesh,
                               ref_graphdef)
-  logps_fn = jax.jit(lambda params, rest, b: response_logps(nnx.merge(graphdef, params, rest), b, p_len),
+  logps_fn = shd.mesh_jit(mesh, lambda params, rest, b: response_logps(nnx.merge(graphdef, params, rest), b, p_len),
                      out_shardings=shd.replicated(mesh))  # policy and reference: the same rules place both
-  ref_logps_fn = jax.jit(lambda params, rest, b: response_logps(nnx.merge(ref_graphdef, params, rest), b, p_len),
+  ref_logps_fn = shd.mesh_jit(mesh, lambda params, rest, b: response_logps(nnx.merge(ref_graphdef, params, rest), b, p_len),
                          out_shardings=shd.replicated(mesh))
   eval_loss_fn = jax.jit(lambda p, r, b: preference_loss(p, r, b, dc))
 
@@ -524,10 +524,11 @@ def run_online(config, workdir: str, name: str, inputs: Mapping[str, str]) -> di
   settings = online_settings(dc, tok, r_len)
   rep = shd.replicated(mesh)
   pool_sh = shd.NamedSharding(mesh, shd.P(None, shd.BATCH_AXES))  # [E, B, ...]: each step's B rows over the mesh
-  sample_fn = jax.jit(
+  sample_fn = shd.mesh_jit(
+      mesh,
       lambda st, fz, b, key: sample_round(graphdefs, settings, every, {'policy': st, **fz}, b, key),
       in_shardings=(shardings, frozen_sh, shd.batch_sharding(mesh), rep), out_shardings=(pool_sh, pool_sh, rep))
-  train_step = jax.jit(lambda s, pool, j: online_train_step(graphdefs['policy'], tx, loss_cfg, p_len, s, pool, j),
+  train_step = shd.mesh_jit(mesh, lambda s, pool, j: online_train_step(graphdefs['policy'], tx, loss_cfg, p_len, s, pool, j),
                        donate_argnums=0, in_shardings=(shardings, pool_sh, rep), out_shardings=(shardings, rep))
   length = p_len + r_len
   empty = {'tokens': ((n, length), jnp.int32), 'attention_mask': ((n, length), jnp.int32),

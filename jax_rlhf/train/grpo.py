@@ -261,13 +261,13 @@ class GRPOTrainer:
       exp, am = advantages(gc, exp, exp['rm_score'], beta)
       return exp, {**m, **am}
 
-    self.experience = jax.jit(experience, in_shardings=(sh, batch_sh, rep, rep))
+    self.experience = shd.mesh_jit(mesh, experience, in_shardings=(sh, batch_sh, rep, rep))
     # The host-scored path: the rollout alone, then (after the host's rewards) the advantages.
-    self.sample = jax.jit(lambda states, batch, key: rollout(g, gc, self.settings, states, batch, key),
+    self.sample = shd.mesh_jit(mesh, lambda states, batch, key: rollout(g, gc, self.settings, states, batch, key),
                           in_shardings=(sh, batch_sh, rep))
     self.advantages = jax.jit(lambda exp, rewards, beta: advantages(gc, exp, rewards, beta),
                               in_shardings=(batch_sh, batch_sh, rep))
-    self.update = jax.jit(lambda p, e, k, beta: update(g, gc, self.tx, p, e, k, beta),
+    self.update = shd.mesh_jit(mesh, lambda p, e, k, beta: update(g, gc, self.tx, p, e, k, beta),
                           in_shardings=(sh['policy'], batch_sh, rep, rep), out_shardings=(sh['policy'], rep),
                           donate_argnums=(0,))
 
@@ -436,7 +436,7 @@ def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | No
   # ---------------------------------------------------------------- models (a missing input run: UserError)
   roles = ['policy'] + (['reference'] if uses_ref(gc) else []) + (['reward'] if 'rm' in names else [])
   hf_dir = {role: os.path.join(common.require_stage(workdir, inputs[role], name), 'hf') for role in roles}
-  kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  kw = common.model_kw(config)
   policy = common.add_lora(hf.load_pretrained(hf_dir['policy'], **kw), config)
   # LoRA with the reference run = the policy's run: no second copy (the reference is the policy's base)
   shared_ref = common.lora_config(config).rank > 0 and inputs['reference'] == inputs['policy']

@@ -51,14 +51,14 @@ def lm_eval_step(graphdef, state: TrainState, batch):
 def jit_lm_step(graphdef, tx, state_shardings, mesh: Mesh):
   """The LM step jitted with explicit shardings and the state donated."""
   batch_sh = shd.batch_sharding(mesh)
-  return jax.jit(
-      lambda state, batch, rng: lm_train_step(graphdef, tx, state, batch, rng),
+  return shd.mesh_jit(
+      mesh, lambda state, batch, rng: lm_train_step(graphdef, tx, state, batch, rng),
       in_shardings=(state_shardings, batch_sh, shd.replicated(mesh)),
       out_shardings=(state_shardings, shd.replicated(mesh)),
       donate_argnums=0)
 
 
 def jit_lm_eval(graphdef, state_shardings, mesh: Mesh):
-  return jax.jit(lambda state, batch: lm_eval_step(graphdef, state, batch),
+  return shd.mesh_jit(mesh, lambda state, batch: lm_eval_step(graphdef, state, batch),
                  in_shardings=(state_shardings, shd.batch_sharding(mesh)),
                  out_shardings=shd.replicated(mesh))

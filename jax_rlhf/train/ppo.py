@@ -130,11 +130,11 @@ class PPOTrainer:
     self.graphdefs, self.shardings = graphdefs, shardings
     rep, batch_sh = shd.replicated(mesh), shd.batch_sharding(mesh)
     trained_sh = {name: shardings[name] for name in TRAINED}
-    self.experience = jax.jit(
-        lambda states, batch, rng, beta: experience(graphdefs, ppo_config, self.settings, states, batch, rng, beta),
+    self.experience = shd.mesh_jit(
+        mesh, lambda states, batch, rng, beta: experience(graphdefs, ppo_config, self.settings, states, batch, rng, beta),
         in_shardings=(shardings, batch_sh, rep, rep))
-    self.update = jax.jit(
-        lambda trained, exp, ptx, rng: ppo_update(graphdefs, ppo_config, self.optimizers, trained, exp, ptx, rng),
+    self.update = shd.mesh_jit(
+        mesh, lambda trained, exp, ptx, rng: ppo_update(graphdefs, ppo_config, self.optimizers, trained, exp, ptx, rng),
         in_shardings=(trained_sh, batch_sh, shd.NamedSharding(mesh, shd.P(None, shd.BATCH_AXES)), rep),
         out_shardings=(trained_sh, rep), donate_argnums=0)
 
@@ -162,7 +162,7 @@ def load_models(config, workdir: str, name: str = 'ppo', inputs=None) -> dict:
   if 'value' not in inputs and config.ppo.value_from not in ('rm', 'sft'):
     raise common.UserError(f'ppo.value_from must be rm | sft, got {config.ppo.value_from!r}')
   hf_dir = {role: os.path.join(common.require_stage(workdir, run, name), 'hf') for role, run in inputs.items()}
-  kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  kw = common.model_kw(config)
   # LoRA with the reference run = the policy's run: no second copy (the reference is the policy's base)
   shared_ref = common.lora_config(config).rank > 0 and inputs['reference'] == inputs['policy']
   models = {'policy': common.add_lora(hf.load_pretrained(hf_dir['policy'], **kw), config),

@@ -171,19 +171,17 @@ def run(config, workdir: str, name: str = 'rm', inputs: Mapping[str, str] | None
 
   # ---------------------------------------------------------------- model: SFT body + fresh scalar head
   if _is_scalar(os.path.join(sft_dir, 'hf')):  # init is a reward model run: continue it, head included
-    model = hf.load_scalar_model(os.path.join(sft_dir, 'hf'), dtype=config.model.dtype,
-                                 param_dtype=config.model.param_dtype)
+    model = hf.load_scalar_model(os.path.join(sft_dir, 'hf'), **common.model_kw(config))
   else:
-    model = hf.load_pretrained_body(os.path.join(sft_dir, 'hf'), seed=config.seed, dtype=config.model.dtype,
-                                    param_dtype=config.model.param_dtype)
+    model = hf.load_pretrained_body(os.path.join(sft_dir, 'hf'), seed=config.seed, **common.model_kw(config))
   model = common.add_lora(model, config)  # LoRA: adapters + the head train; exported merged
   tx = state_lib.make_optimizer(rc.optimizer, steps)
   graphdef, state, shardings = state_lib.place_state(model, tx, mesh)
   del model
   batch_sh = shd.batch_sharding(mesh)
-  train_step = jax.jit(lambda s, b: rm_train_step(graphdef, tx, rc, s, b), donate_argnums=0,
+  train_step = shd.mesh_jit(mesh, lambda s, b: rm_train_step(graphdef, tx, rc, s, b), donate_argnums=0,
                        in_shardings=(shardings, batch_sh), out_shardings=(shardings, shd.replicated(mesh)))
-  eval_step = jax.jit(lambda s, b: rm_eval_step(graphdef, s, b), in_shardings=(shardings, batch_sh))
+  eval_step = shd.mesh_jit(mesh, lambda s, b: rm_eval_step(graphdef, s, b), in_shardings=(shardings, batch_sh))
 
   # ---------------------------------------------------------------- resume
   loader = sources.GrainLoader(train_arrays, bs, config.seed)

@@ -191,7 +191,7 @@ class HostScoredRollout:
                decode: Callable[[np.ndarray, np.ndarray], list], mesh, state_shardings: Mapping[str, Any]):
     self.settings, self.reward_fn, self.decode, self.mesh = settings, reward_fn, decode, mesh
     rep, batch_sh = shd.replicated(mesh), shd.batch_sharding(mesh)
-    self.generate = jax.jit(lambda states, batch, rng: generate(graphdefs, states, batch, rng, settings),
+    self.generate = shd.mesh_jit(mesh, lambda states, batch, rng: generate(graphdefs, states, batch, rng, settings),
                             in_shardings=(dict(state_shardings), batch_sh, rep))
 
   def __call__(self, states: Mapping[str, Any], batch: Mapping[str, Any], prompts: Sequence[str], rng) -> dict:

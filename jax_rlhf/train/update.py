@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax_rlhf import sharding as shd
 from jax_rlhf.train import state as state_lib
 
 # loss_fn(params: {role: Params}, rest: {role: other variables}, minibatch, extra) -> (loss, metrics)
@@ -55,7 +56,8 @@ def update(loss_fn: LossFn, optimizers: Mapping[str, optax.GradientTransformatio
 
   def step(roles, xs):
     i, extra_step = xs
-    minibatch = jax.tree.map(lambda x: x[i], data)
+    # rows over the batch axes under a stage's mesh (`sharding.constrain`), not left to the partitioner
+    minibatch = jax.tree.map(lambda x: shd.constrain(x[i], ('batch',)), data)
     rest = {name: roles[name].rest for name in names}
     grad_fn = jax.value_and_grad(lambda params: loss_fn(params, rest, minibatch, extra_step), has_aux=True)
     (_, metrics), grads = grad_fn({name: roles[name].params for name in names})
