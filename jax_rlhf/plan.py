@@ -272,22 +272,22 @@ def _grpo_stage(kind, rc, mesh, mcfg):
   frozen = None if rc.model.frozen_dtype == 'float32' else rc.model.frozen_dtype
   makers = {'policy': lambda: transformer.Transformer(mcfg, rngs=nnx.Rngs(0))}
   if grpo.uses_ref(gc):
-    makers['ref'] = lambda: transformer.Transformer(mcfg, rngs=nnx.Rngs(0))
+    makers['reference'] = lambda: transformer.Transformer(mcfg, rngs=nnx.Rngs(0))
   if any(name == 'rm' for name, _ in grpo.parse_rewards(gc.rewards)):
     makers['reward'] = lambda: ScalarModel(mcfg, rngs=nnx.Rngs(0))
-  g, st, sh = {'ref': None, 'reward': None}, {'ref': None, 'reward': None}, {'ref': None, 'reward': None}
+  g, st, sh = ({'reference': None, 'reward': None} for _ in range(3))
   for name, make in makers.items():
     g[name], st[name], sh[name] = abstract_state(make, tx if name == 'policy' else None, mesh,
                                                  None if name == 'policy' else frozen)
   rep, batch_sh = shd.replicated(mesh), shd.batch_sharding(mesh)
-  eos, pad = mcfg.eos_token_id, mcfg.pad_token_id
+  settings = grpo.settings(gc, mcfg.eos_token_id, mcfg.pad_token_id)
 
-  def experience(p, r, w, batch, key, beta):
-    exp, m = grpo.rollout(g, gc, eos, pad, p, r, w, batch, key)
+  def experience(states, batch, key, beta):
+    exp, m = grpo.rollout(g, gc, settings, states, batch, key)
     exp, am = grpo.advantages(gc, exp, exp['rm_score'], beta)
     return exp, {**m, **am}
 
-  experience = shd.mesh_jit(mesh, experience, in_shardings=(sh['policy'], sh['ref'], sh['reward'], batch_sh, rep, rep))
+  experience = shd.mesh_jit(mesh, experience, in_shardings=(sh, batch_sh, rep, rep))
   update = shd.mesh_jit(mesh, lambda p, e, k, beta: grpo.update(g, gc, tx, p, e, k, beta),
                         in_shardings=(sh['policy'], batch_sh, rep, rep), out_shardings=(sh['policy'], rep),
                         donate_argnums=(0,))
@@ -295,10 +295,10 @@ def _grpo_stage(kind, rc, mesh, mcfg):
                     'prompt_mask': ((n_prompts, rc.data.max_prompt_len), jnp.int32)}, mesh)
   rng = _rep(jax.eval_shape(lambda: jax.random.key(0)), mesh)
   beta = _rep(jax.ShapeDtypeStruct((), jnp.float32), mesh)
-  exp, _ = experience.eval_shape(st['policy'], st['ref'], st['reward'], prompts, rng, beta)
+  exp, _ = experience.eval_shape(st, prompts, rng, beta)
   exp = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in exp.items()}
-  frozen_states = {name: st[name] for name in ('ref', 'reward') if st[name] is not None}
-  fns = [('experience', experience, (st['policy'], st['ref'], st['reward'], prompts, rng, beta),
+  frozen_states = {name: st[name] for name in ('reference', 'reward') if st[name] is not None}
+  fns = [('experience', experience, (st, prompts, rng, beta),
           bytes_per_device({'policy': st['policy'], **frozen_states})),
          ('update', update, (st['policy'], exp, rng, beta), bytes_per_device(st['policy']))]
   return fns, {'policy': st['policy']}, frozen_states
