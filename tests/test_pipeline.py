@@ -83,7 +83,8 @@ def test_unknown_judge_is_one_line_and_exit_2(workdir, tmp_path):
   shutil.copytree(workdir / 'sft', copy / 'sft', symlinks=True)
   proc = main('configs/label.py:quick', copy, '--config.label.judge=human')
   assert proc.returncode == 2, explain(proc)
-  assert proc.stderr.strip() == "error: label.judge='human' is no judge; judges: task", explain(proc)
+  assert proc.stderr.strip().startswith("error: label.judge='human' is no judge; judges: task, rm:RUN"), explain(proc)
+  assert len(proc.stderr.strip().splitlines()) == 1, explain(proc)
 
 
 @pytest.mark.parametrize('stage', STAGES)
