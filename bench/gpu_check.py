@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -30,6 +29,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bench import common
 
 # Dense bf16 peak per chip (no sparsity), FLOP/s, from the vendors' datasheets.
 PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'TPU v5p': 459e12, 'TPU v5 lite': 197e12,
@@ -294,14 +295,7 @@ def main():
   p.add_argument('--small', action='store_true', help='tiny shapes: check the code path (CPU)')
   args = p.parse_args()
   out = {**PARTS[args.part](args.small), 'small': args.small}
-
-  def clean(x):
-    if isinstance(x, float):
-      return float(f'{x:.6g}')
-    if isinstance(x, dict):
-      return {k: clean(v) for k, v in x.items()}
-    return x
-  print(json.dumps(clean(out)), flush=True)
+  common.emit(out)
 
 
 if __name__ == '__main__':

@@ -41,6 +41,8 @@ import sys
 import tempfile
 import time
 
+from bench import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ('sft', 'rm', 'ppo', 'dpo', 'grpo')
 
@@ -228,14 +230,7 @@ def main():
          'prompt_len': args.prompt_len, 'response_len': args.response_len, 'steps': args.steps,
          'scan_layers': args.scan_layers == 'true', 'remat': args.remat, 'stages': results, 'load': load,
          'cpus': os.cpu_count(), 'date': time.strftime('%Y-%m-%dT%H:%M:%S')}
-
-  def clean(x):
-    if isinstance(x, float):
-      return float(f'{x:.6g}')
-    if isinstance(x, dict):
-      return {k: clean(v) for k, v in x.items()}
-    return x
-  print(json.dumps(clean(out)), flush=True)
+  common.emit(out)
 
 
 if __name__ == '__main__':

@@ -71,7 +71,6 @@ if __name__ == '__main__':  # before jax is imported
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jax_rlhf import kernels, pipeline  # noqa: E402
