@@ -6,7 +6,6 @@ samples the round-1 policy on fresh prompts, rm_2 trains on both rounds' ranking
 policy; killed in rm_2 and in ppo_2 and rerun, round 2 ends bit for bit where the uninterrupted run ends.
 """
 import json
-import os
 import shutil
 
 import numpy as np
