@@ -75,7 +75,7 @@ from flax import nnx  # noqa: E402
 
 from jax_rlhf import kernels, pipeline  # noqa: E402
 from jax_rlhf import sharding as shd  # noqa: E402
-from jax_rlhf.models import hf, transformer  # noqa: E402
+from jax_rlhf.models import hf, lora, transformer  # noqa: E402
 from jax_rlhf.models.heads import ScalarModel  # noqa: E402
 from jax_rlhf.train import dpo, grpo, lm, ppo, rm, rollout  # noqa: E402
 from jax_rlhf.train import state as state_lib  # noqa: E402
@@ -188,13 +188,31 @@ def _rm_stage(kind, rc, mesh, mcfg):
   return [('step', step, (state, batch), bytes_per_device(state))], {'reward': state}, {}
 
 
+def _lora_reference(rc, mcfg, makers: dict) -> Any:
+  """With model.lora.rank > 0: wraps the trained makers ('policy', 'value') in LoRA and, when there is a
+  'reference' maker, drops it (the reference is the policy's base with its adapters off, no copy) and returns
+  that graphdef. Else (no LoRA, or no reference) None, and the makers as they are or wrapped."""
+  if not common.lora_config(rc).rank:
+    return None
+  for name in ('policy', 'value'):
+    if name in makers:
+      makers[name] = (lambda make: lambda: common.add_lora(make(), rc))(makers[name])
+  if makers.pop('reference', None) is None:
+    return None
+  return lora.reference_graphdef(nnx.eval_shape(makers['policy']))
+
+
 def _dpo_stage(kind, rc, mesh, mcfg):
   dc = rc.dpo
   _check_rows('dpo.batch_size', dc.batch_size, mesh)
   tx = state_lib.make_optimizer(dc.optimizer, 1000)
-  make = lambda: transformer.Transformer(mcfg, rngs=nnx.Rngs(0))  # noqa: E731
-  graphdef, state, shardings = abstract_state(make, tx, mesh)
-  _, ref, ref_shardings = abstract_state(make, None, mesh)
+  makers = {'policy': lambda: transformer.Transformer(mcfg, rngs=nnx.Rngs(0)),
+             'reference': lambda: transformer.Transformer(mcfg, rngs=nnx.Rngs(0))}
+  ref_graphdef = _lora_reference(rc, mcfg, makers)
+  graphdef, state, shardings = abstract_state(makers['policy'], tx, mesh)
+  ref, ref_shardings = None, None
+  if ref_graphdef is None:
+    _, ref, ref_shardings = abstract_state(makers['reference'], None, mesh)
   p_len = rc.data.max_prompt_len
   b, k, length = dc.batch_size, rc.label.k_max, p_len + rc.data.max_response_len
   shapes = {'tokens': ((b, k, length), jnp.int32), 'attention_mask': ((b, k, length), jnp.int32),
@@ -204,9 +222,9 @@ def _dpo_stage(kind, rc, mesh, mcfg):
     step = dpo.jit_train_step(graphdef, tx, dc, p_len, shardings, None, mesh)
     fns = [('step', step, (state, None, _batch(shapes, mesh)), bytes_per_device(state))]
     return fns, {'policy': state}, {}  # the reference is freed before training
-  step = dpo.jit_train_step(graphdef, tx, dc, p_len, shardings, ref_shardings, mesh)
+  step = dpo.jit_train_step(graphdef, tx, dc, p_len, shardings, ref_shardings, mesh, ref_graphdef)
   fns = [('step', step, (state, ref, _batch(shapes, mesh)), bytes_per_device(state) + bytes_per_device(ref))]
-  return fns, {'policy': state}, {'reference': ref}
+  return fns, {'policy': state}, ({} if ref is None else {'reference': ref})
 
 
 def _ppo_stage(kind, rc, mesh, mcfg):
@@ -222,6 +240,9 @@ def _ppo_stage(kind, rc, mesh, mcfg):
             'reference': lambda: transformer.Transformer(mcfg, rngs=nnx.Rngs(0)),
             'reward': lambda: ScalarModel(mcfg, rngs=nnx.Rngs(0))}
   graphdefs, states, shardings = {}, {}, {}
+  ref_graphdef = _lora_reference(rc, mcfg, makers)
+  if ref_graphdef is not None:
+    graphdefs['reference'] = ref_graphdef
   for name, make in makers.items():
     tx = optimizers.get(name)
     graphdefs[name], states[name], shardings[name] = abstract_state(make, tx, mesh, None if tx else frozen)
@@ -249,7 +270,7 @@ def _ppo_stage(kind, rc, mesh, mcfg):
     ptx = _batch({k: ((n, pc.ptx.batch_size, rc.data.seq_len), jnp.int32)
                   for k in ('tokens', 'attention_mask', 'loss_mask')}, mesh, batch_dim=1)
   trained = {name: states[name] for name in ppo.TRAINED}
-  frozen_states = {name: states[name] for name in ('reference', 'reward')}
+  frozen_states = {name: states[name] for name in ('reference', 'reward') if name in states}
   fns = [('experience', experience, (states, prompts, rng, beta), bytes_per_device(states)),
          ('update', update, (trained, exp, ptx, rng), bytes_per_device(trained))]
   return fns, trained, frozen_states
@@ -275,6 +296,10 @@ def _grpo_stage(kind, rc, mesh, mcfg):
   if any(name == 'rm' for name, _ in grpo.parse_rewards(gc.rewards)):
     makers['reward'] = lambda: ScalarModel(mcfg, rngs=nnx.Rngs(0))
   g, st, sh = ({'reference': None, 'reward': None} for _ in range(3))
+  ref_graphdef = _lora_reference(rc, mcfg, makers)
+  if ref_graphdef is not None:  # no reference state: the rollout runs this graphdef on the policy's state
+    g['reference'] = ref_graphdef
+    del st['reference'], sh['reference']
   for name, make in makers.items():
     g[name], st[name], sh[name] = abstract_state(make, tx if name == 'policy' else None, mesh,
                                                  None if name == 'policy' else frozen)
@@ -296,7 +321,7 @@ def _grpo_stage(kind, rc, mesh, mcfg):
   beta = _rep(jax.ShapeDtypeStruct((), jnp.float32), mesh)
   exp, _ = experience.eval_shape(st, prompts, rng, beta)
   exp = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in exp.items()}
-  frozen_states = {name: st[name] for name in ('reference', 'reward') if st[name] is not None}
+  frozen_states = {name: st[name] for name in ('reference', 'reward') if st.get(name) is not None}
   fns = [('experience', experience, (st, prompts, rng, beta),
           bytes_per_device({'policy': st['policy'], **frozen_states})),
          ('update', update, (st['policy'], exp, rng, beta), bytes_per_device(st['policy']))]

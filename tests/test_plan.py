@@ -113,3 +113,20 @@ def test_config_remat_and_scan_reach_the_plan():
   lean = plan_lib.make_plan(c, 8, 'v5e')['sft']
   assert lean['param_bytes'] == plain['param_bytes'] and lean['param_count'] == plain['param_count']
   assert lean['temp_bytes'] < plain['temp_bytes']
+
+
+@pytest.mark.parametrize('stage', ['ppo', 'grpo', 'dpo'])
+def test_lora_plan_trains_adapters_and_keeps_one_base(stage):
+  """With model.lora the trained parameters are the adapters (and the value model's head), the base weights sit
+  in the trained models' non-trained variables, and there is no reference copy: the frozen bytes drop by the
+  reference's; the steps compile with the adapters-off reference."""
+  c = _config(stage, 'quick', data=1, fsdp=-1)
+  full = plan_lib.make_plan(c, 8, 'h100', compile=False)[stage]
+  c.model.lora.rank = 4
+  p = plan_lib.make_plan(c, 8, 'h100')[stage]
+  cfg = transformer.preset('tiny')
+  assert p['param_count'] < full['param_count'] / 10
+  assert p['rest_bytes'] > 4 * cfg.num_params() / 8 * 0.99  # the policy's base, fp32, split at most 8 ways
+  ref_bytes = 4 * cfg.num_params() // 8  # one fp32 LM split 8 ways (the tiny vocab divides)
+  assert full['frozen_bytes'] - p['frozen_bytes'] >= ref_bytes * 0.99
+  assert p['optimizer_bytes'] < full['optimizer_bytes'] / 2 and p['temp_bytes'] > 0  # small adapters: some replicated
