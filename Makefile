@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)  ## the whole suite (~12 min on 2 idle CPU cores)
+test: $(STAMP)  ## the whole suite (~20 min on 2 CPU cores, 2026-12-05)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)  ## everything but the end-to-end pipeline test
