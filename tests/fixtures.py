@@ -220,3 +220,34 @@ def our_logits(model, ids, mask):
 def max_err(a, b, mask):
   """The largest |a - b| over the real (mask > 0) positions."""
   return float(np.abs(a - b)[mask.astype(bool)].max())
+
+
+def preempt_then_resume(run, workdir, name: str, step: int, monkeypatch) -> None:
+  """`run(name)` SIGTERMed (train/preempt.py's fault injection) at `step`, checked unfinished, then run again as
+  a fresh process would: it resumes from its checkpoint and finishes."""
+  import signal
+
+  import pytest
+  from jax_rlhf.train import preempt
+  old = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setenv(preempt.FAULT_ENV, f'{name}:{step}:term')
+  try:
+    preempt.install()
+    with pytest.raises(preempt.Preempted):
+      run(name)
+    assert not os.path.exists(os.path.join(workdir, name, 'DONE'))
+    preempt.install()  # a fresh process: no SIGTERM pending
+    run(name)
+  finally:
+    signal.signal(signal.SIGTERM, old)
+    preempt._requested = False  # pylint: disable=protected-access
+
+
+def assert_same_export(a_dir, b_dir) -> None:
+  """Two runs' HF exports (hf/model.safetensors) hold bitwise the same weights."""
+  from safetensors.numpy import load_file
+  a = load_file(os.path.join(a_dir, 'hf', 'model.safetensors'))
+  b = load_file(os.path.join(b_dir, 'hf', 'model.safetensors'))
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)

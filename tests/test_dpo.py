@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fixtures  # pylint: disable=g-bad-import-order
+
 from jax_rlhf import losses
 
 LOSS_TYPES = ('sigmoid', 'ipo', 'ipo_norm', 'hinge', 'robust')
@@ -432,10 +434,9 @@ def test_dpo_stage_from_the_quick_pipeline_resumes_bitwise_and_exports(quick_pip
   loss log 2 at step 1 (policy = reference), evaluates, exports an HF folder that differs from SFT; a run
   preempted (SIGTERM) at step 2 and rerun resumes from its checkpoint and exports bitwise the same weights."""
   import shutil
-  import signal
   from safetensors.numpy import load_file
   from jax_rlhf import metrics as metrics_lib
-  from jax_rlhf.train import dpo, preempt
+  from jax_rlhf.train import dpo
   src, proc = quick_pipeline
   assert proc.returncode == 0, proc.stderr[-3000:]
   w = tmp_path / 'W'
@@ -455,22 +456,9 @@ def test_dpo_stage_from_the_quick_pipeline_resumes_bitwise_and_exports(quick_pip
   sft = load_file(str(w / 'sft' / 'hf' / 'model.safetensors'))
   assert max(float(np.abs(a[k] - sft[k]).max()) for k in a) > 0
 
-  old = signal.getsignal(signal.SIGTERM)
-  monkeypatch.setenv(preempt.FAULT_ENV, 'dpo_b:2:term')
-  try:
-    preempt.install()
-    with pytest.raises(preempt.Preempted):
-      dpo.run(config, str(w), 'dpo_b', {'rankings': 'labels'})
-    assert not (w / 'dpo_b' / 'DONE').exists()
-    preempt.install()  # a fresh process: no SIGTERM pending
-    dpo.run(config, str(w), 'dpo_b', {'rankings': 'labels'})
-  finally:
-    signal.signal(signal.SIGTERM, old)
-    preempt._requested = False
-  b = load_file(str(w / 'dpo_b' / 'hf' / 'model.safetensors'))
-  assert sorted(a) == sorted(b)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  fixtures.preempt_then_resume(lambda n: dpo.run(config, str(w), n, {'rankings': 'labels'}), str(w), 'dpo_b', 2,
+                               monkeypatch)
+  fixtures.assert_same_export(w / 'dpo', w / 'dpo_b')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -639,10 +627,9 @@ def test_online_dpo_stage_resumes_bitwise_inside_a_round(quick_pipeline, tmp_pat
   step 3, inside its second round, resumes from the checkpoint that holds the round's samples and exports bitwise
   the weights of the uninterrupted run. Then the RM judge (in the sampling jit) runs a round and exports."""
   import shutil
-  import signal
   from safetensors.numpy import load_file
   from jax_rlhf import metrics as metrics_lib
-  from jax_rlhf.train import dpo, preempt
+  from jax_rlhf.train import dpo
   src, proc = quick_pipeline
   assert proc.returncode == 0, proc.stderr[-3000:]
   w = tmp_path / 'W'
@@ -661,22 +648,8 @@ def test_online_dpo_stage_resumes_bitwise_inside_a_round(quick_pipeline, tmp_pat
   sft = load_file(str(w / 'sft' / 'hf' / 'model.safetensors'))
   assert max(float(np.abs(a[k] - sft[k]).max()) for k in a) > 0
 
-  old = signal.getsignal(signal.SIGTERM)
-  monkeypatch.setenv(preempt.FAULT_ENV, 'online_b:3:term')
-  try:
-    preempt.install()
-    with pytest.raises(preempt.Preempted):
-      dpo.run(config, str(w), 'online_b')
-    assert not (w / 'online_b' / 'DONE').exists()
-    preempt.install()  # a fresh process: no SIGTERM pending
-    dpo.run(config, str(w), 'online_b')
-  finally:
-    signal.signal(signal.SIGTERM, old)
-    preempt._requested = False
-  b = load_file(str(w / 'online_b' / 'hf' / 'model.safetensors'))
-  assert sorted(a) == sorted(b)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  fixtures.preempt_then_resume(lambda n: dpo.run(config, str(w), n), str(w), 'online_b', 3, monkeypatch)
+  fixtures.assert_same_export(w / 'online', w / 'online_b')
 
   config = stage_config(online=True, online_every=2)
   config.dpo.steps = 2

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import fixtures  # pylint: disable=g-bad-import-order
 from padding import garbage_at_pads, right_padded_mask
 
 from jax_rlhf import losses, rl
@@ -513,10 +515,9 @@ def test_grpo_stage_with_verifier_and_rm_exports_and_resumes_bitwise(quick_pipel
   (each function's part, KL, beta, clip fractions, entropy, length, EOS fraction, frac_reward_zero_std) and exports
   weights that differ from SFT; a run preempted (SIGTERM) at iteration 2 and rerun exports bitwise the same."""
   import shutil
-  import signal
   from safetensors.numpy import load_file
   from jax_rlhf import metrics as metrics_lib
-  from jax_rlhf.train import grpo, preempt
+  from jax_rlhf.train import grpo
   src, proc = quick_pipeline
   assert proc.returncode == 0, proc.stderr[-3000:]
   w = tmp_path / 'W'
@@ -536,22 +537,8 @@ def test_grpo_stage_with_verifier_and_rm_exports_and_resumes_bitwise(quick_pipel
   sft = load_file(str(w / 'sft' / 'hf' / 'model.safetensors'))
   assert max(float(np.abs(a[k] - sft[k]).max()) for k in a) > 0
 
-  old = signal.getsignal(signal.SIGTERM)
-  monkeypatch.setenv(preempt.FAULT_ENV, 'grpo_b:2:term')
-  try:
-    preempt.install()
-    with pytest.raises(preempt.Preempted):
-      grpo.run(config, str(w), 'grpo_b')
-    assert not (w / 'grpo_b' / 'DONE').exists()
-    preempt.install()  # a fresh process: no SIGTERM pending
-    grpo.run(config, str(w), 'grpo_b')
-  finally:
-    signal.signal(signal.SIGTERM, old)
-    preempt._requested = False
-  b = load_file(str(w / 'grpo_b' / 'hf' / 'model.safetensors'))
-  assert sorted(a) == sorted(b)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  fixtures.preempt_then_resume(lambda n: grpo.run(config, str(w), n), str(w), 'grpo_b', 2, monkeypatch)
+  fixtures.assert_same_export(w / 'grpo', w / 'grpo_b')
 
 
 @pytest.mark.slow

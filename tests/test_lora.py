@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+import fixtures  # pylint: disable=g-bad-import-order
 from flax import nnx
 
 from jax_rlhf import sharding as shd
@@ -301,10 +303,8 @@ def test_ppo_stage_with_lora_exports_merged_and_peft_and_resumes_bitwise(quick_p
   v); W/ppo/peft loaded by peft on W/sft/hf gives the merged folder's logits; a run preempted (SIGTERM) at
   iteration 2 and rerun exports bitwise the same weights."""
   import shutil
-  import signal
   from safetensors.numpy import load_file
   from jax_rlhf.config import stage_config as base
-  from jax_rlhf.train import preempt
   src, proc = quick_pipeline
   assert proc.returncode == 0, proc.stderr[-3000:]
   w = tmp_path / 'W'
@@ -338,17 +338,5 @@ def test_ppo_stage_with_lora_exports_merged_and_peft_and_resumes_bitwise(quick_p
     with torch.no_grad():
       np.testing.assert_allclose(pm(input_ids=ids).logits.numpy(), merged(input_ids=ids).logits.numpy(), atol=1e-4)
 
-  old = signal.getsignal(signal.SIGTERM)
-  monkeypatch.setenv(preempt.FAULT_ENV, 'ppo_b:2:term')
-  try:
-    preempt.install()
-    with pytest.raises(preempt.Preempted):
-      ppo.run(config, str(w), 'ppo_b')
-    preempt.install()  # a fresh process: no SIGTERM pending
-    ppo.run(config, str(w), 'ppo_b')
-  finally:
-    signal.signal(signal.SIGTERM, old)
-    preempt._requested = False
-  b = load_file(str(w / 'ppo_b' / 'hf' / 'model.safetensors'))
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  fixtures.preempt_then_resume(lambda n: ppo.run(config, str(w), n), str(w), 'ppo_b', 2, monkeypatch)
+  fixtures.assert_same_export(w / 'ppo', w / 'ppo_b')
