@@ -532,7 +532,6 @@ def save_pretrained(model: Transformer | ScalarModel, path: str | os.PathLike, *
   dtype: the stored dtype (default the model's param_dtype). Call on every process of a multi-process run
   (sharded arrays are gathered); only process 0 writes. Returns the path.
   """
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
   from jax_rlhf.models import lora  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   if lora.has_adapters(model):  # LoRA: the adapters folded into the base weights, a plain HF folder
@@ -545,12 +544,19 @@ def save_pretrained(model: Transformer | ScalarModel, path: str | os.PathLike, *
     b = scalar_bias(model)
     if b != 0.0:
       hf_cfg[SCORE_BIAS_KEY] = b
-  if jax.process_index() != 0:
-    return path
-  os.makedirs(path, exist_ok=True)
-  safetensors.numpy.save_file(tensors, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
-  with open(os.path.join(path, 'config.json'), 'w') as fh:
-    json.dump(hf_cfg, fh, indent=2, sort_keys=True)
-  if tokenizer is not None:
+  if write_folder(path, tensors, 'model.safetensors', hf_cfg, 'config.json') and tokenizer is not None:
     tokenizer.save_pretrained(path)
   return path
+
+
+def write_folder(path, tensors: dict, weights_name: str, config: dict, config_name: str) -> bool:
+  """Process 0 writes `tensors` (safetensors, torch's metadata) and `config` (JSON) into the folder `path`, as
+  transformers and peft read them; False on every other process (it writes nothing)."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return False
+  os.makedirs(path, exist_ok=True)
+  safetensors.numpy.save_file(tensors, os.path.join(path, weights_name), metadata={'format': 'pt'})
+  with open(os.path.join(path, config_name), 'w') as fh:
+    json.dump(config, fh, indent=2, sort_keys=True)
+  return True

@@ -29,7 +29,6 @@ VJP, whose backward returns cotangents for x and W alone).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
@@ -336,15 +335,10 @@ def save_peft(model, path: str, lcfg: LoRAConfig, base_model: str, *, dtype: str
   the base model folder `base_model` (an HF folder with the weights the adapters were trained on), which
   `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), path)` loads. Call on
   every process (sharded adapters are gathered); process 0 writes."""
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from jax_rlhf.models import hf  # pylint: disable=g-import-not-at-top
   tensors = {k: v.astype(dtype) for k, v in peft_tensors(model).items()}
-  config = peft_config(model, lcfg, base_model)
-  if jax.process_index() != 0:
-    return path
-  os.makedirs(path, exist_ok=True)
-  safetensors.numpy.save_file(tensors, os.path.join(path, 'adapter_model.safetensors'), metadata={'format': 'pt'})
-  with open(os.path.join(path, 'adapter_config.json'), 'w') as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+  hf.write_folder(path, tensors, 'adapter_model.safetensors', peft_config(model, lcfg, base_model),
+                  'adapter_config.json')
   return path
 
 
