@@ -251,3 +251,13 @@ def assert_same_export(a_dir, b_dir) -> None:
   assert sorted(a) == sorted(b)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def copy_runs(src, workdir, runs=('sft', 'rm', 'data')) -> None:
+  """Copies those of `runs` that `src` (a finished quick pipeline's workdir) holds into `workdir`, without their
+  checkpoints and TensorBoard events: the inputs of a stage test."""
+  import shutil
+  for run in runs:
+    if os.path.exists(os.path.join(src, run)):
+      shutil.copytree(os.path.join(src, run), os.path.join(workdir, run),
+                      ignore=shutil.ignore_patterns('checkpoints', 'tb'))

@@ -514,16 +514,13 @@ def test_grpo_stage_with_verifier_and_rm_exports_and_resumes_bitwise(quick_pipel
   """From the quick pipeline's SFT and RM: a grpo run with task:verify + rm:0.5 (host-scored) logs every iteration
   (each function's part, KL, beta, clip fractions, entropy, length, EOS fraction, frac_reward_zero_std) and exports
   weights that differ from SFT; a run preempted (SIGTERM) at iteration 2 and rerun exports bitwise the same."""
-  import shutil
   from safetensors.numpy import load_file
   from jax_rlhf import metrics as metrics_lib
   from jax_rlhf.train import grpo
   src, proc = quick_pipeline
   assert proc.returncode == 0, proc.stderr[-3000:]
   w = tmp_path / 'W'
-  for run in ('sft', 'rm', 'data'):
-    if (src / run).exists():
-      shutil.copytree(src / run, w / run, ignore=shutil.ignore_patterns('checkpoints', 'tb'))
+  fixtures.copy_runs(src, w)
   config = _stage_config(rewards=('task:verify', 'rm:0.5'))
   summary = grpo.run(config, str(w), 'grpo')
   assert summary['rewards'] == ['task:verify:1', 'rm:0.5'] and summary['iterations'] == 4
@@ -545,14 +542,11 @@ def test_grpo_stage_with_verifier_and_rm_exports_and_resumes_bitwise(quick_pipel
 def test_a_user_reward_that_raises_ends_main_with_one_line_and_exit_2(quick_pipeline, tmp_path):
   """`python -m jax_rlhf.main` with grpo.rewards naming a user's function that raises: exit 2 and one line
   naming the function (no traceback). Only the policy is loaded (no RM among the rewards, no KL)."""
-  import shutil
   from conftest import run_main
   src, proc = quick_pipeline
   assert proc.returncode == 0, proc.stderr[-3000:]
   w = tmp_path / 'W'
-  for run in ('sft', 'data'):
-    if (src / run).exists():
-      shutil.copytree(src / run, w / run, ignore=shutil.ignore_patterns('checkpoints', 'tb'))
+  fixtures.copy_runs(src, w, ('sft', 'data'))
   (tmp_path / 'myrewards.py').write_text('def boom(prompts, responses):\n  raise KeyError("no answer key")\n')
   got = run_main('configs/grpo.py:quick', w, "--config.grpo.rewards=('myrewards:boom',)", '--config.grpo.kl.coef=0',
                  env={'PYTHONPATH': str(tmp_path)}, timeout=600)

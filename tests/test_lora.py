@@ -302,15 +302,12 @@ def test_ppo_stage_with_lora_exports_merged_and_peft_and_resumes_bitwise(quick_p
   W/ppo/hf differs from SFT only in the targeted weights, each by a matrix of rank <= 3 x 4 (c_attn holds q, k,
   v); W/ppo/peft loaded by peft on W/sft/hf gives the merged folder's logits; a run preempted (SIGTERM) at
   iteration 2 and rerun exports bitwise the same weights."""
-  import shutil
   from safetensors.numpy import load_file
   from jax_rlhf.config import stage_config as base
   src, proc = quick_pipeline
   assert proc.returncode == 0, proc.stderr[-3000:]
   w = tmp_path / 'W'
-  for run in ('sft', 'rm', 'data'):
-    if (src / run).exists():
-      shutil.copytree(src / run, w / run, ignore=shutil.ignore_patterns('checkpoints', 'tb'))
+  fixtures.copy_runs(src, w)
   config = base('ppo', 'quick')
   config.model.lora.update(rank=4, alpha=8.0, export='peft')
   config.checkpoint.every = 2
