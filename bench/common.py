@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_rlhf.evaluate import cpu_model
+from jax_rlhf.metrics import cpu_model
 
 PEER_RUN = os.environ.get('PEER_RUN', '/work/shared/peer/run.sh')
 VOCAB = 4096

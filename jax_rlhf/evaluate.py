@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from jax_rlhf import benchmarks
+from jax_rlhf import metrics as metrics_lib
 from jax_rlhf.data import batches
 from jax_rlhf.models import hf, scoring
 from jax_rlhf.sampling import sample_responses
@@ -384,25 +385,12 @@ def _write_report(config, workdir: str, name: str) -> None:
     print(f'[{name}] report: {path}')
 
 
-def cpu_model() -> str:
-  """The host CPU's model name from /proc/cpuinfo ('' where there is none). XLA:CPU compiles for the host's
-  instruction set, so fp32 runs are bitwise reproducible on one CPU model, not across models."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return ''
-
-
 def _machine() -> str:
   """Where the eval ran, in words: the accelerator (or CPU cores and model) and the host."""
   import platform
   dev = jax.devices()[0]
   if dev.platform == 'cpu':
-    model = cpu_model()
+    model = metrics_lib.cpu_model()
     what = f'{os.cpu_count()} CPU cores' + (f' ({model})' if model else '')
   else:
     what = f'{jax.device_count()} x {dev.device_kind}'

@@ -83,3 +83,16 @@ class MetricsWriter:
 def read_metrics(path: str) -> list[dict[str, Any]]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def cpu_model() -> str:
+  """The host CPU's model name from /proc/cpuinfo ('' where there is none). XLA:CPU compiles for the host's
+  instruction set, so fp32 runs are bitwise reproducible on one CPU model, not across models."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return ''
