@@ -89,7 +89,7 @@ def main():
   xla_bf16 = None
   if bf16:
     from jax_rlhf import kernels
-    path = 'MKL AMX' if kernels.use_mkl(jnp.bfloat16, jnp.bfloat16) else 'XLA'
+    path = 'MKL (AMX)' if kernels.use_mkl(jnp.bfloat16, jnp.bfloat16) else 'XLA (no AMX here)'
     with kernels.mode('xla'):  # the same bf16 step on XLA's dot, timed first (interleaved: ours, xla, ours)
       xla_bf16 = time_step(cfg, 'bf16 on XLA dot')[0]
   common.wait_quiet(args.quiet, args.quiet_wait)
@@ -108,7 +108,7 @@ def main():
   achieved = flops / s['median']
   tokens = B * T
   tag = 'bf16 (fp32 master weights)' if bf16 else 'fp32'
-  peak_name = 'bf16 MKL/AMX' if bf16 else 'fp32'
+  peak_name = f'bf16 {path}' if bf16 else 'fp32'
   print(f'jax_rlhf LM step {tag} B={B} T={T} params={cfg.num_params()} jax {jax.__version__} '
         f'({m["backend"]}, load {m["load"]}): {common.fmt(s, tokens, "tok/s")}')
   print(f'  first call (compile + run) {compile_s:.2f}s; loss after {STEPS + WARMUP + 1} steps {loss:.3f}')

@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
       dtype='float32',          # compute dtype (bfloat16 on TPU/GPU)
       param_dtype='float32',    # parameter dtype
       frozen_dtype='float32',   # PPO's frozen reference and reward models may be held in bfloat16
-      cpu_bf16=False,           # CPU with AMX/AVX512-BF16 + MKL: compute in bfloat16 on the matrix unit, fp32 weights
+      cpu_bf16=False,           # CPU with AMX-BF16 + MKL: compute in bfloat16 on the matrix unit, fp32 weights
       remat='none',             # activation checkpointing per block in training: none | full (keep each block's input,
                                 # recompute the rest) | dots_saveable (keep the matmul outputs); pair with scan_layers
       scan_layers=False,        # blocks stacked on a 'layers' axis and run by one lax.scan: one compile per block
@@ -433,7 +433,7 @@ def cpu_bf16(c: ml_collections.ConfigDict) -> None:
 
 def apply_cpu_bf16(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`model.cpu_bf16`: where this process's bf16 matmuls run on the CPU's matrix unit (`jax_rlhf.kernels`: CPU
-  backend, AMX-BF16 or AVX512-BF16, MKL built), set `model.dtype='bfloat16'` over `param_dtype='float32'`, as
+  backend, AMX-BF16, MKL built), set `model.dtype='bfloat16'` over `param_dtype='float32'`, as
   torch's CPU autocast; elsewhere (TPU, GPU, another CPU) the config is left as it is. One line says which."""
   if not c.model.get('cpu_bf16', False):
     return c

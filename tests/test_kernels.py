@@ -55,12 +55,14 @@ def test_matmul_vjp_equals_autodiff_of_xla_path():
   x = jax.random.normal(kx, (3, 11, 37)).astype(jnp.bfloat16)
   w = (0.2 * jax.random.normal(kw, (37, 29))).astype(jnp.bfloat16)
   g = jax.random.normal(kg, (3, 11, 29), jnp.float32)
-  assert kernels.use_mkl(jnp.bfloat16, jnp.bfloat16)  # this machine's CPU has AMX: the MKL path is under test
-  y, vjp = jax.vjp(kernels.matmul, x, w)
+  with kernels.mode('mkl'):  # the MKL path is under test, whatever this CPU's auto choice is
+    assert kernels.use_mkl(jnp.bfloat16, jnp.bfloat16)
+    y, vjp = jax.vjp(kernels.matmul, x, w)
+    assert 'jax_rlhf_bf16_gemm' in str(jax.make_jaxpr(jax.grad(lambda x, w: kernels.matmul(x, w).sum()))(x, w))
+    grads = jax.jit(vjp)(g)
   y_ref, vjp_ref = jax.vjp(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), x, w)
   assert _rel(y, np.asarray(y_ref, np.float64)) < 1e-3
-  assert 'jax_rlhf_bf16_gemm' in str(jax.make_jaxpr(jax.grad(lambda x, w: kernels.matmul(x, w).sum()))(x, w))
-  for got, want in zip(jax.jit(vjp)(g), vjp_ref(g)):
+  for got, want in zip(grads, vjp_ref(g)):
     assert got.dtype == want.dtype == jnp.bfloat16 and got.shape == want.shape
     # the cotangent is rounded to bf16 before the product (autocast's backward); the XLA autodiff keeps it fp32
     assert _rel(got.astype(jnp.float32), np.asarray(want.astype(jnp.float32), np.float64)) < 1e-2
@@ -74,7 +76,7 @@ def test_path_choice_and_forced_fallback(monkeypatch, capsys):
   x, w = _operands(8, 16, 4, False, False)
   f = lambda x, w: kernels.bf16_dot(x, w)  # noqa: E731
   with kernels.mode('auto'):
-    assert _has_custom_call(f, x, w) == ('amx_bf16' in gemm.cpu_flags() or 'avx512_bf16' in gemm.cpu_flags())
+    assert _has_custom_call(f, x, w) == ('amx_bf16' in gemm.cpu_flags())
     assert not _has_custom_call(f, x.astype(jnp.float32), w.astype(jnp.float32))  # fp32: always XLA
   with kernels.mode('xla'):
     assert not _has_custom_call(f, x, w)
@@ -83,7 +85,15 @@ def test_path_choice_and_forced_fallback(monkeypatch, capsys):
   monkeypatch.setattr(gemm, 'cpu_flags', lambda: {'avx2', 'avx512f'})  # a CPU without AMX / AVX512-BF16
   with kernels.mode('auto'):
     assert not _has_custom_call(f, x, w)
-  assert 'neither AMX-BF16 nor AVX512-BF16' in capsys.readouterr().err
+  assert 'this CPU has no AMX-BF16' in capsys.readouterr().err
+  monkeypatch.setattr(gemm, 'cpu_flags', lambda: {'avx2', 'avx512f', 'avx512_bf16'})  # AMD EPYC: no AMX
+  with kernels.mode('auto'):
+    assert not _has_custom_call(f, x, w)
+  assert 'AVX512-BF16 but no AMX' in capsys.readouterr().err
+  monkeypatch.setattr(gemm, 'cpu_flags', lambda: {'avx512_bf16', 'amx_bf16', 'amx_tile'})  # a Xeon with AMX
+  with kernels.mode('auto'):
+    assert _has_custom_call(f, x, w)
+  assert 'MKL cblas_gemm_bf16bf16f32 (AMX-BF16)' in capsys.readouterr().err
   monkeypatch.setenv('JAX_RLHF_BF16_GEMM', 'xla')
   kernels.set_mode(None)
   assert kernels.get_mode() == 'xla' and not _has_custom_call(f, x, w)
@@ -168,7 +178,7 @@ def xla_bf16_step():
 @pytest.mark.parametrize('mesh_shape', [(1, 1, 1), (2, 2, 2)])
 def test_bf16_lm_step_on_amx_equals_xla_bf16_step(mesh_shape, xla_bf16_step):
   cfg, (l_x, n_x, p_x, t_x) = xla_bf16_step
-  l_m, n_m, p_m, t_m = _lm_steps(cfg, mesh_shape, 'auto')
+  l_m, n_m, p_m, t_m = _lm_steps(cfg, mesh_shape, 'mkl')  # forced: auto takes it on AMX CPUs only
   assert 'jax_rlhf_bf16_gemm' in t_m and 'jax_rlhf_bf16_gemm' not in t_x  # MKL really ran (per device)
   np.testing.assert_allclose(l_m, l_x, rtol=1e-2)
   np.testing.assert_allclose(n_m, n_x, rtol=2e-2)
@@ -202,8 +212,12 @@ def test_cpu_bf16_preset_sets_bf16_compute_only_where_the_matrix_unit_runs():
   from jax_rlhf.config import apply_cpu_bf16, stage_config
   c = apply_cpu_bf16(stage_config('pipeline'))
   assert not c.model.cpu_bf16 and c.model.dtype == 'float32'  # off by default: the fp32 demo is unchanged
-  c = apply_cpu_bf16(stage_config('pipeline', 'cpu_bf16'))
-  assert (c.model.dtype, c.model.param_dtype) == ('bfloat16', 'float32')  # this machine has AMX
+  with kernels.mode('mkl'):  # where the matrix unit runs (auto: a CPU with AMX)
+    c = apply_cpu_bf16(stage_config('pipeline', 'cpu_bf16'))
+  assert (c.model.dtype, c.model.param_dtype) == ('bfloat16', 'float32')
+  with kernels.mode('auto'):
+    c = apply_cpu_bf16(stage_config('pipeline', 'cpu_bf16'))
+  assert (c.model.dtype == 'bfloat16') == ('amx_bf16' in kernels.cpu_flags())
   with kernels.mode('xla'):  # a CPU without it (or TPU/GPU): left as it is
     c = apply_cpu_bf16(stage_config('pipeline', 'cpu_bf16'))
   assert c.model.dtype == 'float32'
