@@ -140,7 +140,10 @@ def bt_ascent(prefs, l2=1e-2, steps=20000, lr=0.05):
   off = ~np.eye(k, dtype=bool)
   for _ in range(steps):
     q = 1 / (1 + np.exp(-(s[:, None] - s[None, :])))
-    s += lr * (np.where(off, prefs - q, 0).sum(1) - l2 * s)
+    grad = np.where(off, prefs - q, 0).sum(1) - l2 * s
+    s += lr * grad
+    if np.abs(grad).max() < 1e-12:
+      break
   return s
 
 
