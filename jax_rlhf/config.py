@@ -127,6 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
                                 # rm:RUN (the reward model of that run of the workdir ranks: self-labelling) |
                                 # lm:PATH (a causal LM folder judges every pair under a constitution principle)
       num_prompts=4000,         # prompts whose samples get ranked (InstructGPT: ~33k)
+      prompts='',               # their source (as data.prompts: jsonl:PATH, hh_rlhf:DIR, ...); '' = data.prompts,
+                                # else the task's training prompts
       prompt_offset=0,          # the first training prompt labelled: a later round's label run takes fresh ones
       k_min=4, k_max=9,         # responses per prompt, K uniform in [k_min, k_max] (InstructGPT: 4-9)
       temperature=1.0,          # sampling temperature of the ranked responses

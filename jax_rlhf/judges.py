@@ -8,12 +8,16 @@ smoothing) can train on.
   task     the task's noisy labeler (instruct_world: ~73% inter-labeler agreement), the stand-in for humans.
   rm:RUN   the reward model of that run of the workdir scores every response; the ranking is by score
            (self-labelling: a new round's rankings come from the last RM).
-  lm:PATH  a causal LM folder (its own tokenizer) is asked which of two responses is better, under a principle
-           drawn at random per comparison from a constitution file (Constitutional AI, Bai et al. 2022b,
-           section 4.1). Its preference is the softmax over the two option tokens' logits at the answer
+  lm:PATH  a causal LM folder (its own tokenizer; a snapshot folder, or a Hugging Face cache folder
+           models--ORG--NAME whose refs/main names the snapshot) is asked which of two responses is better,
+           under a principle drawn at random per comparison from a constitution file (Constitutional AI, Bai et
+           al. 2022b, section 4.1). Its preference is the softmax over the two option tokens' logits at the answer
            position, averaged over both orders of the responses (RLAIF, Lee et al. 2023, section 2.2:
            "position bias" is cancelled by swapping). A K-way ranking comes from all C(K,2) pairs by a
            Bradley-Terry fit to the soft preferences (`label.judge_rank=bt`) or by expected win counts (wins).
+
+Judges are given the prompts as their source wrote them (an HH transcript, a task prompt); the rm: judge scores
+them as the RM was trained, through the policy tokenizer's chat template when it has one.
 """
 from __future__ import annotations
 
@@ -56,8 +60,10 @@ class RMJudge:
   def scores(self, prompts: Sequence[str], groups: Sequence[Sequence[str]]) -> list[np.ndarray]:
     """The RM's score of every response, as the RM stage sees a ranking record (prompt + response + EOS)."""
     from jax_rlhf.data import batches
+    from jax_rlhf.data import tokenizer as tok_lib
     dc = self.config.data
-    recs = [{'prompt': p, 'responses': list(g), 'ranking': list(range(len(g)))} for p, g in zip(prompts, groups)]
+    recs = [{'prompt': tok_lib.format_prompt(self.tok, p, dc.chat_template), 'responses': list(g),
+             'ranking': list(range(len(g)))} for p, g in zip(prompts, groups)]
     k = max(len(g) for g in groups)
     arrays, _ = batches.rankings(self.tok, recs, dc.max_prompt_len, dc.max_response_len, k)
     tokens = arrays['tokens'].reshape(-1, arrays['tokens'].shape[-1])
@@ -70,6 +76,33 @@ class RMJudge:
   def __call__(self, prompts, groups, rng) -> list[dict]:
     del rng
     return [{'ranking': [int(i) for i in np.argsort(-s, kind='stable')]} for s in self.scores(prompts, groups)]
+
+
+def model_folder(path: str, what: str) -> str:
+  """The model folder `path` names: itself when it holds config.json; for a Hugging Face cache folder
+  (hub/models--ORG--NAME, as `huggingface-cli download ORG/NAME` leaves it), the snapshot its refs/main names,
+  or its only snapshot. Anything else is a UserError naming `what` (the config field)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isfile(os.path.join(path, 'config.json')):
+    return path
+  snapshots = os.path.join(path, 'snapshots')
+  if os.path.isdir(snapshots):
+    ref = os.path.join(path, 'refs', 'main')
+    if os.path.isfile(ref):
+      with open(ref) as f:
+        rev = f.read().strip()
+      if os.path.isfile(os.path.join(snapshots, rev, 'config.json')):
+        return os.path.join(snapshots, rev)
+    found = sorted(d for d in os.listdir(snapshots) if os.path.isfile(os.path.join(snapshots, d, 'config.json')))
+    if len(found) == 1:
+      return os.path.join(snapshots, found[0])
+    if found:
+      raise common.UserError(f'{what}: {path} holds {len(found)} snapshots and no refs/main naming one of them; '
+                             f'name the snapshot folder ({os.path.join(snapshots, found[0])}, ...)')
+  if not os.path.isdir(path):
+    raise common.UserError(f'{what}: no such model folder {path}')
+  raise common.UserError(f'{what}: {path} holds no config.json (a model folder, or a Hugging Face cache folder '
+                         f'models--ORG--NAME with snapshots/)')
 
 
 def read_constitution(path: str) -> list[str]:
@@ -140,11 +173,12 @@ class LMJudge:
     from transformers import AutoTokenizer
     lc = config.label
     self.config, self.lc = config, lc
-    path = os.path.expanduser(path)
-    if not os.path.isdir(path):
+    if not os.path.isdir(os.path.expanduser(path)):
       raise common.UserError(f'label.judge=lm:{path}: no such model folder')
+    path = self.path = model_folder(path, f'label.judge=lm:{path}')
     self.tok = AutoTokenizer.from_pretrained(path)
-    self.model = common.load_lm(path, config)
+    # frozen: its parameters in model.frozen_dtype (bfloat16 halves a 7B judge's memory), compute in model.dtype
+    self.model = common.load_lm(path, config, param_dtype=config.model.frozen_dtype)
     self.principles = read_constitution(lc.constitution or CONSTITUTION)
     if len(lc.judge_options) != 2:
       raise common.UserError(f'label.judge_options must be two option tokens, got {tuple(lc.judge_options)}')
@@ -162,7 +196,8 @@ class LMJudge:
         raise common.UserError(f'label.judge_template must hold {field}')
     self.option_ids = np.asarray(ids, np.int32)
     self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
-    self.cut = 0  # judge prompts cut from the left to judge_max_len
+    self.cut = 0  # judge texts cut from the left to judge_max_len (their request could not absorb the excess)
+    self.shortened = 0  # judge texts whose request was cut from the left to fit judge_max_len
     graphdef, state = nnx.split(self.model)
 
     def last_logits(state, tokens, mask):  # left-padded rows: the last position predicts the answer token
@@ -171,9 +206,29 @@ class LMJudge:
     self._last = jax.jit(last_logits)
 
   def texts(self, prompt: str, first: str, second: str, principle: str) -> str:
+    """The judge's text for one order of a pair. Longer than judge_max_len tokens: the request loses its first
+    tokens (the conversation's oldest turns, as the policy's prompt is cut), so that the instructions, the
+    responses and the answer position stay whole."""
     lc = self.lc
-    return judge_prompt(self.tok, lc.judge_template, lc.judge_answer_prefix, prompt, first, second, principle,
+    text = judge_prompt(self.tok, lc.judge_template, lc.judge_answer_prefix, prompt, first, second, principle,
                         self.config.data.chat_template)
+    over = len(self._ids(text)) - lc.judge_max_len
+    if over <= 0:
+      return text
+    ids = self.tok.encode(prompt.strip(), add_special_tokens=False)
+    drop = over + 1  # the marker takes a token or more
+    while drop < len(ids):  # re-tokenised text can differ by a token or two at the seams: cut until it fits
+      cut = judge_prompt(self.tok, lc.judge_template, lc.judge_answer_prefix, '...' + self.tok.decode(ids[drop:]),
+                         first, second, principle, self.config.data.chat_template)
+      over = len(self._ids(cut)) - lc.judge_max_len
+      if over <= 0:
+        self.shortened += 1
+        return cut
+      drop += over
+    return text  # the request cannot absorb the excess: option_logits cuts the text from the left (counted)
+
+  def _ids(self, text: str) -> list[int]:
+    return self.tok(text, add_special_tokens=not _chat(self.tok, self.config.data.chat_template))['input_ids']
 
   def option_logits(self, texts: Sequence[str]) -> np.ndarray:
     """The two option tokens' logits at the answer position of each judge text: [n, 2] float64."""

@@ -8,6 +8,10 @@ OpenAI's TL;DR (summarize-from-feedback), read from files the user downloaded. `
   model_dir=<dir>    the Hugging Face folder of the model (config.json, model.safetensors, tokenizer files)
   data_dir=<dir>     the downloaded dataset (for tldr, a folder with tldr_3_filtered/ and comparisons/)
   quick              tiny step counts and lengths (tests, smoke runs on fixtures)
+  ai_judge           AI feedback: Qwen2.5-Instruct ranks the policy's own samples (label stage), and the RM (or
+                     DPO) trains on its labels instead of the dataset's human rankings (`JUDGE` below)
+  judge_dir=<dir>    the judge's folder (implies ai_judge): a Qwen2.5-Instruct snapshot, or its Hugging Face cache
+                     folder (hub/models--Qwen--Qwen2.5-7B-Instruct, whose refs/main names the snapshot)
 and the variants of jax_rlhf/config.py (instructgpt, ptx=<coef>).
 
 Hyperparameters: N+ (Huang et al. 2024, Pythia 1B-6.9B on TL;DR: SFT/RM/PPO lr 3e-6, SFT batch 128 for one
@@ -61,9 +65,37 @@ DATA = {
 }
 
 
+# AI feedback (RLAIF, Lee et al. 2023, arXiv 2309.00267; Constitutional AI, Bai et al. 2022b): an
+# instruction-tuned LM labels comparisons of the policy's samples. Qwen2.5-Instruct: every size (0.5B-72B)
+# shares the tokenizer and the ChatML chat template this question is written for; 7B by default (RLAIF: the AI
+# labeler's agreement with humans grows with its size), 1.5B or 3B where memory is short. The question goes in
+# as the user turn and asks for one letter; the answer prefix is empty, so the token read is the first of the
+# assistant's reply (right after '<|im_start|>assistant\n'), where an instruction-tuned model puts the letter it
+# was asked for. (A prefix must not end in a character Qwen's pre-tokenizer joins to the letter after it:
+# after '\n(' the text '(A' is one token, and 'A' alone is never seen there.) K = 4 samples per prompt
+# (InstructGPT's fewest): 6 pairs, 12 judge passes per prompt with swap-and-average. Samples at the PPO
+# temperature (0.7), so the RM learns the distribution PPO samples from. A request longer than judge_max_len
+# tokens loses its oldest turns.
+JUDGE = dict(
+    dir='~/.cache/huggingface/hub/models--Qwen--Qwen2.5-7B-Instruct',
+    template=('You are comparing two responses of an AI assistant to the same request.\n{principle}\n\n'
+              '[Request]\n{prompt}\n\n[Response A]\n{a}\n\n[Response B]\n{b}\n\n'
+              'Which response is better? Answer with one letter: A or B.'),
+    answer_prefix='', options=('A', 'B'), k=4, max_len=1024, batch_size=16)
+
+
+def ai_judge(c: ml_collections.ConfigDict, judge_dir: str) -> None:
+  """Label with the Qwen2.5-Instruct judge in `judge_dir` (`JUDGE`); the RM and DPO read the label run's
+  rankings (data.rankings cleared), so the plan makes the label run."""
+  c.label.update(judge='lm:' + judge_dir, judge_template=JUDGE['template'], judge_answer_prefix=JUDGE['answer_prefix'],
+                 judge_options=JUDGE['options'], k_min=JUDGE['k'], k_max=JUDGE['k'], temperature=c.ppo.temperature,
+                 judge_max_len=JUDGE['max_len'], judge_batch_size=JUDGE['batch_size'])
+  c.data.rankings = ''
+
+
 def preset_config(model: str, data: str, arg: str | None = None) -> ml_collections.ConfigDict:
   m, d = MODELS[model], DATA[data]
-  stage, model_dir, data_dir, rest = 'pipeline', m['dir'], d['dir'], []
+  stage, model_dir, data_dir, judge_dir, rest = 'pipeline', m['dir'], d['dir'], '', []
   for item in filter(None, (arg or '').split(',')):
     key, _, value = item.partition('=')
     if key == 'stage' and value:
@@ -72,6 +104,10 @@ def preset_config(model: str, data: str, arg: str | None = None) -> ml_collectio
       model_dir = value
     elif key == 'data_dir' and value:
       data_dir = value
+    elif key == 'judge_dir' and value:
+      judge_dir = value
+    elif item == 'ai_judge':
+      judge_dir = judge_dir or JUDGE['dir']
     else:
       rest.append(item)
   if stage not in STAGES:
@@ -99,6 +135,8 @@ def preset_config(model: str, data: str, arg: str | None = None) -> ml_collectio
   c.ppo.policy_optimizer.update(lr=m['ppo_lr'], schedule='linear')
   c.ppo.value_optimizer.update(lr=m['ppo_lr'], schedule='linear')
   c.eval.update(temperature=0.7, max_new_tokens=d['max_response_len'], batch_size=64, max_prompts=1024)
+  if judge_dir:
+    ai_judge(c, judge_dir)
   if 'quick' in rest:
     rest.remove('quick')
     _quick(c)

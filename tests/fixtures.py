@@ -261,3 +261,80 @@ def copy_runs(src, workdir, runs=('sft', 'rm', 'data')) -> None:
     if os.path.exists(os.path.join(src, run)):
       shutil.copytree(os.path.join(src, run), os.path.join(workdir, run),
                       ignore=shutil.ignore_patterns('checkpoints', 'tb'))
+
+
+# Qwen2.5-Instruct's tokenizer, in miniature: Qwen2's pre-tokenizer regex (a punctuation mark may join the
+# letters after it, digits one by one) over byte-level BPE, its special tokens (<|endoftext|> the pad, <|im_end|> the
+# EOS) and its chat template (the default system turn; the tool-calling branch left out).
+QWEN2_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                     r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN25_CHAT = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
+    "(message.role == 'assistant') %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def write_qwen_instruct_tokenizer(path, texts, vocab_size=500):
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+  bpe = Tokenizer(models.BPE())
+  bpe.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior='isolated', invert=False),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  bpe.decoder = decoders.ByteLevel()
+  specials = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  bpe.train_from_iterator(texts, trainer)
+  tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token='<|im_end|>', pad_token='<|endoftext|>',
+                                additional_special_tokens=['<|im_start|>'])
+  tok.chat_template = QWEN25_CHAT
+  tok.save_pretrained(path)
+  return path
+
+
+def write_hf_cache_qwen_instruct(cache, texts, seed: int = 0, revision: str = '0123abcd' * 5):
+  """A tiny random Qwen2 (untied head, sliding window declared off: Qwen2.5-7B-Instruct's config keys) and the
+  tokenizer above, laid out as the Hugging Face hub cache holds a download: models--Qwen--Qwen2.5-7B-Instruct/
+  with refs/main naming the snapshot, whose files are links into blobs/. Returns the repo folder."""
+  import hashlib
+  import tempfile
+
+  import torch
+  import transformers
+  repo = os.path.join(cache, 'models--Qwen--Qwen2.5-7B-Instruct')
+  snap = os.path.join(repo, 'snapshots', revision)
+  blobs = os.path.join(repo, 'blobs')
+  os.makedirs(snap)
+  os.makedirs(blobs)
+  os.makedirs(os.path.join(repo, 'refs'))
+  with open(os.path.join(repo, 'refs', 'main'), 'w') as f:
+    f.write(revision)
+  with tempfile.TemporaryDirectory() as tmp:
+    write_qwen_instruct_tokenizer(tmp, texts)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp)
+    vocab = len(tok)
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                   tie_word_embeddings=False, use_sliding_window=False, sliding_window=1024,
+                                   max_window_layers=2, rope_theta=1e6, initializer_range=0.2,
+                                   bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp)
+    for name in sorted(os.listdir(tmp)):
+      with open(os.path.join(tmp, name), 'rb') as f:
+        data = f.read()
+      blob = hashlib.sha256(data).hexdigest()
+      with open(os.path.join(blobs, blob), 'wb') as f:
+        f.write(data)
+      os.symlink(os.path.join('..', '..', 'blobs', blob), os.path.join(snap, name))
+  return repo

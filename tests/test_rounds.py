@@ -3,7 +3,9 @@
 Round 1 of `quick,rounds=2` is the quick pipeline itself (same task files: quick's 128 training prompts hold
 both rounds' 48), so the slow tests copy round 1 from conftest's `quick_pipeline` and make round 2: label_2
 samples the round-1 policy on fresh prompts, rm_2 trains on both rounds' rankings, ppo_2 continues the
-policy; killed in rm_2 and in ppo_2 and rerun, round 2 ends bit for bit where the uninterrupted run ends.
+policy; killed in rm_2 and in ppo_2 and rerun, round 2 ends bit for bit where the uninterrupted run ends. With
+`rounds_policy=grpo` and `dpo` (on the same label_2 and rm_2), round 2's policy step starts from round 1's policy
+with SFT as its reference.
 """
 import json
 import shutil
@@ -189,3 +191,91 @@ def test_gold_agreement_counts_pairs_with_different_gold_in_gold_order():
   assert gold_agreement(np.zeros((2, 3)), gold) == (0.0, 2)  # ties are wrong, as in the RM's accuracy
   agreement, pairs = gold_agreement(scores[1:], gold[1:])
   assert pairs == 0 and np.isnan(agreement)
+
+
+def loaded(model):
+  import jax
+  from flax import nnx
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+def same_weights(model, hf_dir, config, scalar=False):
+  """Whether `model` holds bitwise the weights of the HF folder `hf_dir` (an LM, or with `scalar` an RM)."""
+  from jax_rlhf.models import hf
+  from jax_rlhf.train import common
+  load = hf.load_scalar_model if scalar else hf.load_pretrained
+  want, got = loaded(load(str(hf_dir), **common.model_kw(config))), loaded(model)
+  return len(got) == len(want) and all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(got, want))
+
+
+class Loaded(Exception):
+  """Raised by a spy once the stage under test has loaded its models (nothing is trained or written)."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['grpo', 'dpo'])
+def test_rounds_policy_grpo_and_dpo_continue_round_1s_policy_with_sft_as_reference(round2, kind, tmp_path,
+                                                                                    monkeypatch):
+  """`quick,rounds=2,rounds_policy=grpo|dpo` end to end (round 1 and round 2's label_2 and rm_2, the same runs
+  in every policy's plan, copied from the PPO rounds run): the policy step of round 2 loads round 1's policy
+  (ppo) as the model it trains and SFT as its frozen reference (GRPO: rm_2 as its reward; DPO: label_2's
+  rankings of ppo's samples), trains it, and the eval compares it as round2."""
+  from jax_rlhf import pipeline
+  from jax_rlhf.train import dpo, grpo
+  ref, _ = round2
+  w = tmp_path / 'W'
+  round1_copy(ref, w)
+  runs = dict((r.name, (r, rc)) for r, rc in pipeline.plan_of(plan(f'quick,rounds=2,rounds_policy={kind}')))
+  ppo_runs = dict((r.name, (r, rc)) for r, rc in pipeline.plan_of(plan('quick,rounds=2')))
+  for name in ('label_2', 'rm_2'):  # the run and its config, less the plan and the eval's list of rounds
+    assert runs[name][0].to_dict() == ppo_runs[name][0].to_dict()
+    a, b = (dict(x[name][1].to_dict(), plan=None, eval=None) for x in (runs, ppo_runs))
+    assert a == b and runs['eval'][1].eval.rounds != ppo_runs['eval'][1].eval.rounds
+    shutil.copytree(ref / name, w / name, ignore=shutil.ignore_patterns('checkpoints', 'tb'))
+  proc = run_main(f'configs/pipeline.py:quick,rounds=2,rounds_policy={kind}', w, *OVERRIDES)
+  assert proc.returncode == 0, explain(proc)
+  assert '[label_2] already complete' in proc.stdout and f'[{kind}_2] done' in proc.stdout
+  run, rc = runs[f'{kind}_2']
+  want = {'policy': 'ppo', 'reference': 'sft', **({'rankings': 'label_2'} if kind == 'dpo' else {'reward': 'rm_2'})}
+  assert dict(run.inputs) == want
+  with open(w / f'{kind}_2' / 'DONE') as f:
+    done = json.load(f)
+  assert {k: done['inputs'][k] for k in want} == want and done.get('online', False) is False
+  with open(w / 'eval' / 'results.json') as f:
+    res = json.load(f)
+  assert list(res['models']) == ['sft', 'round1', 'round2'] and res['models']['round2']['run'] == f'{kind}_2'
+  assert [r['sampled_from'] for r in res['rounds']] == ['sft', 'ppo']
+  from jax_rlhf.models import hf
+  from jax_rlhf.train import common
+  trained = hf.load_pretrained(str(w / f'{kind}_2' / 'hf'), **common.model_kw(rc))
+  assert not same_weights(trained, w / 'ppo' / 'hf', rc)  # it trained
+
+  # what the stage loads, spied in this process on the same workdir and plan: it stops before training
+  seen = {}
+  if kind == 'grpo':
+    def trainer(config, mesh, policy, ref_model, reward, ids):
+      seen.update(policy=policy, reference=ref_model, reward=reward)
+      raise Loaded
+    monkeypatch.setattr(grpo, 'GRPOTrainer', trainer)
+  else:
+    real_load, real_read = dpo.load_policy_and_reference, dpo.read_rankings
+
+    def read(config, workdir, run_name, tok, info):
+      seen['rankings'] = run_name
+      return real_read(config, workdir, run_name, tok, info)
+
+    def load(*args, **kw):
+      seen['policy'], seen['reference'] = real_load(*args, **kw)
+      raise Loaded
+    monkeypatch.setattr(dpo, 'read_rankings', read)
+    monkeypatch.setattr(dpo, 'load_policy_and_reference', load)
+  with pytest.raises(Loaded):
+    (grpo if kind == 'grpo' else dpo).run(rc, str(w), run.name, dict(run.inputs))
+  assert not same_weights(seen['policy'], w / 'sft' / 'hf', rc)  # round 1's policy is not SFT: the check can fail
+  assert same_weights(seen['policy'], w / 'ppo' / 'hf', rc)
+  assert same_weights(seen['reference'], w / 'sft' / 'hf', rc)
+  if kind == 'grpo':
+    assert same_weights(seen['reward'], w / 'rm_2' / 'hf', rc, scalar=True)
+  else:
+    assert seen['rankings'] == 'label_2'
+

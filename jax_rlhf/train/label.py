@@ -1,7 +1,7 @@
 """The label stage: InstructGPT's labelling step in miniature, writing the rankings a reward model trains on.
 
-For `label.num_prompts` training prompts of the task from `label.prompt_offset` on (0: the first ones; a later
-round of iterated RLHF takes fresh ones past the earlier rounds'), sample K responses (K uniform in
+For `label.num_prompts` training prompts from `label.prompt_offset` on (0: the first ones; a later round of
+iterated RLHF takes fresh ones past the earlier rounds'), sample K responses (K uniform in
 [k_min, k_max]) from the `policy` input run (default sft; a later round: the last round's policy) at
 `label.temperature`, and let the judge `label.judge` rank them (jax_rlhf/judges.py: task, the task's noisy
 labeler, instruct_world: ~73% inter-labeler agreement; rm:RUN, a reward model; lm:PATH, an AI judge under a
@@ -10,11 +10,18 @@ jax_rlhf/data/records.py): {'prompt', 'responses', 'ranking' (indices, best firs
 P(i beats j), K x K), 'gold' (the task's exact score of each response, when there is a task), 'category'}.
 Responses may be empty strings (a sample that is EOS at once).
 
+Prompts: the train split of `label.prompts` when set, else of `data.prompts` (any source with prompts: jsonl:,
+hh_rlhf:, tldr_sft:, rankings:, tfds:; a bad record is one line `file:line: what`), else the task's training
+prompts. The policy samples each prompt as the other stages read it (through its tokenizer's chat template when
+it has one, `data.chat_template`), and the record's 'prompt' is that text, as the RM and DPO read a label run's
+rankings; the judge is given the prompt as the source wrote it.
+
 Every process samples every prompt (the policy is process-local, so each computes what one process would);
 process 0 writes the file.
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Mapping
@@ -25,7 +32,18 @@ from flax import nnx
 
 from jax_rlhf import judges, sampling
 from jax_rlhf.data import batches, records
+from jax_rlhf.data import tokenizer as tok_lib
 from jax_rlhf.train import checkpoint, common
+
+
+def prompt_records(config, workdir: str) -> list[dict]:
+  """The prompts a label run can take, as their source wrote them: the train split of `label.prompts`, else of
+  `data.prompts`, else the task's training prompts. A bad record is a UserError `file:line: what`."""
+  if config.label.prompts:
+    config = copy.deepcopy(config)
+    config.data.prompts = config.label.prompts
+  return common.records_for(config, workdir, 'prompts', 'train')
+
 
 def label_rankings(config, workdir: str, policy_dir: str, judge) -> list[dict]:
   """Sample K responses per prompt from the policy exported in `policy_dir` and rank them with `judge`.
@@ -36,14 +54,15 @@ def label_rankings(config, workdir: str, policy_dir: str, judge) -> list[dict]:
   Generator([seed, 1, o]) and fold_in(key(seed + 1), o) instead, so rounds do not share their noise."""
   lc = config.label
   tok = common.load_tokenizer(config)
-  files = common.task_files(config, workdir)
-  every = common.read(config, files['prompts_train'], 'prompt')
+  every = prompt_records(config, workdir)
   offset = int(lc.prompt_offset)
   if offset < 0 or (offset and offset + lc.num_prompts > len(every)):
+    more = 'raise task.n_prompts_train' if common.get_task(config) and not (lc.prompts or config.data.prompts) \
+        else 'lower round_prompts or label.num_prompts'
     raise common.UserError(f'label.prompt_offset={offset} with label.num_prompts={lc.num_prompts} needs '
-                           f'{offset + lc.num_prompts} training prompts; there are {len(every)} '
-                           f'(raise task.n_prompts_train)')
-  prompts = every[offset:offset + lc.num_prompts]
+                           f'{offset + lc.num_prompts} training prompts; there are {len(every)} ({more})')
+  raw = every[offset:offset + lc.num_prompts]
+  prompts = tok_lib.format_records(tok, raw, config.data.chat_template)  # as the policy reads them
   policy = common.load_lm(os.path.join(policy_dir, 'hf'), config)
   graphdef, state = nnx.split(policy)
   rng = np.random.default_rng([config.seed, 1] + ([offset] if offset else []))
@@ -60,14 +79,14 @@ def label_rankings(config, workdir: str, policy_dir: str, judge) -> list[dict]:
   for k in ks:
     groups.append(list(texts[i:i + k]))
     i += k
-  ranked = judge([p['prompt'] for p in prompts], groups, rng)
+  ranked = judge([p['prompt'] for p in raw], groups, rng)
   task = common.get_task(config)
   recs = []
-  for p, responses, r in zip(prompts, groups, ranked):
+  for p, q, responses, r in zip(prompts, raw, groups, ranked):
     rec = {'prompt': p['prompt'], 'responses': responses, **r}
-    if task is not None:  # the gold labeler's scores (never trained on): agreement measures
-      rec['gold'] = [task.gold_score(p['prompt'], x) for x in responses]
-      rec['category'] = task.category(p['prompt'])
+    if task is not None and not (lc.prompts or config.data.prompts):  # the gold labeler's scores (never trained
+      rec['gold'] = [task.gold_score(q['prompt'], x) for x in responses]  # on): agreement measures
+      rec['category'] = task.category(q['prompt'])
     recs.append(rec)
   return recs
 
@@ -94,6 +113,8 @@ def run(config, workdir: str, name: str = 'label', inputs: Mapping[str, str] | N
              'pairs': sum(len(r['responses']) * (len(r['responses']) - 1) // 2 for r in recs),
              'label_seconds': seconds,
              'label_vs_gold_accuracy': common.labeler_agreement(recs)}
+  if isinstance(judge, judges.LMJudge):  # the model folder it read, and how many of its texts had to be cut
+    summary.update(judge_folder=judge.path, judge_texts_shortened=judge.shortened, judge_texts_cut=judge.cut)
   checkpoint.mark_done(out, summary)
   print(f'[{name}] done: {len(recs)} prompts, {summary["responses"]} responses of {inputs["policy"]} ranked by '
         f'{lc.judge}; wrote {os.path.join(out, common.RANKINGS)}')
