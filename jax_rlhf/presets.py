@@ -8,7 +8,7 @@ OpenAI's TL;DR (summarize-from-feedback), read from files the user downloaded. `
   model_dir=<dir>    the Hugging Face folder of the model (config.json, model.safetensors, tokenizer files)
   data_dir=<dir>     the downloaded dataset (for tldr, a folder with tldr_3_filtered/ and comparisons/)
   quick              tiny step counts and lengths (tests, smoke runs on fixtures)
-and the variants of jax_rlhf/config.py (instructgpt, ptx=<coef>).
+and the variants of jax_rlhf/variants.py (instructgpt, ptx=<coef>).
 
 Hyperparameters: N+ (Huang et al. 2024, Pythia 1B-6.9B on TL;DR: SFT/RM/PPO lr 3e-6, SFT batch 128 for one
 epoch, RM batch 64 for one epoch, PPO 512 episodes per batch, 4 epochs of 4 minibatches, beta 0.05,
@@ -32,7 +32,8 @@ import os
 
 import ml_collections
 
-from jax_rlhf.config import STAGES, apply_variants, stage_config
+from jax_rlhf.config import STAGES, stage_config
+from jax_rlhf.variants import apply_variants
 
 MODELS = {
     'gpt2': dict(dir='~/models/gpt2', dtype='bfloat16', sft_lr=1e-5, rm_lr=1e-5, ppo_lr=3e-6, mesh=dict(data=-1, fsdp=1)),

@@ -199,7 +199,8 @@ def test_fp32_model_never_takes_the_gemm():
 
 
 def test_cpu_bf16_preset_sets_bf16_compute_only_where_the_matrix_unit_runs():
-  from jax_rlhf.config import apply_cpu_bf16, stage_config
+  from jax_rlhf.config import stage_config
+  from jax_rlhf.variants import apply_cpu_bf16
   c = apply_cpu_bf16(stage_config('pipeline'))
   assert not c.model.cpu_bf16 and c.model.dtype == 'float32'  # off by default: the fp32 demo is unchanged
   c = apply_cpu_bf16(stage_config('pipeline', 'cpu_bf16'))
