@@ -78,9 +78,9 @@ def test_cli_compiles_and_ends_in_json():
 def test_llama_3_8b_shape_and_model_path(tmp_path):
   """The llama-3-8b preset has Meta-Llama-3-8B's 8,030,261,248 parameters; a `model.path` plans its config.json."""
   assert transformer.preset('llama-3-8b').num_params() == 8_030_261_248
-  from jax_rlhf.models import hf
+  from jax_rlhf.models import hf_config
   cfg = transformer.preset('demo')
-  (tmp_path / 'config.json').write_text(json.dumps(hf.config_to_hf(cfg)))
+  (tmp_path / 'config.json').write_text(json.dumps(hf_config.config_to_hf(cfg)))
   c = _config('sft', 'quick')
   c.model.path = str(tmp_path)
   p = plan_lib.make_plan(c, 8, 'v4', compile=False)['sft']

@@ -118,8 +118,8 @@ def load_scorer(spec: str, *, batch_size: int = 32, max_length: int = 128) -> Sc
       raise UserError(f'toxicity scorer folder {path} has no config.json (eval.toxicity_scorer)')
     with open(os.path.join(path, 'config.json')) as f:
       hf_cfg = json.load(f)
-    from jax_rlhf.models import hf
-    ours = (hf_cfg.get('model_type') in hf.SUPPORTED_MODEL_TYPES and len(hf_cfg.get('id2label') or {'0': 0}) == 1
+    from jax_rlhf.models import hf_config
+    ours = (hf_cfg.get('model_type') in hf_config.SUPPORTED_MODEL_TYPES and len(hf_cfg.get('id2label') or {'0': 0}) == 1
             and any(a.endswith('ForSequenceClassification') for a in hf_cfg.get('architectures') or []))
     scorer = _ScalarScorer(path, batch_size, max_length) if ours else _TorchScorer(path, batch_size, max_length)
   elif ':' in spec and os.path.sep not in spec.split(':')[0]:

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from jax_rlhf.models import transformer
+from jax_rlhf.models.hf_weights import write_folder
 
 TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 EXPORTS = ('merged', 'peft')
@@ -335,10 +336,9 @@ def save_peft(model, path: str, lcfg: LoRAConfig, base_model: str, *, dtype: str
   the base model folder `base_model` (an HF folder with the weights the adapters were trained on), which
   `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), path)` loads. Call on
   every process (sharded adapters are gathered); process 0 writes."""
-  from jax_rlhf.models import hf  # pylint: disable=g-import-not-at-top
   tensors = {k: v.astype(dtype) for k, v in peft_tensors(model).items()}
-  hf.write_folder(path, tensors, 'adapter_model.safetensors', peft_config(model, lcfg, base_model),
-                  'adapter_config.json')
+  write_folder(path, tensors, 'adapter_model.safetensors', peft_config(model, lcfg, base_model),
+               'adapter_config.json')
   return path
 
 
