@@ -23,8 +23,8 @@ allenai/open-instruct docs/tulu3.md) on Llama-3.1-8B uses SFT lr 5e-6 (linear, 3
 raised as above for the size: Llama-3.2-1B SFT 5e-6, RM 3e-6, PPO 5e-7; Qwen3-1.7B the same; Qwen3-0.6B the
 Qwen2.5-0.5B values (5e-6, 5e-6, 1e-6). KL beta stays N+'s 0.05 (the same value as Tulu 3). All three keep
 parameters in float32 and compute in bfloat16 like the presets above, sharded ZeRO-3 style (fsdp). Shapes:
-`jax_rlhf.models.transformer.PRESETS` (from the models' config.json files on the Hugging Face hub); the model
-itself is read from `model_dir` (its config.json wins).
+`jax_rlhf.models.transformer_config.PRESETS` (from the models' config.json files on the Hugging Face hub); the
+model itself is read from `model_dir` (its config.json wins).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 from jax_rlhf import sampling  # pylint: disable=g-import-not-at-top
-from jax_rlhf.models import hf, hf_config, transformer  # pylint: disable=g-import-not-at-top
+from jax_rlhf.models import hf, hf_config, layers, transformer_config  # pylint: disable=g-import-not-at-top
 from fixtures import max_err, our_logits, padded_ids, torch_logits
 
 V, PAD, EOS = 96, 0, 2
@@ -129,7 +129,7 @@ def test_save_round_trip_through_transformers(folders, name, tmp_path):
 
 
 def test_features_pick_the_family_and_refusals():
-  base = transformer.preset('demo')
+  base = transformer_config.preset('demo')
   assert hf_config.model_type_of(base) == 'llama'
   assert hf_config.model_type_of(base.replace(qk_norm=True)) == 'qwen3'
   assert hf_config.model_type_of(base.replace(sliding_window=64)) == 'mistral'
@@ -153,9 +153,9 @@ def test_features_pick_the_family_and_refusals():
     hf_config.config_from_hf({**qwen3, 'use_sliding_window': True, 'sliding_window': 8, 'max_window_layers': 0,
                               'layer_types': None})
   with pytest.raises(ValueError, match='llama layout only'):
-    transformer.preset('tiny', qk_norm=True)
+    transformer_config.preset('tiny', qk_norm=True)
   with pytest.raises(ValueError, match='rope_type'):
-    transformer.preset('demo', rope_type='yarn')
+    transformer_config.preset('demo', rope_type='yarn')
 
 
 def test_llama3_frequencies_match_transformers():
@@ -167,9 +167,9 @@ def test_llama3_frequencies_match_transformers():
                                                     original_max_position_embeddings=8192))
   want, _ = ROPE_INIT_FUNCTIONS['llama3'](c, 'cpu')
   cfg = hf_config.config_from_hf(c)
-  got = np.asarray(transformer.rope_inv_freq(cfg))
+  got = np.asarray(layers.rope_inv_freq(cfg))
   np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
-  plain = np.asarray(transformer.rope_inv_freq(cfg.replace(rope_type='default')))
+  plain = np.asarray(layers.rope_inv_freq(cfg.replace(rope_type='default')))
   assert (got == plain).any() and (got == plain / 32).any() and ((got != plain) & (got != plain / 32)).any()
 
 
@@ -178,7 +178,7 @@ def test_llama3_frequencies_match_transformers():
 def test_real_size_presets_match_transformers(name, count):
   """Our shape presets, saved as config.json, build transformers models (on the meta device: no memory) with
   the published parameter count and ours; they default to float32."""
-  cfg = transformer.preset(name)
+  cfg = transformer_config.preset(name)
   assert cfg.dtype == cfg.param_dtype == 'float32'
   hf_cfg = hf_config.config_to_hf(cfg)
   config = transformers.AutoConfig.for_model(**hf_cfg)

@@ -42,7 +42,8 @@ from jax_rlhf.models import lora
 from jax_rlhf.models.heads import ScalarHead, ScalarModel
 from jax_rlhf.models.hf_config import SCORE_BIAS_KEY, config_from_hf, config_to_hf, read_config
 from jax_rlhf.models.hf_weights import hf_to_state, read_weights, scalar_bias, state_to_hf, write_folder
-from jax_rlhf.models.transformer import Transformer, TransformerConfig, stack_blocks
+from jax_rlhf.models.transformer import Transformer, stack_blocks
+from jax_rlhf.models.transformer_config import TransformerConfig
 
 PutFn = Callable[[np.ndarray, Any], jax.Array]  # (array, logical axis names or None) -> device array
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jax_rlhf.models.transformer import TransformerConfig
+from jax_rlhf.models.transformer_config import TransformerConfig
 
 SUPPORTED_MODEL_TYPES = ('gpt2', 'llama', 'qwen2', 'qwen3', 'mistral')
 _ARCH_LM = {'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',

@@ -25,7 +25,8 @@ from flax import nnx
 
 from jax_rlhf.models.heads import ScalarModel
 from jax_rlhf.models.hf_config import model_type_of
-from jax_rlhf.models.transformer import Transformer, TransformerConfig, unstack_blocks
+from jax_rlhf.models.transformer import Transformer, unstack_blocks
+from jax_rlhf.models.transformer_config import TransformerConfig
 
 _PREFIX = {'gpt2': 'transformer.', 'llama': 'model.', 'qwen2': 'model.', 'qwen3': 'model.', 'mistral': 'model.'}
 # HF buffers that may sit in a weights file but are not parameters.
