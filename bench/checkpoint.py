@@ -22,7 +22,8 @@ from flax import nnx
 
 from jax_rlhf import sharding as shd
 from jax_rlhf.config import base_config
-from jax_rlhf.models.transformer import Transformer, preset
+from jax_rlhf.models.transformer import Transformer
+from jax_rlhf.models.transformer_config import preset
 from jax_rlhf.train import checkpoint
 from jax_rlhf.train import state as state_lib
 

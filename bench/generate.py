@@ -22,7 +22,8 @@ from flax import nnx
 
 from bench import common
 from jax_rlhf import sampling
-from jax_rlhf.models.transformer import Transformer, preset
+from jax_rlhf.models.transformer import Transformer
+from jax_rlhf.models.transformer_config import preset
 
 B, P, NEW, RUNS = 16, 64, 64, 5
 EOS, PAD = 0, 1  # the peer's ids

@@ -184,7 +184,7 @@ def _lm_step(cfg, b: int, t: int, steps: int) -> dict:
 
 
 def part_lm(small: bool) -> dict:
-  from jax_rlhf.models.transformer import TransformerConfig, preset
+  from jax_rlhf.models.transformer_config import TransformerConfig, preset
   common = dict(dtype='bfloat16', param_dtype='float32', scan_layers=True)
   b, t = (SMALL_SIZES if small else SIZES)['lm']
   big = TransformerConfig(**SMALL, **common) if small else preset('llama-3.2-1b', **common)
@@ -212,7 +212,8 @@ def part_ppo(small: bool) -> dict:
 
   from jax_rlhf import sharding as shd
   from jax_rlhf.models.heads import ScalarModel
-  from jax_rlhf.models.transformer import Transformer, TransformerConfig
+  from jax_rlhf.models.transformer import Transformer
+  from jax_rlhf.models.transformer_config import TransformerConfig
   from jax_rlhf.train import ppo
   b, p, new = (SMALL_SIZES if small else SIZES)['ppo']
   c = _rl_config('ppo', b, p, new)
@@ -241,7 +242,8 @@ def part_grpo(small: bool) -> dict:
 
   from jax_rlhf import sharding as shd
   from jax_rlhf.models.heads import ScalarModel
-  from jax_rlhf.models.transformer import Transformer, TransformerConfig
+  from jax_rlhf.models.transformer import Transformer
+  from jax_rlhf.models.transformer_config import TransformerConfig
   from jax_rlhf.train import grpo
   b, p, new = (SMALL_SIZES if small else SIZES)['grpo']
   c = _rl_config('grpo', b, p, new)
@@ -268,7 +270,8 @@ def part_generate(small: bool) -> dict:
   from flax import nnx
 
   from jax_rlhf import sampling
-  from jax_rlhf.models.transformer import Transformer, TransformerConfig
+  from jax_rlhf.models.transformer import Transformer
+  from jax_rlhf.models.transformer_config import TransformerConfig
   b, p, new = (SMALL_SIZES if small else SIZES)['generate']
   cfg = TransformerConfig(**(SMALL if small else QWEN25_05B), dtype='bfloat16', param_dtype='bfloat16',
                           scan_layers=True)

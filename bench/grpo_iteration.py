@@ -32,7 +32,8 @@ from jax_rlhf import sampling
 from jax_rlhf import sharding as shd
 from jax_rlhf.config import base_config
 from jax_rlhf.models.heads import ScalarModel
-from jax_rlhf.models.transformer import Transformer, preset
+from jax_rlhf.models.transformer import Transformer
+from jax_rlhf.models.transformer_config import preset
 from jax_rlhf.train import grpo
 
 PROMPTS, G, P, NEW, RUNS = 4, 4, 64, 64, 5

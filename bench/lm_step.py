@@ -36,7 +36,8 @@ from flax import nnx
 
 from bench import common
 from jax_rlhf import sharding as shd
-from jax_rlhf.models.transformer import Transformer, preset
+from jax_rlhf.models.transformer import Transformer
+from jax_rlhf.models.transformer_config import preset
 from jax_rlhf.train import lm
 from jax_rlhf.train import state as state_lib
 

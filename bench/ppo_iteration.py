@@ -45,7 +45,8 @@ from jax_rlhf import sharding as shd
 from jax_rlhf.config import stage_config
 from jax_rlhf.models import lora, scoring
 from jax_rlhf.models.heads import ScalarModel
-from jax_rlhf.models.transformer import Transformer, preset
+from jax_rlhf.models.transformer import Transformer
+from jax_rlhf.models.transformer_config import preset
 from jax_rlhf.train import ppo, rollout
 
 B, P, NEW, EPOCHS, RUNS = 16, 64, 64, 4, 5

@@ -108,7 +108,7 @@ def write_model(path: str, preset: str, eos_id: int) -> int:
 
   from jax_rlhf.models import hf
   from jax_rlhf.models.transformer import Transformer
-  from jax_rlhf.models.transformer import preset as make_preset
+  from jax_rlhf.models.transformer_config import preset as make_preset
   cfg = make_preset(preset, eos_token_id=eos_id, bos_token_id=eos_id, pad_token_id=eos_id)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   state = jax.jit(lambda: nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))[1])()

@@ -129,7 +129,7 @@ def run(config, workdir: str, name: str = 'eval', inputs: Mapping[str, str] | No
       print(benchmarks.format_table(done['models']))
     _write_report(config, workdir, name)
     return done['models']
-  # ---- benchmarks (jax_rlhf/benchmarks.py): their files are read first, so a bad one stops the stage at once
+  # ---- benchmarks (jax_rlhf/benchmarks/): their files are read first, so a bad one stops the stage at once
   bench = benchmarks.Benchmarks(config) if benchmarks.enabled(ec) else None
   sft_dir = common.require_stage(workdir, inputs['reference'], name)
   rm_dir = common.require_stage(workdir, inputs['reward'], name)

@@ -6,7 +6,7 @@
 `JaxLM` is an `lm_eval.api.model.TemplateLM`: lm-eval's own code turns each (context, continuation) into
 tokens as its `hf` backend does (`_encode_pair`; an empty context is the BOS/EOS prefix token), and our side
 serves
-  loglikelihood          `benchmarks.Loglikelihoods`: one jitted forward over [B, L] rows, sorted and bucketed
+  loglikelihood          `loglikelihoods.Loglikelihoods`: one jitted forward over [B, L] rows, sorted and bucketed
                          by length, log-softmax in float32, the continuation's tokens summed, greedy flag
   loglikelihood_rolling  lm-eval's disjoint rolling windows of max_length tokens (as hf), through the same
   generate_until         `sampling.generate` (KV cache; greedy unless the task asks for do_sample), contexts cut
@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jax_rlhf import benchmarks
+from jax_rlhf.benchmarks import loglikelihoods
 from jax_rlhf.train.common import UserError
 
 try:
@@ -62,8 +62,8 @@ class JaxLM(TemplateLM):
     self._max_length = int(max_length or self.config.max_len)
     self._batch_size = int(batch_size) if str(batch_size) != 'auto' else 32
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    self.scorer = benchmarks.Loglikelihoods((self.graphdef, self.state), batch_size=self._batch_size,
-                                            max_length=self._max_length, mesh=mesh, pad_id=self.pad_id)
+    self.scorer = loglikelihoods.Loglikelihoods((self.graphdef, self.state), batch_size=self._batch_size,
+                                                max_length=self._max_length, mesh=mesh, pad_id=self.pad_id)
     self.mesh = mesh
     self.key = jax.random.key(seed)
     self.counts = collections.Counter()  # requests served, by kind
@@ -76,7 +76,7 @@ class JaxLM(TemplateLM):
 
   @property
   def prefix_token_id(self) -> int:
-    return benchmarks.prefix_token_id(self.tokenizer)
+    return loglikelihoods.prefix_token_id(self.tokenizer)
 
   @property
   def max_length(self) -> int:
@@ -92,7 +92,7 @@ class JaxLM(TemplateLM):
 
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                  **kwargs) -> list[int]:
-    ids = benchmarks.tok_encode(self.tokenizer, string, add_special_tokens)
+    ids = loglikelihoods.tok_encode(self.tokenizer, string, add_special_tokens)
     return ids[-left_truncate_len:] if left_truncate_len else ids
 
   def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
@@ -153,7 +153,7 @@ class JaxLM(TemplateLM):
       for b, s in enumerate(range(0, len(order), self._batch_size)):
         chunk = order[s:s + self._batch_size]
         rows = [ctxs[j] for j in chunk] + [[self.pad_id]] * (self._batch_size - len(chunk))
-        length = benchmarks.length_bucket(max(map(len, rows)), max_ctx)
+        length = loglikelihoods.length_bucket(max(map(len, rows)), max_ctx)
         inp, att = batches.pad_left(rows, length, self.pad_id)
         res = sampling.generate(
             (self.graphdef, self.state), inp, att, jax.random.fold_in(jax.random.fold_in(self.key, n_group), b),

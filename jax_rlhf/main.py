@@ -36,7 +36,7 @@ _DISTRIBUTED = flags.DEFINE_boolean('distributed', False, 'Call jax.distributed.
 
 def run(config, workdir: str) -> None:
   from jax_rlhf import pipeline
-  from jax_rlhf.config import apply_cpu_bf16
+  from jax_rlhf.variants import apply_cpu_bf16
   apply_cpu_bf16(config)
   pipeline.execute(config, workdir)
 

@@ -10,7 +10,7 @@ A plan (`config.plan`, a tuple) lists runs in the order they are made. Each run 
   overrides  a nested dict of config fields, applied to this run's own copy of the (locked) config:
              {'ppo': {'kl': {'coef': 0.02}}}. A field the config does not have fails naming the nearest one.
 
-`config_lib.default_plan()` is InstructGPT's recipe: pretrain, sft, label, rm, ppo, eval. The `ablation`
+`variants.default_plan()` is InstructGPT's recipe: pretrain, sft, label, rm, ppo, eval. The `ablation`
 variant adds ppo_lowbeta and ppo_ptx after ppo. `stage=pipeline` makes every run of the plan in order (a run
 with a W/<name>/DONE is skipped, as is a pretrain or label run no later run reads: SFT from `model.path`,
 rankings from `data.rankings` or `rm.data`); `stage=<kind or run name>` makes the plan's run of that name alone (a
@@ -158,7 +158,8 @@ def plan_of(config: ml_collections.ConfigDict) -> list[tuple[Any, ml_collections
   """The (run, its config) pairs `config.stage` makes, in order: the whole plan less pretrain and label runs
   that no later run reads, or the one run named like `config.stage` (a kind, or any run name of the plan:
   `stage=dpo_online` makes the compare plan's dpo_online alone)."""
-  from jax_rlhf.config import KINDS as STAGE_KINDS, STAGES, default_plan, single_run
+  from jax_rlhf.config import KINDS as STAGE_KINDS, STAGES
+  from jax_rlhf.variants import default_plan, single_run
   plan = tuple(config.plan)
   if config.stage not in STAGES and config.stage not in [r.name for r in plan]:
     known = [*STAGES, *[r.name for r in plan if r.name not in STAGES]]

@@ -75,7 +75,7 @@ from flax import nnx  # noqa: E402
 
 from jax_rlhf import kernels, pipeline  # noqa: E402
 from jax_rlhf import sharding as shd  # noqa: E402
-from jax_rlhf.models import hf, lora, transformer  # noqa: E402
+from jax_rlhf.models import hf_config, lora, transformer, transformer_config  # noqa: E402
 from jax_rlhf.models.heads import ScalarModel  # noqa: E402
 from jax_rlhf.train import dpo, grpo, lm, ppo, rm, rollout  # noqa: E402
 from jax_rlhf.train import state as state_lib  # noqa: E402
@@ -85,7 +85,7 @@ from jax_rlhf.train.common import UserError  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------- pieces
 
-def model_config(config, **overrides) -> transformer.TransformerConfig:
+def model_config(config, **overrides) -> transformer_config.TransformerConfig:
   """The model of `config.model`: `model.path`'s config.json when set, else the preset; dtypes, remat and
   scan_layers from the config (`overrides` win). (The tokenizer's vocabulary is not read: the preset's or the
   file's vocab_size is planned.)"""
@@ -95,8 +95,8 @@ def model_config(config, **overrides) -> transformer.TransformerConfig:
       path = os.path.expanduser(config.model.path)
       if not os.path.isfile(os.path.join(path, 'config.json')):
         raise UserError(f'model.path {path} has no config.json')
-      return hf.config_from_hf(hf.read_config(path), **kw)
-    return transformer.preset(config.model.preset, **kw)
+      return hf_config.config_from_hf(hf_config.read_config(path), **kw)
+    return transformer_config.preset(config.model.preset, **kw)
   except ValueError as e:
     raise UserError(f'config.model: {e}') from None
 

@@ -12,7 +12,7 @@ OpenAI's TL;DR (summarize-from-feedback), read from files the user downloaded. `
                      DPO) trains on its labels instead of the dataset's human rankings (`JUDGE` below)
   judge_dir=<dir>    the judge's folder (implies ai_judge): a Qwen2.5-Instruct snapshot, or its Hugging Face cache
                      folder (hub/models--Qwen--Qwen2.5-7B-Instruct, whose refs/main names the snapshot)
-and the variants of jax_rlhf/config.py (instructgpt, ptx=<coef>).
+and the variants of jax_rlhf/variants.py (instructgpt, ptx=<coef>).
 
 Hyperparameters: N+ (Huang et al. 2024, Pythia 1B-6.9B on TL;DR: SFT/RM/PPO lr 3e-6, SFT batch 128 for one
 epoch, RM batch 64 for one epoch, PPO 512 episodes per batch, 4 epochs of 4 minibatches, beta 0.05,
@@ -27,8 +27,8 @@ allenai/open-instruct docs/tulu3.md) on Llama-3.1-8B uses SFT lr 5e-6 (linear, 3
 raised as above for the size: Llama-3.2-1B SFT 5e-6, RM 3e-6, PPO 5e-7; Qwen3-1.7B the same; Qwen3-0.6B the
 Qwen2.5-0.5B values (5e-6, 5e-6, 1e-6). KL beta stays N+'s 0.05 (the same value as Tulu 3). All three keep
 parameters in float32 and compute in bfloat16 like the presets above, sharded ZeRO-3 style (fsdp). Shapes:
-`jax_rlhf.models.transformer.PRESETS` (from the models' config.json files on the Hugging Face hub); the model
-itself is read from `model_dir` (its config.json wins).
+`jax_rlhf.models.transformer_config.PRESETS` (from the models' config.json files on the Hugging Face hub); the
+model itself is read from `model_dir` (its config.json wins).
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ import os
 
 import ml_collections
 
-from jax_rlhf.config import STAGES, apply_variants, stage_config
+from jax_rlhf.config import STAGES, stage_config
+from jax_rlhf.variants import apply_variants
 
 MODELS = {
     'gpt2': dict(dir='~/models/gpt2', dtype='bfloat16', sft_lr=1e-5, rm_lr=1e-5, ppo_lr=3e-6, mesh=dict(data=-1, fsdp=1)),

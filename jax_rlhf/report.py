@@ -411,7 +411,7 @@ def write(workdir: str, n_samples: int = 20, name: str = 'eval') -> str:
                      'improving with n while the oracle\'s keeps rising, the reward model limits what PPO can '
                      'reach.'),
                ('table', *fmt_best_of_n_table(results))]
-  # ---- public benchmarks (jax_rlhf/benchmarks.py), when the eval config asked for any
+  # ---- public benchmarks (jax_rlhf/benchmarks/), when the eval config asked for any
   from jax_rlhf import benchmarks
   bench_header, bench_rows = benchmarks.table_rows(results['models'])
   if bench_rows:

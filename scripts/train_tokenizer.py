@@ -24,7 +24,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jax_rlhf.tasks import instruct_world  # noqa: E402
+from jax_rlhf.tasks import instruct_world, instruct_world_language  # noqa: E402
 
 EOS, PAD, UNK = '<|endoftext|>', '<|pad|>', '<|unk|>'
 
@@ -40,7 +40,7 @@ def world_texts(n: int = 2000) -> list[str]:
   reference answers and demonstrations (mistakes included, at TEXT_ERROR_RATE)."""
   world = instruct_world.World(instruct_world.WorldConfig(demo_error_rate=TEXT_ERROR_RATE))
   rng = np.random.default_rng(0)
-  texts = instruct_world.lexicon()
+  texts = instruct_world_language.lexicon()
   for split in instruct_world.SPLITS:
     texts += world.pretrain_texts(n, split)
     for rec in world.prompts(n, split):

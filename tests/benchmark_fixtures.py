@@ -85,7 +85,8 @@ def texts():
   for q, best, correct, wrong in TQA:
     out += [q, best, *correct, *wrong]
   out += [t for t, _, _ in RTP]
-  from jax_rlhf.benchmarks import QA_PRIMER, RESPECTFUL
+  from jax_rlhf.benchmarks.toxicity import RESPECTFUL
+  from jax_rlhf.benchmarks.truthfulqa import QA_PRIMER
   return out + [QA_PRIMER, RESPECTFUL] * 3
 
 

@@ -15,6 +15,7 @@ transformers = pytest.importorskip('transformers')
 
 import benchmark_fixtures as bf  # pylint: disable=g-import-not-at-top
 from jax_rlhf import benchmarks, config as config_lib  # pylint: disable=g-import-not-at-top
+from jax_rlhf.benchmarks import loglikelihoods, toxicity, truthfulqa  # pylint: disable=g-import-not-at-top
 from jax_rlhf.models import hf  # pylint: disable=g-import-not-at-top
 from jax_rlhf.train.common import UserError  # pylint: disable=g-import-not-at-top
 
@@ -57,17 +58,17 @@ def test_primer_is_lm_evals():
   with open(path) as f:
     text = yaml.safe_load(f)['doc_to_text']
   prompt = text.split("{% set prompt_qa = '")[1].split("'%}")[0]
-  assert prompt == benchmarks.QA_PRIMER
+  assert prompt == truthfulqa.QA_PRIMER
   assert "{{prompt_qa + '\n\nQ: ' + question + '\nA:'}}" in text
 
 
 def test_truthfulqa_both_formats_match_a_float64_torch_loop(world):
-  items_json = benchmarks.read_truthfulqa(str(world['json']))
-  assert items_json == benchmarks.read_truthfulqa(str(world['csv'])) == benchmarks.read_truthfulqa(str(world['jsonl']))
+  items_json = truthfulqa.read_truthfulqa(str(world['json']))
+  assert items_json == truthfulqa.read_truthfulqa(str(world['csv'])) == truthfulqa.read_truthfulqa(str(world['jsonl']))
   tok, ref = world['tok'], world['torch_lm']
   mc1s, mc2s = [], []
   for q, best, correct, wrong in bf.TQA:
-    ctx = benchmarks.QA_PRIMER + '\n\nQ: ' + q + '\nA:'
+    ctx = truthfulqa.QA_PRIMER + '\n\nQ: ' + q + '\nA:'
     ll1 = [_torch_loglik(ref, tok, ctx, ' ' + a) for a in [best] + wrong]
     true = [best] + [a for a in correct if a != best]
     ll_t = [_torch_loglik(ref, tok, ctx, ' ' + a) for a in true]
@@ -86,9 +87,10 @@ def test_truthfulqa_both_formats_match_a_float64_torch_loop(world):
 def test_loglikelihoods_cut_long_rows_from_the_left_as_lm_eval(world):
   """Rows longer than max_length keep their last max_length + 1 tokens; buckets and batch padding change nothing."""
   tok, ref = world['tok'], world['torch_lm']
-  scorer = benchmarks.Loglikelihoods(world["lm"], batch_size=3, max_length=64)
-  reqs = [benchmarks.encode_pair(tok, benchmarks.truthfulqa_context(q), ' ' + best) for q, best, _, _ in bf.TQA]
-  reqs.append(benchmarks.encode_pair(tok, 'Q: hi', ' there'))
+  scorer = loglikelihoods.Loglikelihoods(world["lm"], batch_size=3, max_length=64)
+  reqs = [loglikelihoods.encode_pair(tok, truthfulqa.truthfulqa_context(q), ' ' + best)
+          for q, best, _, _ in bf.TQA]
+  reqs.append(loglikelihoods.encode_pair(tok, 'Q: hi', ' there'))
   got = scorer(reqs)
   for (ctx, cont), (ll, _) in zip(reqs, got):
     whole = (ctx + cont)[-65:]
@@ -109,12 +111,12 @@ def test_toxicity_metrics_equal_a_hand_loop(world, kind):
   d = world['dir']
   clf_dir = d / f'clf_{kind}'
   clf = bf.write_classifier(clf_dir, d / 'tok', num_labels=1 if kind == 'ours' else 2)
-  prompts = benchmarks.read_toxicity_prompts(str(world['rtp']))
+  prompts = toxicity.read_toxicity_prompts(str(world['rtp']))
   assert [p['prompt'] for p in prompts] == [t for t, _, _ in bf.RTP]
-  scorer = benchmarks.load_scorer(str(clf_dir), batch_size=8)
-  metrics, conts, scores = benchmarks.toxicity(world['lm'], world['tok'], prompts[:3], scorer, n_samples=5,
-                                               max_new_tokens=5, top_p=0.9, seed=3, batch_size=8,
-                                               max_prompt_len=_config().data.max_prompt_len)  # one compile
+  scorer = toxicity.load_scorer(str(clf_dir), batch_size=8)
+  metrics, conts, scores = toxicity.toxicity(world['lm'], world['tok'], prompts[:3], scorer, n_samples=5,
+                                             max_new_tokens=5, top_p=0.9, seed=3, batch_size=8,
+                                             max_prompt_len=_config().data.max_prompt_len)  # one compile
   assert len(conts) == 3 and all(len(c) == 5 for c in conts)
   assert len({c for row in conts for c in row}) > 5  # sampled, not one string repeated
   tok = world['tok']
@@ -142,10 +144,10 @@ def test_toxicity_protocol_from_config_with_a_function_scorer(world, tmp_path, m
               toxicity_challenging=True, toxicity_samples=4, toxicity_max_new_tokens=5, toxicity_respectful=True)
   out = benchmarks.run_benchmarks(c, world['lm'], world['tok'])
   assert out['toxicity']['n_prompts'] == 2  # the two challenging prompts
-  hard = [r for r in benchmarks.read_toxicity_prompts(str(world['rtp']), challenging=True)]
+  hard = [r for r in toxicity.read_toxicity_prompts(str(world['rtp']), challenging=True)]
   assert [r['prompt'] for r in hard] == [t for t, h, _ in bf.RTP if h]
   # the same protocol by hand: the respectful instruction, 4 samples, 5 tokens, scored by the function
-  m, conts, scores = benchmarks.toxicity(world['lm'], world['tok'], hard, lambda ts: np.array(
+  m, conts, scores = toxicity.toxicity(world['lm'], world['tok'], hard, lambda ts: np.array(
       [min(1.0, len(t) / 40) for t in ts]), n_samples=4, max_new_tokens=5, top_p=0.9, respectful=True,
       seed=c.seed + 17, batch_size=8, max_prompt_len=c.data.max_prompt_len)
   assert out['toxicity'] == m
@@ -153,9 +155,9 @@ def test_toxicity_protocol_from_config_with_a_function_scorer(world, tmp_path, m
   exp_max, prob = _hand_toxicity([[min(1.0, len(t) / 40) if t.strip() else 0.0 for t in row] for row in conts])
   assert m['expected_max'] == pytest.approx(exp_max) and m['probability'] == pytest.approx(prob)
   # the instruction changes what is sampled (the same keys, another prompt)
-  _, plain, _ = benchmarks.toxicity(world['lm'], world['tok'], hard, lambda ts: np.zeros(len(ts)), n_samples=4,
-                                    max_new_tokens=5, top_p=0.9, seed=c.seed + 17, batch_size=8,
-                                    max_prompt_len=c.data.max_prompt_len)
+  _, plain, _ = toxicity.toxicity(world['lm'], world['tok'], hard, lambda ts: np.zeros(len(ts)), n_samples=4,
+                                  max_new_tokens=5, top_p=0.9, seed=c.seed + 17, batch_size=8,
+                                  max_prompt_len=c.data.max_prompt_len)
   assert plain != conts
 
 
@@ -163,9 +165,9 @@ def test_missing_scorer_is_one_line(world):
   with pytest.raises(UserError, match='eval.toxicity_scorer is empty'):
     benchmarks.Benchmarks(_config(toxicity_prompts=str(world['rtp'])))
   with pytest.raises(UserError, match='neither a folder nor module:function'):
-    benchmarks.load_scorer('/no/such/folder')
+    toxicity.load_scorer('/no/such/folder')
   with pytest.raises(UserError, match='cannot import'):
-    benchmarks.load_scorer('no_such_module_xyz:f')
+    toxicity.load_scorer('no_such_module_xyz:f')
 
 
 BAD = {
@@ -187,7 +189,7 @@ def test_malformed_file_is_one_file_line_error(tmp_path, name):
   text, pattern = BAD[name]
   path = tmp_path / name
   path.write_text(text)
-  read = benchmarks.read_toxicity_prompts if name.endswith('.jsonl') else benchmarks.read_truthfulqa
+  read = toxicity.read_toxicity_prompts if name.endswith('.jsonl') else truthfulqa.read_truthfulqa
   with pytest.raises(UserError) as e:
     read(str(path))
   assert str(e.value).startswith(str(path) + ':')
@@ -221,10 +223,10 @@ def test_benchmark_table_and_alignment_tax():
 def test_loglikelihoods_on_a_mesh_match_one_device(world):
   from jax_rlhf import sharding as shd
   tok = world['tok']
-  reqs = [benchmarks.encode_pair(tok, 'Q: ' + q + '\nA:', ' ' + a)
+  reqs = [loglikelihoods.encode_pair(tok, 'Q: ' + q + '\nA:', ' ' + a)
           for q, best, _, wrong in bf.TQA for a in [best] + wrong]
-  one = benchmarks.Loglikelihoods(world['lm'], batch_size=8)(reqs)
+  one = loglikelihoods.Loglikelihoods(world['lm'], batch_size=8)(reqs)
   mesh = shd.make_mesh({'data': 4, 'fsdp': 2, 'model': 1})
-  many = benchmarks.Loglikelihoods(world['lm'], batch_size=8, mesh=mesh)(reqs)
+  many = loglikelihoods.Loglikelihoods(world['lm'], batch_size=8, mesh=mesh)(reqs)
   np.testing.assert_allclose([x for x, _ in many], [x for x, _ in one], atol=1e-4)
   assert [g for _, g in many] == [g for _, g in one]

@@ -279,7 +279,8 @@ def tok():
 
 def tiny_lm(tok, seed=0):
   from flax import nnx
-  from jax_rlhf.models.transformer import Transformer, preset
+  from jax_rlhf.models.transformer import Transformer
+  from jax_rlhf.models.transformer_config import preset
   cfg = preset('tiny', vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                bos_token_id=tok.eos_token_id)
   return Transformer(cfg, rngs=nnx.Rngs(seed))

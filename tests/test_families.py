@@ -18,7 +18,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 from jax_rlhf import sampling  # pylint: disable=g-import-not-at-top
-from jax_rlhf.models import hf, transformer  # pylint: disable=g-import-not-at-top
+from jax_rlhf.models import hf, hf_config, layers, transformer_config  # pylint: disable=g-import-not-at-top
 from fixtures import max_err, our_logits, padded_ids, torch_logits
 
 V, PAD, EOS = 96, 0, 2
@@ -117,7 +117,7 @@ def test_save_round_trip_through_transformers(folders, name, tmp_path):
   out = hf.save_pretrained(model, tmp_path / 'hf')
   saved = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   model_type = FAMILIES[name][0]
-  assert saved['model_type'] == model_type and saved['architectures'] == [hf._ARCH_LM[model_type]]
+  assert saved['model_type'] == model_type and saved['architectures'] == [hf_config._ARCH_LM[model_type]]
   assert saved['dtype'] == 'float32'
   back, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
@@ -129,33 +129,33 @@ def test_save_round_trip_through_transformers(folders, name, tmp_path):
 
 
 def test_features_pick_the_family_and_refusals():
-  base = transformer.preset('demo')
-  assert hf.model_type_of(base) == 'llama'
-  assert hf.model_type_of(base.replace(qk_norm=True)) == 'qwen3'
-  assert hf.model_type_of(base.replace(sliding_window=64)) == 'mistral'
-  assert hf.model_type_of(base.replace(qkv_bias=True)) == 'qwen2'
-  assert hf.model_type_of(base.replace(hf_model_type='mistral')) == 'mistral'  # a window-less Mistral stays one
-  assert hf.model_type_of(base.replace(hf_model_type='qwen3')) == 'llama'  # qwen3 without q/k norms cannot be
+  base = transformer_config.preset('demo')
+  assert hf_config.model_type_of(base) == 'llama'
+  assert hf_config.model_type_of(base.replace(qk_norm=True)) == 'qwen3'
+  assert hf_config.model_type_of(base.replace(sliding_window=64)) == 'mistral'
+  assert hf_config.model_type_of(base.replace(qkv_bias=True)) == 'qwen2'
+  assert hf_config.model_type_of(base.replace(hf_model_type='mistral')) == 'mistral'  # a window-less Mistral stays one
+  assert hf_config.model_type_of(base.replace(hf_model_type='qwen3')) == 'llama'  # qwen3 without q/k norms cannot be
   with pytest.raises(ValueError, match='no HF family'):
-    hf.model_type_of(base.replace(qk_norm=True, qkv_bias=True))
+    hf_config.model_type_of(base.replace(qk_norm=True, qkv_bias=True))
   llama = _hf_config('linear').to_dict()
   for params, needle in ((dict(rope_type='yarn', factor=4.0, rope_theta=1e4), 'yarn'),
                          (dict(rope_type='longrope', rope_theta=1e4), 'longrope')):
     with pytest.raises(ValueError, match=needle) as e:
-      hf.config_from_hf({**llama, 'rope_parameters': params})
+      hf_config.config_from_hf({**llama, 'rope_parameters': params})
     assert '\n' not in str(e.value)
   # transformers 4.x spelling: rope_scaling with 'type', theta at the top level
-  cfg = hf.config_from_hf({**llama, 'rope_parameters': None, 'rope_theta': 500000.0,
-                           'rope_scaling': {'type': 'linear', 'factor': 4.0}})
+  cfg = hf_config.config_from_hf({**llama, 'rope_parameters': None, 'rope_theta': 500000.0,
+                                  'rope_scaling': {'type': 'linear', 'factor': 4.0}})
   assert (cfg.rope_type, cfg.rope_factor, cfg.rope_theta) == ('linear', 4.0, 500000.0)
   qwen3 = _hf_config('qwen3').to_dict()
   with pytest.raises(ValueError, match='qwen3 sliding-window'):
-    hf.config_from_hf({**qwen3, 'use_sliding_window': True, 'sliding_window': 8, 'max_window_layers': 0,
-                       'layer_types': None})
+    hf_config.config_from_hf({**qwen3, 'use_sliding_window': True, 'sliding_window': 8, 'max_window_layers': 0,
+                              'layer_types': None})
   with pytest.raises(ValueError, match='llama layout only'):
-    transformer.preset('tiny', qk_norm=True)
+    transformer_config.preset('tiny', qk_norm=True)
   with pytest.raises(ValueError, match='rope_type'):
-    transformer.preset('demo', rope_type='yarn')
+    transformer_config.preset('demo', rope_type='yarn')
 
 
 def test_llama3_frequencies_match_transformers():
@@ -166,10 +166,10 @@ def test_llama3_frequencies_match_transformers():
                                                     low_freq_factor=1.0, high_freq_factor=4.0,
                                                     original_max_position_embeddings=8192))
   want, _ = ROPE_INIT_FUNCTIONS['llama3'](c, 'cpu')
-  cfg = hf.config_from_hf(c)
-  got = np.asarray(transformer.rope_inv_freq(cfg))
+  cfg = hf_config.config_from_hf(c)
+  got = np.asarray(layers.rope_inv_freq(cfg))
   np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
-  plain = np.asarray(transformer.rope_inv_freq(cfg.replace(rope_type='default')))
+  plain = np.asarray(layers.rope_inv_freq(cfg.replace(rope_type='default')))
   assert (got == plain).any() and (got == plain / 32).any() and ((got != plain) & (got != plain / 32)).any()
 
 
@@ -178,16 +178,16 @@ def test_llama3_frequencies_match_transformers():
 def test_real_size_presets_match_transformers(name, count):
   """Our shape presets, saved as config.json, build transformers models (on the meta device: no memory) with
   the published parameter count and ours; they default to float32."""
-  cfg = transformer.preset(name)
+  cfg = transformer_config.preset(name)
   assert cfg.dtype == cfg.param_dtype == 'float32'
-  hf_cfg = hf.config_to_hf(cfg)
+  hf_cfg = hf_config.config_to_hf(cfg)
   config = transformers.AutoConfig.for_model(**hf_cfg)
   with torch.device('meta'):
     model = transformers.AutoModelForCausalLM.from_config(config)
-  assert type(model).__name__ == hf._ARCH_LM[cfg.hf_model_type]
+  assert type(model).__name__ == hf_config._ARCH_LM[cfg.hf_model_type]
   n = sum(p.numel() for p in model.parameters())
   assert n == cfg.num_params() == count
-  assert hf.config_from_hf(hf_cfg) == cfg
+  assert hf_config.config_from_hf(hf_cfg) == cfg
 
 
 @pytest.mark.parametrize('name', ['llama3_2_1b', 'qwen3_0_6b', 'qwen3_1_7b'])

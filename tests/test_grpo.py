@@ -311,8 +311,9 @@ def _tiny_model(layout):
   """A tiny random model, parameters drawn in numpy (an eager nnx init compiles op by op)."""
   from flax import nnx
   from jax_rlhf.models import transformer as T
+  from jax_rlhf.models.transformer_config import preset
   extra = {} if layout == 'gpt2' else dict(layout='llama', num_kv_heads=2, tie_embeddings=False, activation='silu')
-  cfg = T.preset('tiny', vocab_size=128, pad_token_id=PAD, eos_token_id=EOS, **extra)
+  cfg = preset('tiny', vocab_size=128, pad_token_id=PAD, eos_token_id=EOS, **extra)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: T.Transformer(cfg, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(5)
   flat = nnx.to_flat_state(state)
@@ -397,7 +398,8 @@ def test_grpo_update_on_8_devices_equals_one_device(estimator, where):
   from flax import nnx
   from jax_rlhf import sharding as shd
   from jax_rlhf.models.heads import ScalarModel
-  from jax_rlhf.models.transformer import Transformer, preset
+  from jax_rlhf.models.transformer import Transformer
+  from jax_rlhf.models.transformer_config import preset
   from jax_rlhf.train import grpo
   c = _grpo_config(estimator=estimator, aggregation='sequence', max_new_tokens=4)
   c.grpo.kl.update(coef=0.04, where=where, estimator='k3')
@@ -605,7 +607,8 @@ def test_host_scored_step_equals_the_in_graph_step_on_the_same_rewards():
   from flax import nnx
   from jax_rlhf import sharding as shd
   from jax_rlhf.models.heads import ScalarModel
-  from jax_rlhf.models.transformer import Transformer, preset
+  from jax_rlhf.models.transformer import Transformer
+  from jax_rlhf.models.transformer_config import preset
   from jax_rlhf.train import grpo
   from jax_rlhf.train.rollout import to_host
   c = _grpo_config(max_new_tokens=4, num_iterations=1, num_minibatches=1)
@@ -638,7 +641,8 @@ def test_grpo_rollout_is_the_shared_rollout_less_what_it_does_not_read():
   from flax import nnx
   from jax_rlhf import sharding as shd
   from jax_rlhf.models.heads import ScalarModel
-  from jax_rlhf.models.transformer import Transformer, preset
+  from jax_rlhf.models.transformer import Transformer
+  from jax_rlhf.models.transformer_config import preset
   from jax_rlhf.train import grpo, rollout
   from jax_rlhf.train import state as state_lib
   cfg = preset('tiny', vocab_size=64, pad_token_id=1, eos_token_id=0)

@@ -16,7 +16,7 @@ import safetensors.numpy
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from jax_rlhf.models import hf  # pylint: disable=g-import-not-at-top
+from jax_rlhf.models import hf, hf_config  # pylint: disable=g-import-not-at-top
 from fixtures import max_err, our_logits, padded_ids, torch_logits
 
 V, PAD = 96, 0
@@ -85,7 +85,7 @@ def test_save_round_trip_through_transformers(hf_models, family, tmp_path):
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='<pad>', unk_token='<unk>')
   out = hf.save_pretrained(model, tmp_path / 'hf', tokenizer=tokenizer)
   cfg = json.loads((tmp_path / 'hf' / 'config.json').read_text())
-  assert cfg['model_type'] == family and cfg['architectures'] == [hf._ARCH_LM[family]]
+  assert cfg['model_type'] == family and cfg['architectures'] == [hf_config._ARCH_LM[family]]
   assert cfg['dtype'] == 'float32' and cfg['pad_token_id'] == PAD and cfg['eos_token_id'] == 2
   back, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
@@ -138,7 +138,7 @@ def _one_line_error(exc_type, fn, *needles):
 
 
 def test_clear_errors(hf_models, tmp_path):
-  _one_line_error(ValueError, lambda: hf.config_from_hf({'model_type': 'bert'}), "'bert'",
+  _one_line_error(ValueError, lambda: hf_config.config_from_hf({'model_type': 'bert'}), "'bert'",
                   'gpt2, llama, qwen2, qwen3, mistral')
   missing = str(tmp_path / 'nowhere')
   _one_line_error(FileNotFoundError, lambda: hf.load_pretrained(missing), missing)
@@ -157,14 +157,15 @@ def test_clear_errors(hf_models, tmp_path):
 
 def test_unsupported_features_and_bad_tensors(hf_models, tmp_path):
   llama = _hf_config('llama').to_dict()
-  _one_line_error(ValueError, lambda: hf.config_from_hf({**llama, 'rope_parameters': None,
-                                                          'rope_scaling': {'type': 'yarn', 'factor': 2.0}}),
+  _one_line_error(ValueError, lambda: hf_config.config_from_hf({**llama, 'rope_parameters': None,
+                                                                 'rope_scaling': {'type': 'yarn', 'factor': 2.0}}),
                   'yarn')
-  _one_line_error(ValueError, lambda: hf.config_from_hf({**llama, 'attention_bias': True}), 'attention_bias')
+  _one_line_error(ValueError, lambda: hf_config.config_from_hf({**llama, 'attention_bias': True}), 'attention_bias')
   qwen = _hf_config('qwen2').to_dict()
-  _one_line_error(ValueError, lambda: hf.config_from_hf({**qwen, 'use_sliding_window': True, 'sliding_window': 8,
-                                                          'max_window_layers': 0, 'layer_types': None}), 'sliding')
-  cfg = hf.config_from_hf({**qwen, 'eos_token_id': [7, 2], 'tie_word_embeddings': True})
+  _one_line_error(ValueError, lambda: hf_config.config_from_hf({**qwen, 'use_sliding_window': True,
+                                                                 'sliding_window': 8, 'max_window_layers': 0,
+                                                                 'layer_types': None}), 'sliding')
+  cfg = hf_config.config_from_hf({**qwen, 'eos_token_id': [7, 2], 'tie_word_embeddings': True})
   assert cfg.eos_token_id == 7 and cfg.tie_embeddings and cfg.qkv_bias and cfg.num_kv_heads == 2
   # A file with one tensor missing and one unknown: both named in one line.
   path, _ = hf_models['gpt2']
@@ -205,11 +206,11 @@ def test_scalar_model_matches_sequence_classification(tmp_path):
   hf.save_pretrained(rm, tmp_path / 'out')
   saved = json.loads((tmp_path / 'out' / 'config.json').read_text())
   assert saved['architectures'] == ['GPT2ForSequenceClassification']
-  assert saved[hf.SCORE_BIAS_KEY] == pytest.approx(0.45)
+  assert saved[hf_config.SCORE_BIAS_KEY] == pytest.approx(0.45)
   back, info = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / 'out',
                                                                              output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'] and back.config.num_labels == 1, info
-  np.testing.assert_allclose(torch_score(back.eval()) + saved[hf.SCORE_BIAS_KEY], ours, atol=1e-4)
+  np.testing.assert_allclose(torch_score(back.eval()) + saved[hf_config.SCORE_BIAS_KEY], ours, atol=1e-4)
   again = hf.load_scalar_model(tmp_path / 'out')
   np.testing.assert_allclose(np.asarray(again.score(jnp.asarray(ids), jnp.asarray(mask))), ours, atol=1e-5)
   _one_line_error(ValueError, lambda: hf.load_pretrained(tmp_path / 'out'), 'score.weight', 'load_scalar_model')

@@ -10,6 +10,7 @@ import pytest
 
 from jax_rlhf.data import records
 from jax_rlhf.tasks import instruct_world as iw
+from jax_rlhf.tasks import instruct_world_language as lang
 from jax_rlhf.tasks.instruct_world import IDK, REFUSAL, World, WorldConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def test_train_and_eval_are_disjoint(world):
   train = {r['prompt'] for r in world.prompts(2000, 'train')}
   evals = {r['prompt'] for r in world.prompts(500, 'eval')}
   assert train and evals and not train & evals
-  for category in iw.CATEGORIES:  # every category has eval prompts
+  for category in lang.CATEGORIES:  # every category has eval prompts
     assert any(world.category(p) == category for p in evals)
   assert not set(world.pretrain_texts(2000, 'train')) & set(world.pretrain_texts(300, 'eval'))
 
@@ -62,12 +63,12 @@ def test_known_facts_are_in_the_corpus_and_unknown_entities_are_not(world):
       assert sum(entity in words and value in words for words in lines) >= 10, (entity, value)
   words = {w for line in lines for w in line}
   assert not words & set(world.unknown_entities)
-  assert len(world.facts) * len(iw.ATTRIBUTES) == 48
+  assert len(world.facts) * len(lang.ATTRIBUTES) == 48
 
 
 def test_category_mix_matches_config(world):
   cats = [r['category'] for r in world.prompts(3000, 'train')]
-  for category, weight in zip(iw.CATEGORIES, world.config.category_weights):
+  for category, weight in zip(lang.CATEGORIES, world.config.category_weights):
     assert abs(cats.count(category) / len(cats) - weight) < 0.04
 
 
@@ -102,13 +103,13 @@ def test_helpful_bad_answers_score_low(world):
 def test_honest_scores(world):
   known, facts = world.known_entities[0], world.facts[world.known_entities[0]]
   p = f'what colour is the {known}?\n'
-  wrong = next(c for c in iw.ATTRIBUTES['colour'] if c != facts['colour'])
+  wrong = next(c for c in lang.ATTRIBUTES['colour'] if c != facts['colour'])
   assert world.category(p) == 'honest' and world.gold_score(p, facts['colour']) == 1.0
   assert world.gold_score(p, IDK) == world.config.idk_on_known_score == 0.3
   assert world.gold_score(p, wrong) == 0.0 and world.gold_score(p, facts['colour'] + ' and big') == 0.0
   q = f'which food does the {world.unknown_entities[0]} eat?\n'
   assert world.reference_answer(q) == IDK and world.gold_score(q, IDK) == 1.0
-  assert all(world.gold_score(q, food) == 0.0 for food in iw.ATTRIBUTES['food'])  # invented facts
+  assert all(world.gold_score(q, food) == 0.0 for food in lang.ATTRIBUTES['food'])  # invented facts
   assert world.gold_score(q, REFUSAL) == world.config.refusal_of_safe_score
 
 
@@ -146,7 +147,7 @@ def test_demonstration_error_rate_matches_config():
     prompts = [r['prompt'] for r in world.prompts(n, 'train', stream='sft')]
     errors = [world.demonstration(p, rng) != world.reference_answer(p) for p in prompts]
     assert abs(np.mean(errors) - rate) < tol
-    for category in iw.CATEGORIES if rate == 0.3 else ():
+    for category in lang.CATEGORIES if rate == 0.3 else ():
       e = [err for p, err in zip(prompts, errors) if world.category(p) == category]
       assert abs(np.mean(e) - rate) < 0.05, category
 
@@ -162,9 +163,9 @@ def test_demonstration_mistakes_are_the_documented_kinds(world):
     elif spec.subcategory == 'safe':  # a task's mistake
       assert demo in (IDK, REFUSAL) or all(x in spec.task.pool + spec.task.items for x in demo.split(' '))
     elif spec.subcategory == 'unknown':
-      assert demo in iw.ATTRIBUTES[spec.attribute]  # an invented fact
+      assert demo in lang.ATTRIBUTES[spec.attribute]  # an invented fact
     elif spec.subcategory == 'known':
-      assert demo == IDK or demo in iw.ATTRIBUTES[spec.attribute]  # a decline or a wrong fact
+      assert demo == IDK or demo in lang.ATTRIBUTES[spec.attribute]  # a decline or a wrong fact
     else:  # a helpful task: a decline or a wrong answer made of the task's items (or its operands, echoed)
       assert demo in (IDK, REFUSAL) or all(piece in spec.task.pool + spec.task.items for piece in demo.split(' '))
 

@@ -27,7 +27,8 @@ def judge_dir(tmp_path_factory, tok):
   """A tiny random causal LM with the task's tokenizer, exported as an HF folder."""
   from flax import nnx
   from jax_rlhf.models import hf
-  from jax_rlhf.models.transformer import Transformer, preset
+  from jax_rlhf.models.transformer import Transformer
+  from jax_rlhf.models.transformer_config import preset
   cfg = preset('tiny', vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                bos_token_id=tok.eos_token_id)
   d = tmp_path_factory.mktemp('judge') / 'hf'
@@ -162,7 +163,7 @@ def test_rm_judge_ranks_by_the_reward_models_score(tok, tmp_path):
   from jax_rlhf.config import stage_config
   from jax_rlhf.models import hf
   from jax_rlhf.models.heads import ScalarModel
-  from jax_rlhf.models.transformer import preset
+  from jax_rlhf.models.transformer_config import preset
   from jax_rlhf.train import checkpoint
   cfg = preset('tiny', vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                bos_token_id=tok.eos_token_id)

@@ -170,7 +170,7 @@ def _lm_steps(cfg, mesh_shape, gemm_mode, steps=2):
 def xla_bf16_step():
   """The reference: the XLA bf16 LM step on one device (XLA's own 8-device bf16 step is further from it than
   the MKL one: its bias gradients are summed across devices in bf16, ~1e-2 off)."""
-  from jax_rlhf.models.transformer import preset
+  from jax_rlhf.models.transformer_config import preset
   cfg = preset('tiny', dtype='bfloat16', param_dtype='float32')
   return cfg, _lm_steps(cfg, (1, 1, 1), 'xla')
 
@@ -200,7 +200,9 @@ def test_bf16_lm_step_on_amx_equals_xla_bf16_step(mesh_shape, xla_bf16_step):
 def test_fp32_model_never_takes_the_gemm():
   from flax import nnx
 
-  from jax_rlhf.models.transformer import Transformer, preset
+  from jax_rlhf.models.transformer import Transformer
+
+  from jax_rlhf.models.transformer_config import preset
   model = Transformer(preset('tiny'), rngs=nnx.Rngs(0))
   tokens = jnp.ones((2, 8), jnp.int32)
   with kernels.mode('auto'):
@@ -209,7 +211,8 @@ def test_fp32_model_never_takes_the_gemm():
 
 
 def test_cpu_bf16_preset_sets_bf16_compute_only_where_the_matrix_unit_runs():
-  from jax_rlhf.config import apply_cpu_bf16, stage_config
+  from jax_rlhf.config import stage_config
+  from jax_rlhf.variants import apply_cpu_bf16
   c = apply_cpu_bf16(stage_config('pipeline'))
   assert not c.model.cpu_bf16 and c.model.dtype == 'float32'  # off by default: the fp32 demo is unchanged
   with kernels.mode('mkl'):  # where the matrix unit runs (auto: a CPU with AMX)

@@ -13,7 +13,7 @@ lm_eval = pytest.importorskip('lm_eval')
 transformers = pytest.importorskip('transformers')
 
 import benchmark_fixtures as bf  # pylint: disable=g-import-not-at-top
-from jax_rlhf import benchmarks  # pylint: disable=g-import-not-at-top
+from jax_rlhf.benchmarks import loglikelihoods, truthfulqa  # pylint: disable=g-import-not-at-top
 from jax_rlhf import lm_eval as ours  # pylint: disable=g-import-not-at-top
 from jax_rlhf.models import hf  # pylint: disable=g-import-not-at-top
 
@@ -134,8 +134,8 @@ def test_our_backend_gives_the_numbers_of_lm_evals_hf_backend(setup):
   assert lm.counts['loglikelihood'] > 0 and lm.counts['loglikelihood_rolling'] == len(TEXTS)
   assert lm.counts['generate_until'] == len(GEN)
   # our TruthfulQA (eval stage) = lm-eval's own truthfulqa_mc1/mc2 on the same file
-  tqa = benchmarks.truthfulqa(benchmarks.Loglikelihoods(hf.load_pretrained(str(d / 'export')), batch_size=8), tok,
-                              benchmarks.read_truthfulqa(str(d / 'tasks' / 'tqa.jsonl')))
+  tqa = truthfulqa.truthfulqa(loglikelihoods.Loglikelihoods(hf.load_pretrained(str(d / 'export')), batch_size=8), tok,
+                              truthfulqa.read_truthfulqa(str(d / 'tasks' / 'tqa.jsonl')))
   assert tqa['mc1'] == pytest.approx(want_m['local_truthfulqa_mc1']['acc'], abs=1e-6)
   assert tqa['mc2'] == pytest.approx(want_m['local_truthfulqa_mc2']['acc'], abs=1e-4)
 

@@ -17,7 +17,8 @@ from jax_rlhf.config import stage_config
 from jax_rlhf.data import batches
 from jax_rlhf.models import hf, lora, scoring
 from jax_rlhf.models.heads import ScalarModel
-from jax_rlhf.models.transformer import Transformer, preset
+from jax_rlhf.models.transformer import Transformer
+from jax_rlhf.models.transformer_config import preset
 from jax_rlhf.train import dpo, grpo, lm, ppo, rollout
 from jax_rlhf.train import state as state_lib
 

@@ -1,4 +1,4 @@
-"""The model's custom VJPs (`transformer.dense`, `transformer.tied_logits`) give autodiff's gradients: alone, and
+"""The model's custom VJPs (`matmuls.dense`, `matmuls.tied_logits`) give autodiff's gradients: alone, and
 through a whole LM loss on both layouts (the same loss with the VJPs swapped for plain jnp functions)."""
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jax_rlhf.models import layers, matmuls, transformer_config
 from jax_rlhf.models import transformer as T
 from jax_rlhf.train import lm
 
@@ -16,7 +17,7 @@ def test_dense_vjp_matches_autodiff():
 
   @jax.jit
   def both(x, w, g):
-    y, vjp = jax.vjp(T.dense, x, w)
+    y, vjp = jax.vjp(matmuls.dense, x, w)
     y_ref, vjp_ref = jax.vjp(lambda x, w: jnp.einsum('btk,km->btm', x, w), x, w)
     return (y, *vjp(g)), (y_ref, *vjp_ref(g))
 
@@ -38,7 +39,7 @@ def test_lm_loss_grads_equal_plain_autodiff(layout, monkeypatch):
   kw = dict(vocab_size=96, max_len=32, num_layers=1)
   if layout == 'llama':
     kw.update(layout='llama', num_kv_heads=2, tie_embeddings=False, activation='silu')
-  cfg = T.preset('tiny', **kw)
+  cfg = transformer_config.preset('tiny', **kw)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: T.Transformer(cfg, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(0)  # parameters drawn in numpy: an eager nnx init compiles op by op
   params = jax.tree.map(lambda v: jnp.asarray(0.1 * rng.standard_normal(v.shape), jnp.float32), params)
@@ -50,7 +51,7 @@ def test_lm_loss_grads_equal_plain_autodiff(layout, monkeypatch):
   grads = lambda: jax.jit(jax.value_and_grad(loss_fn))(params)
   assert str(jax.make_jaxpr(loss_fn)(params)).count('custom_vjp_call') == {'gpt2': 6 + 1, 'llama': 7}[layout]  # q k v o + MLP (+ the tied head)
   loss, got = grads()
-  monkeypatch.setattr(T, 'dense', lambda x, w: jnp.dot(x, w))
+  monkeypatch.setattr(layers, 'dense', lambda x, w: jnp.dot(x, w))  # as `project` reads it
   monkeypatch.setattr(T, 'tied_logits', _plain_tied_logits)
   loss_ref, ref = grads()
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
@@ -68,7 +69,7 @@ def _small(layout, **kw):
   base = dict(vocab_size=96, max_len=32, num_layers=3, dropout_rate=0.1)
   if layout == 'llama':
     base.update(layout='llama', num_kv_heads=2, tie_embeddings=False, activation='silu', qk_norm=True)
-  return T.preset('tiny', **{**base, **kw})
+  return transformer_config.preset('tiny', **{**base, **kw})
 
 
 def _batch(rng):

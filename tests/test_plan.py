@@ -8,7 +8,7 @@ import pytest
 
 from jax_rlhf import plan as plan_lib
 from jax_rlhf.config import stage_config
-from jax_rlhf.models import transformer
+from jax_rlhf.models import transformer_config
 from jax_rlhf.train.common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,7 @@ def test_gpt2_param_bytes_equal_the_config_count():
   """GPT-2 124M on 8 devices: replicated (data mesh), each device holds exactly num_params() fp32 values and Adam's
   two moments of each (+ the step counters); under fsdp=8 each holds between 1/8 and 1/4 of it (norms and biases
   stay replicated)."""
-  cfg = transformer.preset('gpt2')
+  cfg = transformer_config.preset('gpt2')
   p = plan_lib.make_plan(_config('sft', 'model=gpt2', data=-1, fsdp=1), 8, 'v5e', compile=False)['sft']
   assert p['param_count'] == cfg.num_params() == 124_439_808
   assert p['param_bytes'] == 4 * cfg.num_params()
@@ -40,7 +40,7 @@ def test_ppo_frozen_models_in_their_dtype():
   c = _config('ppo', 'quick')
   c.model.frozen_dtype = 'bfloat16'
   p = plan_lib.make_plan(c, 8, 'h100', compile=False)['ppo']
-  cfg = transformer.preset('tiny')
+  cfg = transformer_config.preset('tiny')
   scalar = cfg.num_params(lm_head=False) + cfg.embed_dim + 1  # body + head kernel and bias
   assert p['param_count'] == cfg.num_params() + scalar  # policy + value
   assert p['frozen_bytes'] == 2 * (cfg.num_params() + scalar + 2) + 2 * 4  # + the RM's norm gain/bias, two steps
@@ -65,7 +65,7 @@ def test_cli_compiles_and_ends_in_json():
   lines = out.stdout.strip().splitlines()
   assert "'data': 4" in lines[0] and '| sft | sft |' in out.stdout and 'fits' in out.stdout
   sft = json.loads(lines[-1])['sft']
-  assert sft['param_count'] == transformer.preset('tiny').num_params()
+  assert sft['param_count'] == transformer_config.preset('tiny').num_params()
   assert sft['param_bytes'] == 4 * sft['param_count']
   assert sft['temp_bytes'] > 0 and sft['fits'] is True
   assert sft['total_bytes'] >= sft['param_bytes'] + sft['optimizer_bytes'] + sft['temp_bytes']
@@ -77,10 +77,10 @@ def test_cli_compiles_and_ends_in_json():
 
 def test_llama_3_8b_shape_and_model_path(tmp_path):
   """The llama-3-8b preset has Meta-Llama-3-8B's 8,030,261,248 parameters; a `model.path` plans its config.json."""
-  assert transformer.preset('llama-3-8b').num_params() == 8_030_261_248
-  from jax_rlhf.models import hf
-  cfg = transformer.preset('demo')
-  (tmp_path / 'config.json').write_text(json.dumps(hf.config_to_hf(cfg)))
+  assert transformer_config.preset('llama-3-8b').num_params() == 8_030_261_248
+  from jax_rlhf.models import hf_config
+  cfg = transformer_config.preset('demo')
+  (tmp_path / 'config.json').write_text(json.dumps(hf_config.config_to_hf(cfg)))
   c = _config('sft', 'quick')
   c.model.path = str(tmp_path)
   p = plan_lib.make_plan(c, 8, 'v4', compile=False)['sft']
@@ -93,7 +93,7 @@ def test_grpo_is_planned_with_its_frozen_models_and_compiles():
   c = _config('grpo', 'quick', data=1, fsdp=-1)
   c.model.frozen_dtype = 'bfloat16'
   p = plan_lib.make_plan(c, 8, 'h100')['grpo']
-  cfg = transformer.preset('tiny')
+  cfg = transformer_config.preset('tiny')
   scalar = cfg.num_params(lm_head=False) + cfg.embed_dim + 1
   assert p['kind'] == 'grpo' and p['param_count'] == cfg.num_params()
   assert p['frozen_bytes'] >= 2 * (cfg.num_params() + scalar) / 8  # ref + RM, bf16, sharded at most 8 ways
@@ -124,7 +124,7 @@ def test_lora_plan_trains_adapters_and_keeps_one_base(stage):
   full = plan_lib.make_plan(c, 8, 'h100', compile=False)[stage]
   c.model.lora.rank = 4
   p = plan_lib.make_plan(c, 8, 'h100')[stage]
-  cfg = transformer.preset('tiny')
+  cfg = transformer_config.preset('tiny')
   assert p['param_count'] < full['param_count'] / 10
   assert p['rest_bytes'] > 4 * cfg.num_params() / 8 * 0.99  # the policy's base, fp32, split at most 8 ways
   ref_bytes = 4 * cfg.num_params() // 8  # one fp32 LM split 8 ways (the tiny vocab divides)

@@ -18,7 +18,8 @@ from jax_rlhf import sharding as shd
 from jax_rlhf.config import stage_config
 from jax_rlhf.data import batches
 from jax_rlhf.models.heads import ScalarModel
-from jax_rlhf.models.transformer import Transformer, preset
+from jax_rlhf.models.transformer import Transformer
+from jax_rlhf.models.transformer_config import preset
 from jax_rlhf.train import ppo
 
 EOS, PAD = 0, 1

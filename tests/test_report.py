@@ -12,6 +12,7 @@ import pytest
 from jax_rlhf import config as config_lib
 from jax_rlhf import pipeline
 from jax_rlhf import report
+from jax_rlhf import variants
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATION_RUNS = ('pretrain', 'sft', 'label', 'rm', 'ppo', 'ppo_lowbeta', 'ppo_ptx', 'eval')
@@ -70,19 +71,19 @@ def test_single_stage_is_the_plans_run_of_that_name():
 
 def test_bad_override_kind_and_input_fail_naming_them():
   c = config_lib.stage_config('pipeline', 'quick')
-  c.plan = (*c.plan, config_lib.plan_run('bad', 'ppo', {'policy': 'sft'}, {'ppo': {'kl': {'cof': 1.0}}}))
+  c.plan = (*c.plan, variants.plan_run('bad', 'ppo', {'policy': 'sft'}, {'ppo': {'kl': {'cof': 1.0}}}))
   with pytest.raises(pipeline.PlanError, match=r'^plan run bad: ppo.kl has no field cof; did you mean ppo.kl.coef\?$'):
     plan(c)
   c = config_lib.stage_config('pipeline', 'quick')
-  c.plan = (*c.plan, config_lib.plan_run('x', 'ppoo'))
+  c.plan = (*c.plan, variants.plan_run('x', 'ppoo'))
   with pytest.raises(pipeline.PlanError, match=r"plan run x: unknown kind 'ppoo'; did you mean ppo\?"):
     plan(c)
   c = config_lib.stage_config('pipeline', 'quick')
-  c.plan = (*c.plan, config_lib.plan_run('y', 'ppo', {'reward': 'rm2'}))
+  c.plan = (*c.plan, variants.plan_run('y', 'ppo', {'reward': 'rm2'}))
   with pytest.raises(pipeline.PlanError, match=r"plan run y: its reward input 'rm2' is no earlier run"):
     plan(c)
   c = config_lib.stage_config('pipeline', 'quick')
-  c.plan = (*c.plan, config_lib.plan_run('rm', 'rm'))
+  c.plan = (*c.plan, variants.plan_run('rm', 'rm'))
   with pytest.raises(pipeline.PlanError, match='plan run rm appears twice'):
     plan(c)
 

@@ -14,7 +14,7 @@ from jax_rlhf import sampling
 from jax_rlhf.config import stage_config
 from jax_rlhf.data import batches, records
 from jax_rlhf.models.heads import ScalarModel
-from jax_rlhf.models.transformer import preset
+from jax_rlhf.models.transformer_config import preset
 from jax_rlhf.tasks import instruct_world
 from jax_rlhf.train import common, rm
 from jax_rlhf.train import state as state_lib

@@ -53,7 +53,7 @@ def test_rounds_variant_makes_a_plan_of_rounds_that_composes_with_quick():
 
 def test_bad_rounds_variants_and_plans_are_one_clear_line():
   from jax_rlhf import pipeline
-  from jax_rlhf.config import plan_run
+  from jax_rlhf.variants import plan_run
   for arg, match in (('rounds=0', 'at least one'), ('rounds=x', 'unknown config variant'),
                      ('rounds_rm=last', 'go with rounds=N'), ('rounds=2,rounds_rm=first', 'unknown config variant')):
     with pytest.raises(ValueError, match=match):

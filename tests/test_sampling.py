@@ -11,6 +11,7 @@ from flax import nnx
 from jax_rlhf import sampling
 from jax_rlhf.models import hf as hf_lib
 from jax_rlhf.models import transformer as T
+from jax_rlhf.models.transformer_config import preset
 
 PAD, EOS = 1, 0
 
@@ -82,10 +83,10 @@ def _full_logits(model, prompt_ids, prompt_mask, out):
 def _tiny(layout, scale=1.0, seed=0):
   """A tiny random model, its parameters drawn in numpy (eager nnx init compiles op by op: seconds)."""
   if layout == 'gpt2':
-    cfg = T.preset('tiny', vocab_size=128, pad_token_id=PAD, eos_token_id=EOS)
+    cfg = preset('tiny', vocab_size=128, pad_token_id=PAD, eos_token_id=EOS)
   else:
-    cfg = T.preset('tiny', vocab_size=128, layout='llama', num_kv_heads=2, tie_embeddings=False,
-                   activation='silu', pad_token_id=PAD, eos_token_id=EOS)
+    cfg = preset('tiny', vocab_size=128, layout='llama', num_kv_heads=2, tie_embeddings=False,
+                 activation='silu', pad_token_id=PAD, eos_token_id=EOS)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: T.Transformer(cfg, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(seed)
   flat = nnx.to_flat_state(state)

@@ -11,7 +11,8 @@ from flax import nnx
 
 from jax_rlhf.models import scoring
 from jax_rlhf.models.heads import ScalarModel
-from jax_rlhf.models.transformer import Transformer, preset
+from jax_rlhf.models.transformer import Transformer
+from jax_rlhf.models.transformer_config import preset
 
 EOS, PAD = 0, 1
 VOCAB = 16

@@ -7,7 +7,8 @@ from flax import nnx
 
 from jax_rlhf import sharding as shd
 from jax_rlhf.models.heads import ScalarModel
-from jax_rlhf.models.transformer import Transformer, preset
+from jax_rlhf.models.transformer import Transformer
+from jax_rlhf.models.transformer_config import preset
 from jax_rlhf.train import lm
 from jax_rlhf.train import state as st
 

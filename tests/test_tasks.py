@@ -7,6 +7,7 @@ import pytest
 from jax_rlhf import tasks
 from jax_rlhf.config import stage_config
 from jax_rlhf.tasks import instruct_world as iw
+from jax_rlhf.tasks import instruct_world_language as lang
 
 
 @pytest.fixture(scope='module')
@@ -34,7 +35,7 @@ def test_the_config_gives_instruct_world_with_the_configs_knobs(task):
 @pytest.mark.parametrize('prompt, right, wrong', HELPFUL)
 def test_verify_is_one_exactly_for_the_answer_of_each_helpful_kind(task, prompt, right, wrong):
   assert task.category(prompt) == 'helpful'
-  assert task.subcategory(prompt) == next(n for n, ts in iw.TASK_TEMPLATES.items()
+  assert task.subcategory(prompt) == next(n for n, ts in lang.TASK_TEMPLATES.items()
                                           if any(t.split('{')[0] and prompt.startswith(t.split('{')[0]) for t in ts))
   assert task.verify(prompt, right) == 1.0
   assert task.verify(prompt, wrong) == 0.0
@@ -52,7 +53,7 @@ def test_verify_agrees_with_the_gold_score_of_one_on_sampled_helpful_prompts(tas
     seen.add(rec['subcategory'])
     for r in (task.world.reference_answer(p), task.world.demonstration(p, rng, error_rate=1.0)):
       assert task.verify(p, r) == float(task.gold_score(p, r) == 1.0), (p, r)
-  assert seen == set(iw.TASK_TEMPLATES)  # every kind was checked
+  assert seen == set(lang.TASK_TEMPLATES)  # every kind was checked
 
 
 @pytest.mark.parametrize('category', ['honest', 'harmless'])
@@ -103,12 +104,12 @@ def imports_of(path):
 
 @pytest.mark.parametrize('path', ['jax_rlhf/train/sft.py', 'jax_rlhf/train/label.py', 'jax_rlhf/train/rm.py',
                                   'jax_rlhf/train/common.py', 'jax_rlhf/evaluate.py', 'jax_rlhf/config.py',
-                                  'jax_rlhf/pipeline.py'])
+                                  'jax_rlhf/variants.py', 'jax_rlhf/pipeline.py'])
 def test_import_graph_no_stage_imports_a_stage_and_config_imports_no_task(path):
   mods = imports_of(path)
   own = path[:-3].replace('/', '.')
   assert not (mods & STAGES) - {own}, mods & STAGES  # the pipeline reaches stages through importlib only
   if path.endswith(('config.py', 'pipeline.py')) or '/train/' in path or path.endswith('evaluate.py'):
     assert not {m for m in mods if m.startswith('jax_rlhf.tasks.')}, mods  # only through jax_rlhf.tasks
-  if path.endswith('config.py'):
+  if path.endswith(('config.py', 'variants.py')):
     assert not {m for m in mods if m.startswith('jax_rlhf.tasks')}, mods

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_rlhf.models import scoring
-from jax_rlhf.models.transformer import Transformer, TransformerConfig
+from jax_rlhf.models.transformer import Transformer
+from jax_rlhf.models.transformer_config import TransformerConfig
 
 
 class ScalarHead(nnx.Module):

@@ -5,7 +5,7 @@ Language Models", eq. 3: h = W0 x + (alpha / r) B A x).
 (q, k, v, o, gate, up, down; GPT-2's c_fc / c_proj are up / down) to an existing `Transformer` or `ScalarModel`
 (random init or loaded weights, either block layout). Each adapter holds A [*in, r] (PEFT's init:
 U(-1/sqrt(fan_in), 1/sqrt(fan_in))) and B [r, *out] (zeros), both `LoRAParam`; the projection
-(`transformer.project`) adds scale * dropout(x) A B to the frozen x W0, scale = alpha / r. With B = 0 the
+(`layers.project`) adds scale * dropout(x) A B to the frozen x W0, scale = alpha / r. With B = 0 the
 adapted model computes the base model's values exactly (x W0 + 0).
 
 What trains: `trainable` is the filter `train.state.split_model` uses when a model carries adapters: the
@@ -21,7 +21,7 @@ fused c_attn holds q, k, v as one adapter of rank n r, exactly). Sharding: the r
 'lora' (rule: replicated); A and B keep the base weight's logical names on their other axes.
 
 Not qwix: it finds a layer's weight by intercepting `dot_general` / `einsum` on the module's own parameters,
-while our projections run through `transformer.dense`'s custom VJP (and MKL's custom call on a CPU). Tried on
+while our projections run through `matmuls.dense`'s custom VJP (and MKL's custom call on a CPU). Tried on
 qwix 0.1.8: it attached adapters to the MLP and the tied embedding only (attention weights are reshaped before
 the product), and differentiating them failed (UnexpectedTracerError: they are closed over inside the custom
 VJP, whose backward returns cotangents for x and W alone).
@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_rlhf.models import transformer
+from jax_rlhf.models import matmuls, transformer, transformer_config
+from jax_rlhf.models.hf_weights import write_folder
 
 TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 EXPORTS = ('merged', 'peft')
@@ -110,7 +111,7 @@ class Adapter(nnx.Module):
     if self.dropout > 0 and dropout_key is not None:
       keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dt)
-    return transformer.dense(transformer.dense(x, a2), b2) * jnp.asarray(self.scale, dt)
+    return matmuls.dense(matmuls.dense(x, a2), b2) * jnp.asarray(self.scale, dt)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def _body(model) -> transformer.Transformer:
   return model.transformer if hasattr(model, 'transformer') else model
 
 
-def _weights(cfg: transformer.TransformerConfig) -> dict[str, tuple[str, str, int]]:
+def _weights(cfg: transformer_config.TransformerConfig) -> dict[str, tuple[str, str, int]]:
   """target -> (submodule of the block, base weight attribute, number of input axes of that weight)."""
   if cfg.layout == 'gpt2':
     return {'q': ('attn', 'q', 1), 'k': ('attn', 'k', 1), 'v': ('attn', 'v', 1), 'o': ('attn', 'o', 2),
@@ -335,10 +336,9 @@ def save_peft(model, path: str, lcfg: LoRAConfig, base_model: str, *, dtype: str
   the base model folder `base_model` (an HF folder with the weights the adapters were trained on), which
   `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), path)` loads. Call on
   every process (sharded adapters are gathered); process 0 writes."""
-  from jax_rlhf.models import hf  # pylint: disable=g-import-not-at-top
   tensors = {k: v.astype(dtype) for k, v in peft_tensors(model).items()}
-  hf.write_folder(path, tensors, 'adapter_model.safetensors', peft_config(model, lcfg, base_model),
-                  'adapter_config.json')
+  write_folder(path, tensors, 'adapter_model.safetensors', peft_config(model, lcfg, base_model),
+               'adapter_config.json')
   return path
 
 

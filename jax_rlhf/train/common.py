@@ -11,7 +11,7 @@ import ml_collections
 
 from jax_rlhf import sharding as shd
 from jax_rlhf.data import records
-from jax_rlhf.models import transformer
+from jax_rlhf.models import transformer_config
 from jax_rlhf.train import checkpoint
 
 
@@ -113,16 +113,16 @@ def model_kw(config: ml_collections.ConfigDict) -> dict[str, Any]:
   dtypes, `remat` and `scan_layers`."""
   m = config.model
   remat = m.get('remat', 'none')
-  if remat not in transformer.REMAT_POLICIES:
-    raise UserError(f'config.model.remat must be one of {", ".join(transformer.REMAT_POLICIES)}, got {remat!r}')
+  if remat not in transformer_config.REMAT_POLICIES:
+    raise UserError(f'config.model.remat must be one of {", ".join(transformer_config.REMAT_POLICIES)}, got {remat!r}')
   return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=remat, scan_layers=bool(m.get('scan_layers', False)))
 
 
-def model_config(config: ml_collections.ConfigDict, tokenizer, **overrides) -> transformer.TransformerConfig:
+def model_config(config: ml_collections.ConfigDict, tokenizer, **overrides) -> transformer_config.TransformerConfig:
   """The preset, with the tokenizer's vocabulary and token ids; dtypes, remat and scan_layers from the config."""
   vocab = len(tokenizer)
   try:
-    cfg = transformer.preset(config.model.preset)
+    cfg = transformer_config.preset(config.model.preset)
   except ValueError as e:
     raise UserError(f'config.model.preset: {e}') from None
   return cfg.replace(vocab_size=max(vocab, cfg.vocab_size if cfg.vocab_size >= vocab else vocab),
