@@ -74,6 +74,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jax_rlhf import kernels, pipeline  # noqa: E402
+from jax_rlhf import rewards as rewards_lib  # noqa: E402
 from jax_rlhf import sharding as shd  # noqa: E402
 from jax_rlhf.models import hf_config, lora, transformer, transformer_config  # noqa: E402
 from jax_rlhf.models.heads import ScalarModel  # noqa: E402
@@ -293,7 +294,7 @@ def _grpo_stage(kind, rc, mesh, mcfg):
   makers = {'policy': lambda: transformer.Transformer(mcfg, rngs=nnx.Rngs(0))}
   if grpo.uses_ref(gc):
     makers['reference'] = lambda: transformer.Transformer(mcfg, rngs=nnx.Rngs(0))
-  if any(name == 'rm' for name, _ in grpo.parse_rewards(gc.rewards)):
+  if any(name == 'rm' for name, _ in rewards_lib.parse_rewards(gc.rewards)):
     makers['reward'] = lambda: ScalarModel(mcfg, rngs=nnx.Rngs(0))
   g, st, sh = ({'reference': None, 'reward': None} for _ in range(3))
   ref_graphdef = _lora_reference(rc, mcfg, makers)

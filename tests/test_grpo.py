@@ -449,58 +449,8 @@ def test_grpo_config_errors_are_one_line():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# reward functions and the grpo stage
+# the grpo stage (the reward functions themselves: tests/test_rewards.py)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def test_parse_rewards_reads_weights_and_refuses_bad_specs():
-  from jax_rlhf.train import grpo
-  assert grpo.parse_rewards(('rm',)) == [('rm', 1.0)]
-  assert grpo.parse_rewards(('task:verify', 'rm:0.5', 'my.mod:fn:2')) == [
-      ('task:verify', 1.0), ('rm', 0.5), ('my.mod:fn', 2.0)]
-  assert grpo.parse_rewards('my.mod:fn') == [('my.mod:fn', 1.0)]
-  for bad, words in ((('rm:0',), 'weight > 0'), (('rm:-1',), 'weight > 0'), (('rm', 'rm:2'), 'twice'),
-                     (('verify',), 'unknown reward'), ((), 'empty'), (('mod:',), 'unknown reward')):
-    with pytest.raises(ValueError, match=words):
-      grpo.parse_rewards(bad)
-
-
-def test_mix_rewards_is_the_weight_normalised_mean_of_the_functions_that_spoke():
-  """Against a hand loop on fresh random scores, NaN (verify's None) where a function says nothing."""
-  from jax_rlhf.train import grpo
-  rng = np.random.default_rng(14)
-  r = 11
-  rm = rng.normal(size=r)
-  verify = rng.integers(0, 2, size=r).astype(float)
-  verify[rng.random(r) < 0.5] = np.nan
-  user = rng.normal(size=r)
-  user[[2, 5]] = np.nan
-  verify[[2, 5]] = np.nan
-  weights = {'rm': 0.5, 'task:verify': 2.0, 'u:f': 1.5}
-  got = grpo.mix_rewards({'rm': rm, 'task:verify': verify, 'u:f': user}, weights)
-  for i in range(r):
-    num = den = 0.0
-    for name, s in (('rm', rm), ('task:verify', verify), ('u:f', user)):
-      if not math.isnan(s[i]):
-        num += weights[name] * s[i]
-        den += weights[name]
-    assert got[i] == pytest.approx(num / den, abs=1e-12)
-  # verify alone: where it cannot check, the reward is 0; the RM alone passes through; weights only scale mixes
-  only = grpo.mix_rewards({'task:verify': verify}, {'task:verify': 3.0})
-  np.testing.assert_array_equal(only, np.nan_to_num(verify))
-  np.testing.assert_allclose(grpo.mix_rewards({'rm': rm}, {'rm': 7.0}), rm, rtol=1e-12)
-  both = grpo.mix_rewards({'rm': rm, 'task:verify': verify}, {'rm': 1.0, 'task:verify': 1.0})
-  np.testing.assert_allclose(both, np.where(np.isnan(verify), rm, (rm + np.nan_to_num(verify)) / 2), rtol=1e-12)
-  # first: the first listed function that spoke decides alone (weight times its score), against a hand loop
-  got = grpo.mix_rewards({'task:verify': verify, 'u:f': user, 'rm': rm}, weights, 'first')
-  for i in range(r):
-    first = next(((name, s[i]) for name, s in (('task:verify', verify), ('u:f', user), ('rm', rm))
-                  if not math.isnan(s[i])), None)
-    assert got[i] == pytest.approx(0.0 if first is None else weights[first[0]] * first[1], abs=1e-12)
-  np.testing.assert_array_equal(grpo.mix_rewards({'task:verify': verify, 'rm': rm}, {'task:verify': 1.0, 'rm': 1.0},
-                                                 'first'), np.where(np.isnan(verify), rm, verify))
-  with pytest.raises(ValueError, match='reward_mix'):
-    grpo.mix_rewards({'rm': rm}, {'rm': 1.0}, 'max')
 
 
 def _stage_config(**grpo):

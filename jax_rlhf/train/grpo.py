@@ -23,33 +23,25 @@ No value model. One iteration = rollout, advantages, loss, update, each on the s
 beta is fixed or follows `rl.adaptive_loss_beta_update` on the measured loss-side KL (a host scalar between
 rollouts). Equations and defaults: ../shared/POSTTRAINING_DETAILS.md, section 2.
 
-Reward functions (`grpo.rewards`, each `spec[:weight]`, weight > 0, default 1):
-  rm                    the reward model at the last real token. Alone, it is scored inside the compiled
-                        rollout (one jit: sample -> ref -> RM -> advantages); mixed, its scores come to the host.
-  task:verify           the task's exact checker `task.verify(prompt, response)`: 1.0 / 0.0, or None where it
-                        cannot check (that function then says nothing for that response).
-  module.path:function  a user's `(prompts: list[str], responses: list[str]) -> list[float]` on the host
-                        (TRL's reward_funcs); a raise, NaN or wrong length is one line naming it (exit 2).
-  Mixed per response over the functions that spoke (`grpo.reward_mix`, `mix_rewards`): mean, r = sum_k w_k s_k /
-  sum_k w_k; first, r = w_k s_k of the first listed function that spoke (a verifier first decides alone where it
-  can check; the RM speaks elsewhere). Where none spoke, r = 0. With any host function: jit(rollout) -> host
-  decode + functions -> jit(advantages) -> update.
+Reward functions (`grpo.rewards`: rm, task:verify, a user's module.path:function, each `spec[:weight]`) and
+their mix live in `jax_rlhf/rewards.py`. `rm` alone is scored inside the compiled rollout (one jit: sample ->
+ref -> RM -> advantages); with any host function: jit(rollout) -> host decode + functions
+(`rewards.HostRewards`) -> jit(advantages) -> update.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_rlhf import losses, rl, sampling
+from jax_rlhf import losses, rl
 from jax_rlhf import metrics as metrics_lib
+from jax_rlhf import rewards as rewards_lib
 from jax_rlhf import sharding as shd
 from jax_rlhf.data import batches, sources
 from jax_rlhf.models import hf, lora, scoring
@@ -59,7 +51,6 @@ from jax_rlhf.train import state as state_lib
 from jax_rlhf.train import update as update_lib
 
 ESTIMATORS = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp')
-REWARD_MIXES = ('mean', 'first')
 
 
 def uses_ref(gc) -> bool:
@@ -95,8 +86,8 @@ def check_config(gc) -> None:
   if (gc.prompts_per_step * gc.num_generations) % gc.num_minibatches:
     raise ValueError(f'grpo: prompts_per_step x num_generations must be divisible by num_minibatches '
                      f'({gc.num_minibatches})')
-  if gc.reward_mix not in REWARD_MIXES:
-    raise ValueError(f'grpo.reward_mix must be one of {" | ".join(REWARD_MIXES)}, got {gc.reward_mix!r}')
+  if gc.reward_mix not in rewards_lib.REWARD_MIXES:
+    raise ValueError(f'grpo.reward_mix must be one of {" | ".join(rewards_lib.REWARD_MIXES)}, got {gc.reward_mix!r}')
   if gc.drop_equal_groups and gc.oversample < 2:
     raise ValueError(f'grpo.oversample must be >= 2 with drop_equal_groups, got {gc.oversample}')
 
@@ -291,115 +282,6 @@ class GRPOTrainer:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reward functions
-# ---------------------------------------------------------------------------------------------------------
-
-
-def parse_rewards(specs: Sequence[str]) -> list[tuple[str, float]]:
-  """`grpo.rewards` -> [(name, weight)]: each spec is `name[:weight]` (rm, task:verify, module.path:function);
-  a trailing `:<number>` is the weight (default 1). A bad spec raises ValueError (one line)."""
-  if isinstance(specs, str):
-    specs = (specs,)
-  out = []
-  for spec in specs:
-    name, _, tail = str(spec).strip().rpartition(':')
-    try:
-      weight = float(tail)
-    except ValueError:
-      name, weight = str(spec).strip(), 1.0
-    if not name or not weight > 0 or not np.isfinite(weight):
-      raise ValueError(f'grpo.rewards: {spec!r} must be name[:weight] with a weight > 0 (rm, task:verify or '
-                       f'module.path:function)')
-    if name != 'rm' and name != 'task:verify' and (':' not in name or name.startswith(':') or name.endswith(':')):
-      raise ValueError(f'grpo.rewards: unknown reward {name!r}; use rm, task:verify or module.path:function')
-    if name in [n for n, _ in out]:
-      raise ValueError(f'grpo.rewards: {name} appears twice')
-    out.append((name, weight))
-  if not out:
-    raise ValueError('grpo.rewards is empty; use rm, task:verify or module.path:function')
-  return out
-
-
-def mix_rewards(parts: Mapping[str, np.ndarray], weights: Mapping[str, float], mode: str = 'mean') -> np.ndarray:
-  """The mix of reward functions: [R] float64.
-
-  parts: name -> [R] scores, NaN where that function says nothing (task:verify's None), in `grpo.rewards` order;
-  weights: name -> w > 0. Per response i, over the functions k that spoke on i:
-    mean   r_i = sum_k w_k s_ki / sum_k w_k (weight-normalised);
-    first  r_i = w_k s_ki of the first function (in order) that spoke: a verifier listed first decides alone
-           where it can check, and the later ones (the RM) speak only where it cannot.
-  r_i = 0 where no function spoke.
-  """
-  if mode not in REWARD_MIXES:
-    raise ValueError(f'grpo.reward_mix must be one of {" | ".join(REWARD_MIXES)}, got {mode!r}')
-  num = 0.0
-  den = 0.0
-  for name, s in parts.items():
-    s = np.asarray(s, np.float64)
-    spoke = ~np.isnan(s)
-    if mode == 'first':
-      spoke = spoke & (np.asarray(den) == 0)  # nobody before it spoke
-    num = num + np.where(spoke, weights[name] * np.nan_to_num(s), 0.0)
-    den = den + np.where(spoke, 1.0 if mode == 'first' else weights[name], 0.0)
-  den = np.asarray(den)
-  return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
-
-
-def load_user_fn(spec: str) -> Callable:
-  """`module.path:function` -> the function (a missing module or name is a UserError, one line)."""
-  mod, _, fn = spec.rpartition(':')
-  try:
-    f = getattr(importlib.import_module(mod), fn)
-  except (ImportError, AttributeError) as e:
-    raise common.UserError(f'grpo.rewards: cannot load reward function {spec}: {type(e).__name__}: '
-                           f'{" ".join(str(e).split())}') from None
-  if not callable(f):
-    raise common.UserError(f'grpo.rewards: {spec} is not callable')
-  return f
-
-
-def verify_fn(task) -> Callable:
-  """task:verify as a host reward function: one float per response, NaN where the task cannot check."""
-  def verify(prompts, responses):
-    out = []
-    for p, r in zip(prompts, responses):
-      v = task.verify(p, r)
-      out.append(np.nan if v is None else float(v))
-    return out
-  return verify
-
-
-class HostRewards:
-  """exp -> (mixed rewards [R], metrics) on the host: decode the responses, score them with each function of
-  `grpo.rewards` (rm: the rollout's in-graph score), mix (`mix_rewards`). `prompt_texts(exp)` gives the R
-  prompt texts in row order (group-major)."""
-
-  def __init__(self, rewards: list[tuple[str, float]], fns: Mapping[str, Callable], tokenizer, eos_id: int,
-               mode: str = 'mean'):
-    self.mode = mode
-    self.rewards, self.fns, self.eos_id = rewards, dict(fns), eos_id
-    self.decode = functools.partial(sampling.decode_responses, tokenizer)
-    self.weights = dict(rewards)
-
-  def __call__(self, exp, prompt_texts: list[str]):
-    responses = rollout_lib.host_responses(exp, self.decode, self.eos_id)
-    parts, metrics = {}, {}
-    for name, _ in self.rewards:
-      if name == 'rm':
-        s = rollout_lib.to_host(exp['rm_score']).astype(np.float64)
-      elif name == 'task:verify':
-        s = np.asarray(self.fns[name](prompt_texts, responses), np.float64)  # NaN = cannot check
-      else:
-        s = rollout_lib.call_reward_fn(self.fns[name], prompt_texts, responses).astype(np.float64)
-      parts[name] = s
-      spoke = ~np.isnan(s)
-      metrics[f'reward/{name}/spoke'] = float(np.mean(spoke))
-      if spoke.any():
-        metrics[f'reward/{name}'] = float(np.mean(s[spoke]))
-    return mix_rewards(parts, self.weights, self.mode).astype(np.float32), metrics
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The grpo stage
 # ---------------------------------------------------------------------------------------------------------
 
@@ -415,7 +297,7 @@ def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | No
   gc = config.grpo
   try:
     check_config(gc)
-    rewards = parse_rewards(gc.rewards)
+    rewards = rewards_lib.parse_rewards(gc.rewards)
   except ValueError as e:
     raise common.UserError(str(e)) from None
   inputs = {**DEFAULT_INPUTS, **(inputs or {})}
@@ -423,15 +305,7 @@ def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | No
   out = common.stage_dir(workdir, name)
 
   # ---------------------------------------------------------------- reward functions (fail fast)
-  fns: dict[str, Callable] = {}
-  if 'task:verify' in names:
-    task = common.get_task(config)
-    if task is None:
-      raise common.UserError('grpo.rewards: task:verify needs an embedded task (task.name), and task.name is empty')
-    fns['task:verify'] = verify_fn(task)
-  for n in names:
-    if n not in ('rm', 'task:verify'):
-      fns[n] = load_user_fn(n)
+  fns = rewards_lib.host_functions(config, names)
 
   # ---------------------------------------------------------------- models (a missing input run: UserError)
   roles = ['policy'] + (['reference'] if uses_ref(gc) else []) + (['reward'] if 'rm' in names else [])
@@ -462,7 +336,7 @@ def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | No
   texts = [r['prompt'] for r in recs]
   prompts = sources.GrainLoader(prompt_arrays, n_prompts, config.seed)
   in_graph = names == ['rm']
-  host = None if in_graph else HostRewards(rewards, fns, tok, tok.eos_token_id, gc.reward_mix)
+  host = None if in_graph else rewards_lib.HostRewards(rewards, fns, tok, tok.eos_token_id, gc.reward_mix)
 
   # ---------------------------------------------------------------- resume
   ckpt = checkpoint.for_stage(out, config)
