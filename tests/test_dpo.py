@@ -227,6 +227,31 @@ def test_best_vs_worst_is_dpo_on_rank_1_against_rank_k(loss_type):
   assert int(m['num_pairs']) == b - 1
 
 
+def test_rpo_nll_is_the_mean_token_nll_of_each_chosen_response():
+  """Iterative RPO's NLL term (Pang et al. 2024, eq. 1) against a float64 loop: -log pi(y_w|x)/|y_w| of each
+  prompt's rank-1 response, averaged over the prompts that have a pair; the stage's loss adds alpha x it."""
+  import ml_collections
+  from jax_rlhf.train import dpo
+  rng = np.random.default_rng()
+  b, kmax = 7, 4
+  pv, rv = random_logps(rng, (b, kmax))
+  ranking, valid = random_rankings(rng, b, kmax)
+  valid[-1, 1:] = False  # one response: no pair, no NLL
+  lens = rng.integers(1, 20, (b, kmax)).astype(np.float64)
+  want = np.mean([-pv[i, ranking[i, 0]] / lens[i, ranking[i, 0]] for i in range(b - 1)])
+  loss, m = jax.jit(losses.rpo_nll_loss)(with_nan_at_unranked(pv, ranking, valid), lens, ranking, valid)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  assert float(m['rpo/nll']) == float(loss)
+  batch = {'ranking': ranking, 'valid': valid, 'lengths': lens}
+  cfg = ml_collections.ConfigDict(dict(beta=0.2, loss_type='sigmoid', label_smoothing=0.0, mode='best_vs_worst',
+                                       rpo_alpha=0.0))
+  plain, _ = dpo.preference_loss(pv, rv, batch, cfg)
+  cfg.rpo_alpha = 0.7
+  total, tm = dpo.preference_loss(pv, rv, batch, cfg)
+  np.testing.assert_allclose(float(total), float(plain) + 0.7 * want, rtol=1e-5)
+  assert 'rpo/nll' in tm
+
+
 def ref_plackett_luce(pv, rv, ranking, valid, beta):
   """DPO appendix A.3: -sum_{k<K_b} log(exp(beta s_(k)) / sum_{j>=k} exp(beta s_(j))), mean over prompts."""
   out = []
@@ -498,7 +523,8 @@ def online_round(tok):
   batch = shd.put_batch({k: arrays[k] for k in ('prompt', 'prompt_mask')}, mesh)
   pool, scores, metrics = sample(policy, frozen, batch, jax.random.key(7))
   return types.SimpleNamespace(mesh=mesh, g=g, policy=policy, policy_sh=policy_sh, frozen=frozen, tx=tx,
-                               pool_sh=pool_sh, prompts=prompts, pool=pool, scores=scores, metrics=metrics)
+                               pool_sh=pool_sh, prompts=prompts, pool=pool, scores=scores, metrics=metrics,
+                               batch=arrays, tok=tok)
 
 
 def rollout_merge(graphdef, state):
@@ -574,6 +600,41 @@ def test_prompt_whose_samples_are_all_the_same_has_no_pair():
   assert valid.all()
 
 
+def test_gap_filter_skips_near_ties_and_oversampling_refills(online_round):
+  """dpo.online_min_gap: a prompt whose best - worst RM score gap is under it has no pair (rank 1 only);
+  dpo.online_oversample: a round of 2 x 8 sampled prompts keeps 8, those with a pair first in sampling order, as
+  numpy picks them from the same samples (same key) unselected."""
+  from jax_rlhf import sharding as shd
+  from jax_rlhf.train import dpo
+  import types
+  r, n = online_round, N_SAMPLES
+  settings = dpo.online_settings(types.SimpleNamespace(online_samples=n, online_temperature=1.0), r.tok, 6)
+  gap = (shd.to_host(r.scores).max(-1) - shd.to_host(r.scores).min(-1)).reshape(-1)  # [16] of the fixture's round
+  min_gap = float(np.sort(gap)[9])  # 9 prompts under it, 7 over
+  batch = shd.put_batch({k: r.batch[k] for k in ('prompt', 'prompt_mask')}, r.mesh)
+
+  def sample(every, oversample):
+    fn = jax.jit(lambda p, fz, b, k: dpo.sample_round(r.g, settings, every, {'policy': p, **fz}, b, k,
+                                                       min_gap=min_gap, oversample=oversample),
+                 out_shardings=(r.pool_sh, r.pool_sh, shd.replicated(r.mesh)))
+    return fn(r.policy, r.frozen, batch, jax.random.key(7))
+
+  pool, scores, m = sample(EVERY, 1)
+  valid = shd.to_host(pool['valid']).reshape(-1, n)
+  np.testing.assert_allclose(shd.to_host(scores).reshape(-1, n), shd.to_host(r.scores).reshape(-1, n), rtol=1e-6)
+  assert valid[:, 0].all() and (valid[:, 1:] == (gap >= min_gap)[:, None]).all()
+  assert float(m['online/near_tie_fraction']) == pytest.approx(9 / 16)
+  assert float(m['online/no_pair_fraction']) == pytest.approx(9 / 16)
+  np.testing.assert_allclose(float(m['online/pair_score_gap']), gap[gap >= min_gap].mean(), rtol=1e-5)
+  one, _, m2 = sample(1, 2)  # 16 sampled, 8 kept: the 7 with a pair, then the first without
+  assert one['tokens'].shape == (1, 8, n, 18)
+  keep = np.argsort(~(gap >= min_gap), kind='stable')[:8]
+  for k in ('tokens', 'ref_logps', 'ranking', 'valid', 'lengths'):
+    np.testing.assert_array_equal(shd.to_host(one[k])[0], shd.to_host(pool[k]).reshape(16, *pool[k].shape[2:])[keep],
+                                  err_msg=k)
+  assert float(m2['online/no_pair_fraction']) == pytest.approx(1 / 8)
+
+
 def test_task_judge_ranks_decoded_samples_one_label_per_prompt(tok, online_round):
   """judge_with_task decodes every sample of a round (EOS and pads dropped), asks the task's labeler for one
   ranking per prompt, in row order, and lays the rankings out as the pool; labels_used counts every prompt of
@@ -608,7 +669,10 @@ def test_bad_online_settings_are_one_clear_line(tmp_path):
   from jax_rlhf.train import common, dpo
   for bad, match in (({'online_samples': 1}, 'online_samples'), ({'online_every': 0}, 'online_every'),
                      ({'online_judge': 'gpt4'}, 'online_judge'), ({'online_pairs': 'random'}, 'online_pairs'),
-                     ({'online_temperature': 0.0}, 'online_temperature'), ({'mode': 'listwise'}, 'online_pairs')):
+                     ({'online_temperature': 0.0}, 'online_temperature'), ({'mode': 'listwise'}, 'online_pairs'),
+                     ({'rpo_alpha': -0.5}, 'rpo_alpha'), ({'online_min_gap': -0.1}, 'online_min_gap'),
+                     ({'online_oversample': 0}, 'online_oversample'),
+                     ({'online_judge': 'task', 'online_min_gap': 0.5}, 'online_judge=rm')):
     with pytest.raises(common.UserError, match=match) as e:
       dpo.run(stage_config(online=True, **bad), str(tmp_path), 'dpo_online')
     assert '\n' not in str(e.value)

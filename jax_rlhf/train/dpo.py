@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jax_rlhf import losses, sampling
+from jax_rlhf import losses, rl, sampling
 from jax_rlhf import metrics as metrics_lib
 from jax_rlhf import sharding as shd
 from jax_rlhf.data import batches, sources
@@ -110,7 +110,18 @@ def response_logps(model, batch, prompt_len: int):
 
 
 def preference_loss(policy_logps, ref_logps, batch, dpo_cfg):
-  """The loss of `dpo_cfg.mode` on log-probs [B, K] of a batch of rankings: (loss, metrics)."""
+  """The loss of `dpo_cfg.mode` on log-probs [B, K] of a batch of rankings, plus `dpo_cfg.rpo_alpha` x the NLL of
+  each chosen response (iterative RPO, `losses.rpo_nll_loss`) when it is > 0: (loss, metrics)."""
+  loss, m = _preference_loss(policy_logps, ref_logps, batch, dpo_cfg)
+  alpha = getattr(dpo_cfg, 'rpo_alpha', 0.0)
+  if alpha > 0:
+    nll, m_nll = losses.rpo_nll_loss(policy_logps, batch['lengths'], batch['ranking'], batch['valid'])
+    loss, m = loss + alpha * nll, {**m, **m_nll}
+  return loss, m
+
+
+def _preference_loss(policy_logps, ref_logps, batch, dpo_cfg):
+  """The DPO loss of `dpo_cfg.mode` alone."""
   if 'prefs' in batch:  # a judge's soft labels (jax_rlhf/judges.py): per-pair label smoothing
     return losses.soft_ranking_dpo_loss(policy_logps, ref_logps, batch['prefs'], batch['valid'], beta=dpo_cfg.beta)
   args = (policy_logps, ref_logps, batch['ranking'], batch['valid'])
@@ -197,36 +208,67 @@ def pair_valid(responses):
   return jnp.concatenate([jnp.ones_like(same)[..., None], jnp.repeat(~same[..., None], n - 1, axis=-1)], -1), same
 
 
-def sample_round(graphdefs, settings: rollout_lib.Settings, steps_per_round: int, states, batch, rng):
-  """One online round (pure; jitted once): n samples per prompt from the current policy, the reference's summed
-  log-probs of each (logits at T = 1, as the loss reads the policy's), and, when `states` holds a 'reward'
-  model, its score and the ranking by it.
+def select_pairs(pool, scores, has_pair, keep: int):
+  """Refill (`dpo.online_oversample`): of a round's M sampled prompts ([M, n, ...] arrays) keep `keep`, those with a
+  pair first, each group in sampling order. Returns (pool, scores) of `keep` prompts."""
+  order = jnp.argsort(~has_pair, stable=True)[:keep]  # [keep]
+  return jax.tree.map(lambda x: x[order], pool), scores[order]
 
-  graphdefs/states: {'policy', 'reference'[, 'reward']}; batch: {'prompt', 'prompt_mask'} [E*B, P] for
-  E = steps_per_round steps of B prompts. Returns (pool, scores, metrics): pool holds [E, B, n, ...] arrays in the
-  layout of `preference_arrays` (tokens / attention_mask [E, B, n, P+N], ref_logps, lengths, valid and, with a
-  reward model, ranking [E, B, n]); scores [E, B, n] (zeros without a reward model); valid from `pair_valid`.
+
+def sample_round(graphdefs, settings: rollout_lib.Settings, steps_per_round: int, states, batch, rng, *,
+                 min_gap: float = 0.0, oversample: int = 1):
+  """One online round (pure; jitted once): n samples per prompt from the current policy, the reference's summed
+  log-probs of each (logits at T = 1, as the loss reads the policy's, whatever the sampling temperature), and,
+  when `states` holds a 'reward' model, its score and the ranking by it.
+
+  graphdefs/states: {'policy', 'reference'[, 'reward']}; batch: {'prompt', 'prompt_mask'} [O*E*B, P] for
+  E = steps_per_round steps of B prompts and O = oversample. Returns (pool, scores, metrics): pool holds
+  [E, B, n, ...] arrays in the layout of `preference_arrays` (tokens / attention_mask [E, B, n, P+N], ref_logps,
+  lengths, valid and, with a reward model, ranking [E, B, n]); scores [E, B, n] (zeros without a reward model);
+  valid from `pair_valid`. With the RM judge, a prompt whose best-worst score gap is under `min_gap` has no pair
+  either (a near-tie of the judge: skip it), and with oversample O > 1 the E*B prompts kept of the O*E*B sampled
+  are those with a pair first (`select_pairs`: the skipped are refilled).
+  Metrics: online/identical_fraction and online/near_tie_fraction over all sampled prompts; online/no_pair_fraction,
+  online/pair_score_gap (best - worst score, prompts with a pair) and the online/score* over the kept ones;
+  online/sample_nll (mean -log p of the sampled tokens under the distribution they were drawn from, logits / T:
+  a Monte Carlo estimate of the sampler's per-token entropy) and online/sample_seq_nll (summed per response).
   """
-  ro = rollout_lib.generate(graphdefs, states, batch, rng, settings)  # [E*B*n] rows; its logits are dead code here
+  ro = rollout_lib.generate(graphdefs, states, batch, rng, settings, policy_logp=False)  # [M*n] rows
   n, prompt_len = settings.group_size, batch['prompt'].shape[1]
   seq, att, resp, mask = ro['seq'], ro['att'], ro['tokens'], ro['mask']
   ref = rollout_lib.merge(graphdefs['reference'], rollout_lib.reference_state(graphdefs, states))
-  ref_logps = jax.lax.stop_gradient(scoring.sequence_logps(ref, seq, att, prompt_len))  # [E*B*n]
-  shape = (steps_per_round, -1, n)
-  valid, same = pair_valid(resp.reshape(*shape, resp.shape[-1]))  # [E, B, n], [E, B]
-  pool = {'tokens': seq.reshape(*shape, seq.shape[-1]), 'attention_mask': att.reshape(*shape, att.shape[-1]),
-          'ref_logps': ref_logps.reshape(shape), 'lengths': jnp.sum(mask, -1).astype(jnp.int32).reshape(shape),
-          'valid': valid}
+  ref_logps = jax.lax.stop_gradient(scoring.sequence_logps(ref, seq, att, prompt_len))  # [M*n]
+  flat = (-1, n)  # [M, n]
+  valid, same = pair_valid(resp.reshape(*flat, resp.shape[-1]))  # [M, n], [M]
+  pool = {'tokens': seq.reshape(*flat, seq.shape[-1]), 'attention_mask': att.reshape(*flat, att.shape[-1]),
+          'ref_logps': ref_logps.reshape(flat), 'lengths': jnp.sum(mask, -1).astype(jnp.int32).reshape(flat)}
+  nll = -jnp.where(mask > 0, ro['sampler_logp'], 0.0)  # [M*n, N]
   metrics = {'online/response_length': jnp.mean(jnp.sum(mask, -1)),
              'online/eos_fraction': jnp.mean(ro['has_eos'].astype(jnp.float32)),
-             'online/identical_fraction': jnp.mean(same.astype(jnp.float32))}
+             'online/identical_fraction': jnp.mean(same.astype(jnp.float32)),
+             'online/sample_nll': jnp.sum(nll) / jnp.maximum(jnp.sum(mask), 1.0),
+             'online/sample_seq_nll': jnp.mean(jnp.sum(nll, -1))}
   scores = jnp.zeros(valid.shape, jnp.float32)
   if 'reward' in states:
-    scores = scoring.reward_at_last(rollout_lib.merge(graphdefs['reward'], states['reward']), seq, att).reshape(shape)
+    scores = scoring.reward_at_last(rollout_lib.merge(graphdefs['reward'], states['reward']), seq, att).reshape(flat)
     pool['ranking'] = rank_by_scores(scores)
+    near_tie = (jnp.max(scores, -1) - jnp.min(scores, -1) < min_gap) & ~same  # [M]
+    valid = valid & ~near_tie[:, None] | (jnp.arange(n) == 0)  # rank 1 stays real
+    metrics['online/near_tie_fraction'] = jnp.mean(near_tie.astype(jnp.float32))
+  pool['valid'] = valid
+  keep = valid.shape[0] // oversample
+  if oversample > 1:
+    pool, scores = select_pairs(pool, scores, valid[:, 1], keep)
+  has_pair = pool['valid'][:, 1]
+  metrics['online/no_pair_fraction'] = 1.0 - jnp.mean(has_pair.astype(jnp.float32))
+  if 'reward' in states:
     metrics.update({'online/score': jnp.mean(scores), 'online/score_best': jnp.mean(jnp.max(scores, -1)),
-                    'online/score_worst': jnp.mean(jnp.min(scores, -1))})
-  return pool, scores, metrics
+                    'online/score_worst': jnp.mean(jnp.min(scores, -1)),
+                    'online/pair_score_gap': rl.masked_mean(jnp.max(scores, -1) - jnp.min(scores, -1),
+                                                                     has_pair)})
+  shape = (steps_per_round, keep // steps_per_round)
+  pool = jax.tree.map(lambda x: x.reshape(*shape, *x.shape[1:]), pool)
+  return pool, scores.reshape(*shape, n), metrics
 
 
 def task_rankings(task, prompts: Sequence[str], responses: Sequence[Sequence[str]], rng: np.random.Generator
@@ -291,6 +333,8 @@ def check_config(dc) -> None:
     raise common.UserError(f'dpo.label_smoothing must be in [0, 0.5), got {dc.label_smoothing}')
   if dc.beta <= 0:
     raise common.UserError(f'dpo.beta must be positive, got {dc.beta}')
+  if not dc.rpo_alpha >= 0:
+    raise common.UserError(f'dpo.rpo_alpha must be >= 0 (the weight of the chosen response\'s NLL), got {dc.rpo_alpha}')
   if not dc.online:
     return
   if dc.mode != 'pairwise':
@@ -306,6 +350,15 @@ def check_config(dc) -> None:
   if not isinstance(dc.online_every, int) or dc.online_every < 1:
     raise common.UserError(f'dpo.online_every must be an integer >= 1 (steps per round of samples), got '
                            f'{dc.online_every!r}')
+  if not dc.online_min_gap >= 0:
+    raise common.UserError(f'dpo.online_min_gap must be >= 0 (the judge score gap under which a pair is skipped), '
+                           f'got {dc.online_min_gap}')
+  if not isinstance(dc.online_oversample, int) or dc.online_oversample < 1:
+    raise common.UserError(f'dpo.online_oversample must be an integer >= 1 (prompts sampled per prompt trained), got '
+                           f'{dc.online_oversample!r}')
+  if dc.online_judge != 'rm' and (dc.online_min_gap > 0 or dc.online_oversample > 1):
+    raise common.UserError('dpo.online_min_gap and dpo.online_oversample read the RM judge\'s scores: they need '
+                           f'dpo.online_judge=rm, not {dc.online_judge}')
   if not dc.online_temperature > 0:
     raise common.UserError(f'dpo.online_temperature must be > 0 (greedy samples of a prompt are all the same), got '
                            f'{dc.online_temperature}')
@@ -478,7 +531,7 @@ def run_online(config, workdir: str, name: str, inputs: Mapping[str, str]) -> di
   out = common.stage_dir(workdir, name)
   judge, every, n = dc.online_judge, dc.online_every, dc.online_samples
   loss_cfg = types.SimpleNamespace(mode=ONLINE_PAIRS[dc.online_pairs], beta=dc.beta, loss_type=dc.loss_type,
-                                   label_smoothing=dc.label_smoothing)
+                                   label_smoothing=dc.label_smoothing, rpo_alpha=dc.rpo_alpha)
   task = None
   if judge == 'task':
     task = common.get_task(config)
@@ -500,10 +553,10 @@ def run_online(config, workdir: str, name: str, inputs: Mapping[str, str]) -> di
   if bs % shd.batch_divisor(mesh):
     raise common.UserError(f'dpo.batch_size={bs} must be divisible by the data x fsdp devices '
                            f'({shd.batch_divisor(mesh)})')
-  per_round = bs * every
+  per_round = bs * every * dc.online_oversample
   if per_round > len(recs):
-    raise common.UserError(f'{name}: a round samples dpo.batch_size x dpo.online_every = {per_round} prompts, more '
-                           f'than the {len(recs)} training prompts')
+    raise common.UserError(f'{name}: a round samples dpo.batch_size x dpo.online_every x dpo.online_oversample = '
+                           f'{per_round} prompts, more than the {len(recs)} training prompts')
   steps = dc.steps or max(dc.epochs * (len(recs) // bs), 1)
 
   # ---------------------------------------------------------------- models: trained policy, frozen reference/RM
@@ -526,7 +579,8 @@ def run_online(config, workdir: str, name: str, inputs: Mapping[str, str]) -> di
   pool_sh = shd.NamedSharding(mesh, shd.P(None, shd.BATCH_AXES))  # [E, B, ...]: each step's B rows over the mesh
   sample_fn = shd.mesh_jit(
       mesh,
-      lambda st, fz, b, key: sample_round(graphdefs, settings, every, {'policy': st, **fz}, b, key),
+      lambda st, fz, b, key: sample_round(graphdefs, settings, every, {'policy': st, **fz}, b, key,
+                                          min_gap=dc.online_min_gap, oversample=dc.online_oversample),
       in_shardings=(shardings, frozen_sh, shd.batch_sharding(mesh), rep), out_shardings=(pool_sh, pool_sh, rep))
   train_step = shd.mesh_jit(mesh, lambda s, pool, j: online_train_step(graphdefs['policy'], tx, loss_cfg, p_len, s, pool, j),
                        donate_argnums=0, in_shardings=(shardings, pool_sh, rep), out_shardings=(shardings, rep))
