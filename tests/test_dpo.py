@@ -503,7 +503,7 @@ def online_round(tok):
   from jax_rlhf import sharding as shd
   from jax_rlhf.data import batches
   from jax_rlhf.models.heads import ScalarModel
-  from jax_rlhf.train import dpo
+  from jax_rlhf.train import dpo_online
   from jax_rlhf.train import state as state_lib
   mesh = shd.make_mesh({'data': 8, 'fsdp': 1, 'model': 1})
   _, tx, _ = dpo_setup(tok, 'pairwise')
@@ -512,10 +512,10 @@ def online_round(tok):
   g['reference'], frozen['reference'], sh['reference'] = state_lib.place_state(tiny_lm(tok, 1), None, mesh)
   g['reward'], frozen['reward'], sh['reward'] = state_lib.place_state(
       ScalarModel(tiny_lm(tok).config, rngs=nnx.Rngs(2)), None, mesh)
-  settings = dpo.online_settings(types.SimpleNamespace(online_samples=N_SAMPLES, online_temperature=1.0), tok, 6)
+  settings = dpo_online.online_settings(types.SimpleNamespace(online_samples=N_SAMPLES, online_temperature=1.0), tok, 6)
   pool_sh = shd.NamedSharding(mesh, shd.P(None, shd.BATCH_AXES))
   rep = shd.replicated(mesh)
-  sample = jax.jit(lambda p, fz, b, k: dpo.sample_round(g, settings, EVERY, {'policy': p, **fz}, b, k),
+  sample = jax.jit(lambda p, fz, b, k: dpo_online.sample_round(g, settings, EVERY, {'policy': p, **fz}, b, k),
                    in_shardings=(policy_sh, sh, shd.batch_sharding(mesh), rep), out_shardings=(pool_sh, pool_sh, rep))
   prompts = ['reverse: c a t\n', 'count: a b c\n', 'first: x y\n', 'what colour is the zorb?\n', 'sort: b a\n',
              'uppercase: q r\n', 'last: m n o\n', 'who is tam?\n'] * EVERY
@@ -541,7 +541,7 @@ def test_online_pairs_are_the_rm_ranking_of_fresh_samples(online_round, pairs):
   import types
   from jax_rlhf import sharding as shd
   from jax_rlhf.models import scoring
-  from jax_rlhf.train import dpo
+  from jax_rlhf.train import dpo_online
   r, n = online_round, N_SAMPLES
   assert r.pool['tokens'].shape == (EVERY, 8, n, 18) and r.pool['ranking'].shape == (EVERY, 8, n)
   host = {k: shd.to_host(v) for k, v in r.pool.items()}
@@ -558,8 +558,8 @@ def test_online_pairs_are_the_rm_ranking_of_fresh_samples(online_round, pairs):
   assert host['valid'].all() and float(r.metrics['online/identical_fraction']) == 0.0  # T = 1: distinct samples
   assert (host['lengths'] == host['attention_mask'][..., 12:].sum(-1)).all()
   # the step on the round's second batch (j = 1) against numpy's pairs
-  cfg = types.SimpleNamespace(mode=dpo.ONLINE_PAIRS[pairs], beta=0.3, loss_type='sigmoid', label_smoothing=0.0)
-  step = jax.jit(lambda s, p, j: dpo.online_train_step(r.g['policy'], r.tx, cfg, 12, s, p, j),
+  cfg = types.SimpleNamespace(mode=dpo_online.PAIRS[pairs], beta=0.3, loss_type='sigmoid', label_smoothing=0.0)
+  step = jax.jit(lambda s, p, j: dpo_online.online_train_step(r.g['policy'], r.tx, cfg, 12, s, p, j),
                  in_shardings=(r.policy_sh, r.pool_sh, shd.replicated(r.mesh)))
   _, m = step(r.policy, r.pool, jnp.int32(1))
   scores, ref, pol = want_scores[1], want_ref[1], pol[1]
@@ -576,20 +576,20 @@ def test_online_pairs_are_the_rm_ranking_of_fresh_samples(online_round, pairs):
 
 
 def test_prompt_whose_samples_are_all_the_same_has_no_pair():
-  from jax_rlhf.train import dpo
+  from jax_rlhf.train import dpo_online
   rng = np.random.default_rng()
   resp = rng.integers(0, 50, (2, 3, 4, 6))  # [E, B, n, N]
   resp[0, 1] = resp[0, 1, 2]  # all four the same
   resp[1, 2, :3] = resp[1, 2, 3]  # three the same, one differs at the last slot
   resp[1, 2, 3, -1] += 1
-  valid, same = (np.array(x) for x in dpo.pair_valid(jnp.asarray(resp)))
+  valid, same = (np.array(x) for x in dpo_online.pair_valid(jnp.asarray(resp)))
   assert same.tolist() == [[False, True, False], [False, False, False]]
   assert valid[0, 1].tolist() == [True, False, False, False]
   # best vs worst gathers rank 1 and rank k_b of each prompt; the prompt without a pair keeps none
   batch = {'tokens': resp[0], 'attention_mask': resp[0] % 2, 'ref_logps': rng.normal(size=(3, 4)),
            'lengths': rng.integers(1, 6, (3, 4)), 'valid': valid[0],
            'ranking': np.stack([rng.permutation(4) for _ in range(3)])}
-  two = jax.tree.map(np.asarray, dpo.best_and_worst(jax.tree.map(jnp.asarray, batch)))
+  two = jax.tree.map(np.asarray, dpo_online.best_and_worst(jax.tree.map(jnp.asarray, batch)))
   assert two['valid'].tolist() == [[True, True], [True, False], [True, True]]
   assert (two['ranking'] == [0, 1]).all()
   for i, k in enumerate((4, 1, 4)):
@@ -605,16 +605,16 @@ def test_gap_filter_skips_near_ties_and_oversampling_refills(online_round):
   dpo.online_oversample: a round of 2 x 8 sampled prompts keeps 8, those with a pair first in sampling order, as
   numpy picks them from the same samples (same key) unselected."""
   from jax_rlhf import sharding as shd
-  from jax_rlhf.train import dpo
+  from jax_rlhf.train import dpo_online
   import types
   r, n = online_round, N_SAMPLES
-  settings = dpo.online_settings(types.SimpleNamespace(online_samples=n, online_temperature=1.0), r.tok, 6)
+  settings = dpo_online.online_settings(types.SimpleNamespace(online_samples=n, online_temperature=1.0), r.tok, 6)
   gap = (shd.to_host(r.scores).max(-1) - shd.to_host(r.scores).min(-1)).reshape(-1)  # [16] of the fixture's round
   min_gap = float(np.sort(gap)[9])  # 9 prompts under it, 7 over
   batch = shd.put_batch({k: r.batch[k] for k in ('prompt', 'prompt_mask')}, r.mesh)
 
   def sample(every, oversample):
-    fn = jax.jit(lambda p, fz, b, k: dpo.sample_round(r.g, settings, every, {'policy': p, **fz}, b, k,
+    fn = jax.jit(lambda p, fz, b, k: dpo_online.sample_round(r.g, settings, every, {'policy': p, **fz}, b, k,
                                                        min_gap=min_gap, oversample=oversample),
                  out_shardings=(r.pool_sh, r.pool_sh, shd.replicated(r.mesh)))
     return fn(r.policy, r.frozen, batch, jax.random.key(7))
@@ -641,7 +641,7 @@ def test_task_judge_ranks_decoded_samples_one_label_per_prompt(tok, online_round
   every round started so far."""
   from jax_rlhf import sampling
   from jax_rlhf import sharding as shd
-  from jax_rlhf.train import dpo
+  from jax_rlhf.train import dpo_online
   r, n = online_round, N_SAMPLES
   calls = []
 
@@ -650,9 +650,9 @@ def test_task_judge_ranks_decoded_samples_one_label_per_prompt(tok, online_round
       calls.append((prompt, list(responses)))
       return sorted(range(len(responses)), key=lambda i: (-len(responses[i]), i))
 
-  ranking = dpo.judge_with_task(LengthTask(), r.pool, r.prompts, tok, 12, r.mesh, np.random.default_rng(0))
+  ranking = dpo_online.judge_with_task(LengthTask(), r.pool, r.prompts, tok, 12, r.mesh, np.random.default_rng(0))
   assert ranking.sharding.spec == shd.P(None, shd.BATCH_AXES) and ranking.shape == (EVERY, 8, n)
-  assert len(calls) == EVERY * 8 == dpo.labels_used(1, EVERY, EVERY * 8)
+  assert len(calls) == EVERY * 8 == dpo_online.labels_used(1, EVERY, EVERY * 8)
   tokens = shd.to_host(r.pool['tokens'])[..., 12:].reshape(-1, n, 6)
   real = shd.to_host(r.pool['attention_mask'])[..., 12:].reshape(-1, n, 6) > 0
   got = shd.to_host(ranking).reshape(-1, n)
@@ -661,8 +661,8 @@ def test_task_judge_ranks_decoded_samples_one_label_per_prompt(tok, online_round
     assert prompt == r.prompts[i]
     assert texts == sampling.decode_responses(tok, tokens[i], real[i] & (tokens[i] != tok.eos_token_id))
     assert got[i].tolist() == sorted(range(n), key=lambda k: (-len(texts[k]), k))
-  assert [dpo.labels_used(s, 2, 16) for s in range(6)] == [0, 16, 16, 32, 32, 48]
-  assert [dpo.labels_used(s, 1, 8) for s in range(1, 4)] == [8, 16, 24]
+  assert [dpo_online.labels_used(s, 2, 16) for s in range(6)] == [0, 16, 16, 32, 32, 48]
+  assert [dpo_online.labels_used(s, 1, 8) for s in range(1, 4)] == [8, 16, 24]
 
 
 def test_bad_online_settings_are_one_clear_line(tmp_path):
