@@ -626,6 +626,8 @@ def test_gap_filter_skips_near_ties_and_oversampling_refills(online_round):
   assert float(m['online/near_tie_fraction']) == pytest.approx(9 / 16)
   assert float(m['online/no_pair_fraction']) == pytest.approx(9 / 16)
   np.testing.assert_allclose(float(m['online/pair_score_gap']), gap[gap >= min_gap].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(m['online/score_distinct']), shd.to_host(r.scores).mean(), rtol=1e-5, atol=1e-6)
+  assert float(m['online/score_identical']) == 0.0  # no prompt with identical samples at T = 1 here
   one, _, m2 = sample(1, 2)  # 16 sampled, 8 kept: the 7 with a pair, then the first without
   assert one['tokens'].shape == (1, 8, n, 18)
   keep = np.argsort(~(gap >= min_gap), kind='stable')[:8]

@@ -81,7 +81,8 @@ def sample_round(graphdefs, settings: rollout_lib.Settings, steps_per_round: int
   valid from `pair_valid`. With the RM judge, a prompt whose best-worst score gap is under `min_gap` has no pair
   either (a near-tie of the judge: skip it), and with oversample O > 1 the E*B prompts kept of the O*E*B sampled
   are those with a pair first (`select_pairs`: the skipped are refilled).
-  Metrics: online/identical_fraction and online/near_tie_fraction over all sampled prompts; online/no_pair_fraction,
+  Metrics: online/identical_fraction, online/near_tie_fraction and the mean score of the prompts whose samples are
+  all the same / not (online/score_identical, online/score_distinct) over all sampled prompts; online/no_pair_fraction,
   online/pair_score_gap (best - worst score, prompts with a pair) and the online/score* over the kept ones;
   online/sample_nll (mean -log p of the sampled tokens under the distribution they were drawn from, logits / T:
   a Monte Carlo estimate of the sampler's per-token entropy) and online/sample_seq_nll (summed per response).
@@ -108,6 +109,8 @@ def sample_round(graphdefs, settings: rollout_lib.Settings, steps_per_round: int
     near_tie = (jnp.max(scores, -1) - jnp.min(scores, -1) < min_gap) & ~same  # [M]
     valid = valid & ~near_tie[:, None] | (jnp.arange(n) == 0)  # rank 1 stays real
     metrics['online/near_tie_fraction'] = jnp.mean(near_tie.astype(jnp.float32))
+    metrics['online/score_identical'] = rl.masked_mean(scores[:, 0], same)  # the prompts DPO cannot move
+    metrics['online/score_distinct'] = rl.masked_mean(jnp.mean(scores, -1), ~same)
   pool['valid'] = valid
   keep = valid.shape[0] // oversample
   if oversample > 1:
