@@ -317,7 +317,8 @@ def base_config() -> ml_collections.ConfigDict:
       # compare plan's dpo_online), 2.0 0.623 (0.30); at beta 0.5: n=8 0.629, all pairs 0.636, lr 3e-5 0.591, task
       # judge 0.644 (0.38). PPO: 0.712 (0.95). At beta 1.0 (session 7; scripts/online_dpo_judge.py): temperature 1.3
       # 0.615 (0.42), rpo_alpha 1.0 0.600 (1.25), oversample 2 0.649 (0.51); online_min_gap 0.5 + oversample 2 0.696
-      # [0.676, 0.716] (0.79), + oversample 4 0.694 (0.93), min_gap 1.0 0.690 (0.99), 0.5 at beta 0.5 0.683 (1.27)
+      # [0.676, 0.716] (0.79; seed 1 0.681), + oversample 4 0.694 (0.93), min_gap 1.0 0.690 (0.99), 0.5 at beta 0.5
+      # 0.683 (1.27)
   ))
   return c
 
