@@ -296,6 +296,8 @@ def base_config() -> ml_collections.ConfigDict:
                                 # eps_ij = 1 - P_ij (losses.soft_ranking_dpo_loss) instead of the hard ranking
       mode='pairwise',          # pairwise: all C(K,2) pairs of a ranking, each prompt counting once | listwise:
                                 # Plackett-Luce over the whole ranking (sigmoid only) | best_vs_worst: rank 1 vs rank K
+      rpo_alpha=0.0,            # > 0: add rpo_alpha x NLL(chosen)/|chosen| to the loss (iterative RPO, Pang et al.
+                                # 2024; TRL rpo_alpha; the paper's 1.0); 0: off
       precompute_ref=False,     # True: reference log-probs once over the dataset before training (TRL's
                                 # precompute_ref_log_probs); False: the reference runs in every step (DPO authors, TRL)
       epochs=2,                 # passes over the training rankings (when steps is 0)
@@ -314,10 +316,18 @@ def base_config() -> ml_collections.ConfigDict:
       online_judge='rm',        # rm (the `reward` input run's score, in the sampling jit) | task (the task's noisy
                                 # labeler, on the host; the rankings it made are logged as labels_used)
       online_pairs='best_vs_worst',  # best_vs_worst (RLHFlow: highest vs lowest ranked) | all (every C(n,2) pair)
-      online_temperature=1.0,   # sampling temperature of the rounds (RLHFlow 1.0; TRL OnlineDPO 0.9)
+      online_temperature=1.0,   # sampling temperature of the rounds (RLHFlow 1.0; TRL OnlineDPO 0.9); the loss's
+                                # and the reference's log-probs stay at T = 1
+      online_min_gap=0.0,       # rm judge: a prompt whose best - worst RM score gap is under this has no pair (skip
+                                # near-ties); 0: only prompts whose samples are all the same are skipped
+      online_oversample=1,      # rm judge: a round samples this x online_every x batch_size prompts and trains on
+                                # online_every x batch_size of them, those with a pair first (refill); 1: off
       # Demo, RM judge, 250 steps, win vs SFT (KL): beta 0.1 0.443 (8.06), 0.5 0.630 (1.01), 1.0 0.656 (0.58; the
       # compare plan's dpo_online), 2.0 0.623 (0.30); at beta 0.5: n=8 0.629, all pairs 0.636, lr 3e-5 0.591, task
-      # judge 0.644 (0.38). PPO: 0.712 (0.95)
+      # judge 0.644 (0.38). PPO: 0.712 (0.95). At beta 1.0 (session 7; scripts/online_dpo_judge.py): temperature 1.3
+      # 0.615 (0.42), rpo_alpha 1.0 0.600 (1.25), oversample 2 0.649 (0.51); online_min_gap 0.5 + oversample 2 0.696
+      # [0.676, 0.716] (0.79; seed 1 0.681), + oversample 4 0.694 (0.93), min_gap 1.0 0.690 (0.99), 0.5 at beta 0.5
+      # 0.683 (1.27)
   ))
   return c
 

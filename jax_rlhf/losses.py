@@ -5,7 +5,8 @@
               soft_ranking_loss (the same with a judge's soft pairwise labels)
   PPO       : clipped_policy_loss, clipped_value_loss (Schulman et al. 2017; Ziegler et al. 2019)
   DPO       : dpo_loss (pairs; sigmoid/cDPO, IPO, SLiC-HF hinge, robust), ranking_dpo_loss (all pairs of a
-              K-way ranking), soft_ranking_dpo_loss (all pairs, a judge's soft label each: per-pair cDPO), best_vs_worst_dpo_loss, listwise_dpo_loss (Plackett-Luce; DPO appendix A.3)
+              K-way ranking), soft_ranking_dpo_loss (all pairs, a judge's soft label each: per-pair cDPO), best_vs_worst_dpo_loss, listwise_dpo_loss (Plackett-Luce; DPO appendix A.3),
+              rpo_nll_loss (iterative RPO's NLL on the chosen response, added to a DPO loss)
 
 Masks are bool or 0/1 float arrays of the data's shape; masked reductions never divide by zero. Each loss
 returns (loss, metrics) or (loss, n_tokens); metrics are flat dicts of scalars.
@@ -452,3 +453,22 @@ def listwise_dpo_loss(policy_logps, ref_logps, ranking, valid, *, beta=0.1):
   loss = masked_mean(per_prompt, has_next.any(axis=-1))
   _, metrics = ranking_dpo_loss(policy_logps, ref_logps, ranking, valid, beta=beta)
   return loss, metrics
+
+
+def rpo_nll_loss(policy_logps, lengths, ranking, valid):
+  """Iterative RPO's NLL term (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733,
+  eq. 1: L = L_DPO + alpha L_NLL), on the chosen (rank 1) response of each prompt that has a pair:
+
+    L_NLL = mean over prompts with k_b >= 2 of  -log pi(y_w|x) / |y_w|
+
+  policy_logps [B, K] summed log-probs, lengths [B, K] response tokens (EOS included), ranking [B, K] best first,
+  valid [B, K] as for `ranking_dpo_loss`. The caller adds alpha x this to its DPO loss (TRL's `rpo_alpha`).
+  Returns (loss, {'rpo/nll': loss}).
+  """
+  valid = _valid(valid)
+  has_pair = jnp.sum(valid.astype(jnp.int32), axis=-1) >= 2  # [B]
+  best = _rank_order(_float(policy_logps), ranking)[:, 0]  # [B] log pi(y_w|x)
+  n_w = jnp.maximum(_rank_order(_float(lengths), ranking)[:, 0], 1.0)  # [B] |y_w|
+  loss = masked_mean(-best / n_w, has_pair)
+  return loss, {'rpo/nll': loss}
+

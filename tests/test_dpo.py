@@ -227,6 +227,31 @@ def test_best_vs_worst_is_dpo_on_rank_1_against_rank_k(loss_type):
   assert int(m['num_pairs']) == b - 1
 
 
+def test_rpo_nll_is_the_mean_token_nll_of_each_chosen_response():
+  """Iterative RPO's NLL term (Pang et al. 2024, eq. 1) against a float64 loop: -log pi(y_w|x)/|y_w| of each
+  prompt's rank-1 response, averaged over the prompts that have a pair; the stage's loss adds alpha x it."""
+  import ml_collections
+  from jax_rlhf.train import dpo
+  rng = np.random.default_rng()
+  b, kmax = 7, 4
+  pv, rv = random_logps(rng, (b, kmax))
+  ranking, valid = random_rankings(rng, b, kmax)
+  valid[-1, 1:] = False  # one response: no pair, no NLL
+  lens = rng.integers(1, 20, (b, kmax)).astype(np.float64)
+  want = np.mean([-pv[i, ranking[i, 0]] / lens[i, ranking[i, 0]] for i in range(b - 1)])
+  loss, m = jax.jit(losses.rpo_nll_loss)(with_nan_at_unranked(pv, ranking, valid), lens, ranking, valid)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  assert float(m['rpo/nll']) == float(loss)
+  batch = {'ranking': ranking, 'valid': valid, 'lengths': lens}
+  cfg = ml_collections.ConfigDict(dict(beta=0.2, loss_type='sigmoid', label_smoothing=0.0, mode='best_vs_worst',
+                                       rpo_alpha=0.0))
+  plain, _ = dpo.preference_loss(pv, rv, batch, cfg)
+  cfg.rpo_alpha = 0.7
+  total, tm = dpo.preference_loss(pv, rv, batch, cfg)
+  np.testing.assert_allclose(float(total), float(plain) + 0.7 * want, rtol=1e-5)
+  assert 'rpo/nll' in tm
+
+
 def ref_plackett_luce(pv, rv, ranking, valid, beta):
   """DPO appendix A.3: -sum_{k<K_b} log(exp(beta s_(k)) / sum_{j>=k} exp(beta s_(j))), mean over prompts."""
   out = []
@@ -479,7 +504,7 @@ def online_round(tok):
   from jax_rlhf import sharding as shd
   from jax_rlhf.data import batches
   from jax_rlhf.models.heads import ScalarModel
-  from jax_rlhf.train import dpo
+  from jax_rlhf.train import dpo_online
   from jax_rlhf.train import state as state_lib
   mesh = shd.make_mesh({'data': 8, 'fsdp': 1, 'model': 1})
   _, tx, _ = dpo_setup(tok, 'pairwise')
@@ -488,10 +513,10 @@ def online_round(tok):
   g['reference'], frozen['reference'], sh['reference'] = state_lib.place_state(tiny_lm(tok, 1), None, mesh)
   g['reward'], frozen['reward'], sh['reward'] = state_lib.place_state(
       ScalarModel(tiny_lm(tok).config, rngs=nnx.Rngs(2)), None, mesh)
-  settings = dpo.online_settings(types.SimpleNamespace(online_samples=N_SAMPLES, online_temperature=1.0), tok, 6)
+  settings = dpo_online.online_settings(types.SimpleNamespace(online_samples=N_SAMPLES, online_temperature=1.0), tok, 6)
   pool_sh = shd.NamedSharding(mesh, shd.P(None, shd.BATCH_AXES))
   rep = shd.replicated(mesh)
-  sample = jax.jit(lambda p, fz, b, k: dpo.sample_round(g, settings, EVERY, {'policy': p, **fz}, b, k),
+  sample = jax.jit(lambda p, fz, b, k: dpo_online.sample_round(g, settings, EVERY, {'policy': p, **fz}, b, k),
                    in_shardings=(policy_sh, sh, shd.batch_sharding(mesh), rep), out_shardings=(pool_sh, pool_sh, rep))
   prompts = ['reverse: c a t\n', 'count: a b c\n', 'first: x y\n', 'what colour is the zorb?\n', 'sort: b a\n',
              'uppercase: q r\n', 'last: m n o\n', 'who is tam?\n'] * EVERY
@@ -499,7 +524,8 @@ def online_round(tok):
   batch = shd.put_batch({k: arrays[k] for k in ('prompt', 'prompt_mask')}, mesh)
   pool, scores, metrics = sample(policy, frozen, batch, jax.random.key(7))
   return types.SimpleNamespace(mesh=mesh, g=g, policy=policy, policy_sh=policy_sh, frozen=frozen, tx=tx,
-                               pool_sh=pool_sh, prompts=prompts, pool=pool, scores=scores, metrics=metrics)
+                               pool_sh=pool_sh, prompts=prompts, pool=pool, scores=scores, metrics=metrics,
+                               batch=arrays, tok=tok)
 
 
 def rollout_merge(graphdef, state):
@@ -516,7 +542,7 @@ def test_online_pairs_are_the_rm_ranking_of_fresh_samples(online_round, pairs):
   import types
   from jax_rlhf import sharding as shd
   from jax_rlhf.models import scoring
-  from jax_rlhf.train import dpo
+  from jax_rlhf.train import dpo_online
   r, n = online_round, N_SAMPLES
   assert r.pool['tokens'].shape == (EVERY, 8, n, 18) and r.pool['ranking'].shape == (EVERY, 8, n)
   host = {k: shd.to_host(v) for k, v in r.pool.items()}
@@ -533,8 +559,8 @@ def test_online_pairs_are_the_rm_ranking_of_fresh_samples(online_round, pairs):
   assert host['valid'].all() and float(r.metrics['online/identical_fraction']) == 0.0  # T = 1: distinct samples
   assert (host['lengths'] == host['attention_mask'][..., 12:].sum(-1)).all()
   # the step on the round's second batch (j = 1) against numpy's pairs
-  cfg = types.SimpleNamespace(mode=dpo.ONLINE_PAIRS[pairs], beta=0.3, loss_type='sigmoid', label_smoothing=0.0)
-  step = jax.jit(lambda s, p, j: dpo.online_train_step(r.g['policy'], r.tx, cfg, 12, s, p, j),
+  cfg = types.SimpleNamespace(mode=dpo_online.PAIRS[pairs], beta=0.3, loss_type='sigmoid', label_smoothing=0.0)
+  step = jax.jit(lambda s, p, j: dpo_online.online_train_step(r.g['policy'], r.tx, cfg, 12, s, p, j),
                  in_shardings=(r.policy_sh, r.pool_sh, shd.replicated(r.mesh)))
   _, m = step(r.policy, r.pool, jnp.int32(1))
   scores, ref, pol = want_scores[1], want_ref[1], pol[1]
@@ -551,20 +577,20 @@ def test_online_pairs_are_the_rm_ranking_of_fresh_samples(online_round, pairs):
 
 
 def test_prompt_whose_samples_are_all_the_same_has_no_pair():
-  from jax_rlhf.train import dpo
+  from jax_rlhf.train import dpo_online
   rng = np.random.default_rng()
   resp = rng.integers(0, 50, (2, 3, 4, 6))  # [E, B, n, N]
   resp[0, 1] = resp[0, 1, 2]  # all four the same
   resp[1, 2, :3] = resp[1, 2, 3]  # three the same, one differs at the last slot
   resp[1, 2, 3, -1] += 1
-  valid, same = (np.array(x) for x in dpo.pair_valid(jnp.asarray(resp)))
+  valid, same = (np.array(x) for x in dpo_online.pair_valid(jnp.asarray(resp)))
   assert same.tolist() == [[False, True, False], [False, False, False]]
   assert valid[0, 1].tolist() == [True, False, False, False]
   # best vs worst gathers rank 1 and rank k_b of each prompt; the prompt without a pair keeps none
   batch = {'tokens': resp[0], 'attention_mask': resp[0] % 2, 'ref_logps': rng.normal(size=(3, 4)),
            'lengths': rng.integers(1, 6, (3, 4)), 'valid': valid[0],
            'ranking': np.stack([rng.permutation(4) for _ in range(3)])}
-  two = jax.tree.map(np.asarray, dpo.best_and_worst(jax.tree.map(jnp.asarray, batch)))
+  two = jax.tree.map(np.asarray, dpo_online.best_and_worst(jax.tree.map(jnp.asarray, batch)))
   assert two['valid'].tolist() == [[True, True], [True, False], [True, True]]
   assert (two['ranking'] == [0, 1]).all()
   for i, k in enumerate((4, 1, 4)):
@@ -575,13 +601,50 @@ def test_prompt_whose_samples_are_all_the_same_has_no_pair():
   assert valid.all()
 
 
+def test_gap_filter_skips_near_ties_and_oversampling_refills(online_round):
+  """dpo.online_min_gap: a prompt whose best - worst RM score gap is under it has no pair (rank 1 only);
+  dpo.online_oversample: a round of 2 x 8 sampled prompts keeps 8, those with a pair first in sampling order, as
+  numpy picks them from the same samples (same key) unselected."""
+  from jax_rlhf import sharding as shd
+  from jax_rlhf.train import dpo_online
+  import types
+  r, n = online_round, N_SAMPLES
+  settings = dpo_online.online_settings(types.SimpleNamespace(online_samples=n, online_temperature=1.0), r.tok, 6)
+  gap = (shd.to_host(r.scores).max(-1) - shd.to_host(r.scores).min(-1)).reshape(-1)  # [16] of the fixture's round
+  min_gap = float(np.sort(gap)[9])  # 9 prompts under it, 7 over
+  batch = shd.put_batch({k: r.batch[k] for k in ('prompt', 'prompt_mask')}, r.mesh)
+
+  def sample(every, oversample):
+    fn = jax.jit(lambda p, fz, b, k: dpo_online.sample_round(r.g, settings, every, {'policy': p, **fz}, b, k,
+                                                       min_gap=min_gap, oversample=oversample),
+                 out_shardings=(r.pool_sh, r.pool_sh, shd.replicated(r.mesh)))
+    return fn(r.policy, r.frozen, batch, jax.random.key(7))
+
+  pool, scores, m = sample(EVERY, 1)
+  valid = shd.to_host(pool['valid']).reshape(-1, n)
+  np.testing.assert_allclose(shd.to_host(scores).reshape(-1, n), shd.to_host(r.scores).reshape(-1, n), rtol=1e-6)
+  assert valid[:, 0].all() and (valid[:, 1:] == (gap >= min_gap)[:, None]).all()
+  assert float(m['online/near_tie_fraction']) == pytest.approx(9 / 16)
+  assert float(m['online/no_pair_fraction']) == pytest.approx(9 / 16)
+  np.testing.assert_allclose(float(m['online/pair_score_gap']), gap[gap >= min_gap].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(m['online/score_distinct']), shd.to_host(r.scores).mean(), rtol=1e-5, atol=1e-6)
+  assert float(m['online/score_identical']) == 0.0  # no prompt with identical samples at T = 1 here
+  one, _, m2 = sample(1, 2)  # 16 sampled, 8 kept: the 7 with a pair, then the first without
+  assert one['tokens'].shape == (1, 8, n, 18)
+  keep = np.argsort(~(gap >= min_gap), kind='stable')[:8]
+  for k in ('tokens', 'ref_logps', 'ranking', 'valid', 'lengths'):
+    np.testing.assert_array_equal(shd.to_host(one[k])[0], shd.to_host(pool[k]).reshape(16, *pool[k].shape[2:])[keep],
+                                  err_msg=k)
+  assert float(m2['online/no_pair_fraction']) == pytest.approx(1 / 8)
+
+
 def test_task_judge_ranks_decoded_samples_one_label_per_prompt(tok, online_round):
   """judge_with_task decodes every sample of a round (EOS and pads dropped), asks the task's labeler for one
   ranking per prompt, in row order, and lays the rankings out as the pool; labels_used counts every prompt of
   every round started so far."""
   from jax_rlhf import sampling
   from jax_rlhf import sharding as shd
-  from jax_rlhf.train import dpo
+  from jax_rlhf.train import dpo_online
   r, n = online_round, N_SAMPLES
   calls = []
 
@@ -590,9 +653,9 @@ def test_task_judge_ranks_decoded_samples_one_label_per_prompt(tok, online_round
       calls.append((prompt, list(responses)))
       return sorted(range(len(responses)), key=lambda i: (-len(responses[i]), i))
 
-  ranking = dpo.judge_with_task(LengthTask(), r.pool, r.prompts, tok, 12, r.mesh, np.random.default_rng(0))
+  ranking = dpo_online.judge_with_task(LengthTask(), r.pool, r.prompts, tok, 12, r.mesh, np.random.default_rng(0))
   assert ranking.sharding.spec == shd.P(None, shd.BATCH_AXES) and ranking.shape == (EVERY, 8, n)
-  assert len(calls) == EVERY * 8 == dpo.labels_used(1, EVERY, EVERY * 8)
+  assert len(calls) == EVERY * 8 == dpo_online.labels_used(1, EVERY, EVERY * 8)
   tokens = shd.to_host(r.pool['tokens'])[..., 12:].reshape(-1, n, 6)
   real = shd.to_host(r.pool['attention_mask'])[..., 12:].reshape(-1, n, 6) > 0
   got = shd.to_host(ranking).reshape(-1, n)
@@ -601,15 +664,18 @@ def test_task_judge_ranks_decoded_samples_one_label_per_prompt(tok, online_round
     assert prompt == r.prompts[i]
     assert texts == sampling.decode_responses(tok, tokens[i], real[i] & (tokens[i] != tok.eos_token_id))
     assert got[i].tolist() == sorted(range(n), key=lambda k: (-len(texts[k]), k))
-  assert [dpo.labels_used(s, 2, 16) for s in range(6)] == [0, 16, 16, 32, 32, 48]
-  assert [dpo.labels_used(s, 1, 8) for s in range(1, 4)] == [8, 16, 24]
+  assert [dpo_online.labels_used(s, 2, 16) for s in range(6)] == [0, 16, 16, 32, 32, 48]
+  assert [dpo_online.labels_used(s, 1, 8) for s in range(1, 4)] == [8, 16, 24]
 
 
 def test_bad_online_settings_are_one_clear_line(tmp_path):
   from jax_rlhf.train import common, dpo
   for bad, match in (({'online_samples': 1}, 'online_samples'), ({'online_every': 0}, 'online_every'),
                      ({'online_judge': 'gpt4'}, 'online_judge'), ({'online_pairs': 'random'}, 'online_pairs'),
-                     ({'online_temperature': 0.0}, 'online_temperature'), ({'mode': 'listwise'}, 'online_pairs')):
+                     ({'online_temperature': 0.0}, 'online_temperature'), ({'mode': 'listwise'}, 'online_pairs'),
+                     ({'rpo_alpha': -0.5}, 'rpo_alpha'), ({'online_min_gap': -0.1}, 'online_min_gap'),
+                     ({'online_oversample': 0}, 'online_oversample'),
+                     ({'online_judge': 'task', 'online_min_gap': 0.5}, 'online_judge=rm')):
     with pytest.raises(common.UserError, match=match) as e:
       dpo.run(stage_config(online=True, **bad), str(tmp_path), 'dpo_online')
     assert '\n' not in str(e.value)
