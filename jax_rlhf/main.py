@@ -34,11 +34,17 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this proc
 _DISTRIBUTED = flags.DEFINE_boolean('distributed', False, 'Call jax.distributed.initialize() with no arguments '
                                     '(TPU VM slices, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS set).')
 
-def run(config, workdir: str) -> None:
+def flag_fields(argv) -> set[str]:
+  """The config fields the command line sets: `--config.ppo.kl.coef=0.05` (or `--config.ppo.kl.coef 0.05`) ->
+  'ppo.kl.coef'."""
+  return {a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')}
+
+
+def run(config, workdir: str, fields=()) -> None:
   from jax_rlhf import pipeline
   from jax_rlhf.variants import apply_cpu_bf16
   apply_cpu_bf16(config)
-  pipeline.execute(config, workdir)
+  pipeline.execute(config, workdir, fields)
 
 
 def init_distributed() -> None:
@@ -83,7 +89,7 @@ def main(argv):
   try:
     init_distributed()
     preempt.install()
-    run(config, _WORKDIR.value)
+    run(config, _WORKDIR.value, flag_fields(sys.argv[1:]))
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

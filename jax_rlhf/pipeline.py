@@ -114,6 +114,37 @@ def run_config(config: ml_collections.ConfigDict, run: ml_collections.ConfigDict
   return c
 
 
+def _flat(overrides: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'ppo': {'kl': {'coef': 0.01}}} -> {'ppo.kl.coef': 0.01}."""
+  out = {}
+  for k, v in overrides.items():
+    if isinstance(v, (Mapping, ml_collections.ConfigDict)):
+      out.update(_flat(v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def flag_notes(config: ml_collections.ConfigDict, run, flag_fields) -> list[str]:
+  """One line per command-line override (`--config.dpo.beta=0.5`: field 'dpo.beta') that this plan run's own
+  override replaces with another value: a run's override wins over a flag (the ablation's ppo_lowbeta keeps its
+  low beta whatever --config.ppo.kl.coef says), and the user should know that their flag did not reach it."""
+  overrides = run.overrides.to_dict() if isinstance(run.overrides, ml_collections.ConfigDict) else run.overrides
+  notes = []
+  for path, value in _flat(overrides or {}).items():
+    if path not in flag_fields:
+      continue
+    try:
+      flag_value = _get(config, path.rpartition('.')[0])[path.rpartition('.')[2]]
+    except (KeyError, AttributeError):
+      continue
+    if flag_value != value and not (isinstance(value, (list, tuple)) and tuple(value) == tuple(flag_value or ())):
+      notes.append(f'[{run.name}] note: this run of the plan sets {path}={value!r}, which replaces '
+                   f'--config.{path}={flag_value!r} here (a plan run\'s overrides win over flags; change the plan '
+                   'or its variant to change it)')
+  return notes
+
+
 def check_plan(plan) -> None:
   """A PlanError for a run without a name or with an unknown kind, a name used twice, an unknown role, or an
   input that names no earlier run of the plan."""
@@ -191,10 +222,11 @@ def make(run, rc: ml_collections.ConfigDict, workdir: str):
   return stage(rc, workdir, name=run.name, inputs=dict(run.inputs))
 
 
-def execute(config: ml_collections.ConfigDict, workdir: str) -> None:
+def execute(config: ml_collections.ConfigDict, workdir: str, flag_fields=()) -> None:
   """Makes the runs of `plan_of(config)` in order, appending each one's wall time to W/wall_times.jsonl. With
   several processes, all of them wait for each other before each run (so that they agree on what is done and
-  read the files process 0 wrote)."""
+  read the files process 0 wrote). flag_fields: the fields the command line set (`main.flag_fields`), for a
+  note where a run's own override replaces one (`flag_notes`)."""
   import jax
   from jax_rlhf.train.common import UserError
   try:
@@ -203,6 +235,8 @@ def execute(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise UserError(str(e)) from None
   for run, rc in runs:
     _barrier(f'before {run.name}')
+    for line in flag_notes(config, run, set(flag_fields)):
+      print(line, flush=True)
     t = time.perf_counter()
     done = make(run, rc, workdir)
     dt = time.perf_counter() - t

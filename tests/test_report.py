@@ -167,3 +167,19 @@ def test_stage_names_any_run_of_the_plan_and_a_typo_gets_the_nearest():
   c.stage = 'grpo_verifer'
   with pytest.raises(pipeline.PlanError, match="did you mean 'grpo_verifier'"):
     plan(c)
+
+
+def test_a_flag_that_a_plan_run_overrides_gets_a_note():
+  from jax_rlhf.main import flag_fields
+  fields = flag_fields(['--config', 'configs/pipeline.py:compare', '--config.dpo.beta=0.5', '--workdir=W',
+                        '--config.ppo.kl.coef', '0.05'])
+  assert fields == {'dpo.beta', 'ppo.kl.coef'}
+  c = config_lib.stage_config('pipeline', 'compare')
+  c.dpo.beta = 0.5  # as the flag set it
+  runs = {r.name: r for r, _ in plan(c)}
+  [note] = pipeline.flag_notes(c, runs['dpo_online'], fields)  # compare's dpo_online sets beta 1.0 itself
+  assert note.startswith('[dpo_online] note:') and 'dpo.beta=1.0' in note and '--config.dpo.beta=0.5' in note
+  assert pipeline.flag_notes(c, runs['dpo'], fields) == []  # no override of beta there: the flag holds
+  assert pipeline.flag_notes(c, runs['dpo_online'], {'ppo.kl.coef'}) == []  # a field the run does not override
+  c.dpo.beta = 1.0
+  assert pipeline.flag_notes(c, runs['dpo_online'], fields) == []  # the same value: nothing replaced
