@@ -105,14 +105,16 @@ def compare(c: ml_collections.ConfigDict) -> None:
   """After InstructGPT, side by side: from the default plan's pretrain, sft, label and rm (the same runs `make
   demo` makes), PPO and the methods that came after it, each a named run, all compared by one eval:
   dpo (offline pairwise DPO on the label run's rankings), dpo_listwise (Plackett-Luce over each whole ranking),
-  dpo_online (DPO on the policy's own samples, best vs worst by the RM), grpo (group-normalised advantages, the
+  dpo_online (DPO on the policy's own samples, best vs worst by the RM; pairs the RM scores within 0.5 of each
+  other are skipped and refilled from twice the prompts), grpo (group-normalised advantages, the
   RM's reward), grpo_verifier (the task's checker alone where it speaks, the RM elsewhere) and rloo (leave-one-out
   baseline, the RM's reward); the three GRPO runs with `GRPO_DEMO`."""
   at = next(i for i, r in enumerate(c.plan) if r.kind == 'eval')
   sft_ref = {'policy': 'sft', 'reference': 'sft'}
   runs = (plan_run('dpo', 'dpo', {**sft_ref, 'rankings': 'label'}),
           plan_run('dpo_listwise', 'dpo', {**sft_ref, 'rankings': 'label'}, {'dpo': {'mode': 'listwise'}}),
-          plan_run('dpo_online', 'dpo', {**sft_ref, 'reward': 'rm'}, {'dpo': {'online': True, 'beta': 1.0}}),
+          plan_run('dpo_online', 'dpo', {**sft_ref, 'reward': 'rm'},
+                   {'dpo': {'online': True, 'beta': 1.0, 'online_min_gap': 0.5, 'online_oversample': 2}}),
           plan_run('grpo', 'grpo', {**sft_ref, 'reward': 'rm'}, {'grpo': {**GRPO_DEMO, 'scale_rewards': 'batch'}}),
           plan_run('grpo_verifier', 'grpo', {**sft_ref, 'reward': 'rm'},
                    {'grpo': {**GRPO_DEMO, 'rewards': ('task:verify', 'rm'), 'reward_mix': 'first',
