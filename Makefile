@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)  ## the whole suite (~20 min on 2 CPU cores, 2026-12-05)
-	$(PY) -m pytest -q
+test: $(STAMP)  ## the whole suite (~20 min on 2 CPU cores, 2026-12-05); the 25 slowest tests listed last
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(STAMP)  ## everything but the end-to-end pipeline test
 	$(PY) -m pytest -q -m 'not slow'
