@@ -15,7 +15,7 @@
   grpo      one GRPO iteration at the same shape: 16 prompts x 8 samples, 128 + 128 tokens.
   generate  `sampling.generate` at the same shape, bf16: 64 prompts x 128 tokens, 256 new tokens; tokens/s.
 
-  python -m bench.gpu_check --part parity|lm|ppo|grpo|generate [--small]
+  python -m bench.gpu_check --part parity|lm|ppo|grpo|generate [--part ...] [--small]
 
 `--small` runs every part at tiny shapes (a CPU check of the code paths, tests/test_bench_scripts.py).
 """
@@ -294,11 +294,12 @@ PARTS = {'parity': part_parity, 'lm': part_lm, 'ppo': part_ppo, 'grpo': part_grp
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--part', required=True, choices=sorted(PARTS))
+  p.add_argument('--part', required=True, choices=sorted(PARTS), action='append',
+                 help='repeat it to run several parts in this one process, one JSON line each, in order')
   p.add_argument('--small', action='store_true', help='tiny shapes: check the code path (CPU)')
   args = p.parse_args()
-  out = {**PARTS[args.part](args.small), 'small': args.small}
-  common.emit(out)
+  for part in args.part:
+    common.emit({**PARTS[part](args.small), 'small': args.small})
 
 
 if __name__ == '__main__':

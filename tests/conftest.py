@@ -7,6 +7,18 @@ if _flag not in os.environ.get('XLA_FLAGS', ''):
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+# One persistent compilation cache per test session (an empty folder each time, so a run's time is honest): the
+# many `python -m jax_rlhf.main` processes of the end-to-end tests, and the stage tests that run a stage several
+# times in this process (preempted, resumed), compile each program once instead of once per process or run.
+if os.environ.get('JAX_RLHF_TEST_COMPILE_CACHE', '1') != '0' and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit  # noqa: E402
+  import shutil  # noqa: E402
+  import tempfile  # noqa: E402
+  _cache = tempfile.mkdtemp(prefix='jax_rlhf_test_xla_cache_')
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 
 import subprocess  # noqa: E402

@@ -68,12 +68,16 @@ def test_step_times_read_the_gaps_between_logged_steps(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_parts_run_at_tiny_shapes():
-  """Every part's code path on the CPU (`--small`); the parity part compares the five families for real."""
-  for part in ('parity', 'lm', 'ppo', 'grpo', 'generate'):
-    out = subprocess.run([sys.executable, '-m', 'bench.gpu_check', '--part', part, '--small'], cwd=ROOT,
-                         capture_output=True, text=True, timeout=900, env=ONE_DEVICE)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+  """Every part's code path on the CPU (`--small`), all in one process (one jax start-up, one torch import), one
+  JSON line per part in the order asked; the parity part compares the five families for real."""
+  parts = ('parity', 'lm', 'ppo', 'grpo', 'generate')
+  out = subprocess.run([sys.executable, '-m', 'bench.gpu_check', '--small', *(a for p in parts for a in ('--part', p))],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1500, env=ONE_DEVICE)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  results = [json.loads(line) for line in lines if line.startswith('{')]
+  assert [r['part'] for r in results] == list(parts) and lines[-1].startswith('{'), out.stdout[-3000:]
+  for part, result in zip(parts, results):
     assert result['part'] == part and result['small'] is True
     if part == 'parity':
       assert result['ok'], result
