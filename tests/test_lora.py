@@ -167,9 +167,10 @@ def test_ppo_reference_is_the_base_with_adapters_off():
   assert np.max(np.abs(np.asarray(ro['logp'] - ro['ref_logp'])) * m) > 1e-4  # the policy has moved
 
 
-def test_dpo_shared_reference_first_loss_is_log2():
+def test_dpo_lora_reference_first_loss_is_log2():
   """DPO on a LoRA policy with its own base as the reference: at B = 0 policy = reference, so the sigmoid
-  loss of the first step is exactly log 2 (the margins are 0), and the step trains the adapters alone."""
+  loss of the first step is exactly log 2 (the margins are 0), and the step trains the adapters alone. The same
+  with a reference run of its own (the base's weights, no adapters)."""
   mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
   model = lora.add(Transformer(GPT2, rngs=nnx.Rngs(0)), ALL)
   c = stage_config('dpo', 'quick')
@@ -197,6 +198,13 @@ def test_dpo_shared_reference_first_loss_is_log2():
     np.testing.assert_array_equal(np.asarray(new.get_value()), old.get_value())
   state, m = step(state, None, batch)
   assert float(m['loss']) < np.log(2.0)  # the adapters moved the policy away from its (fixed) reference
+  # a reference run of its own (no adapters: another graph than the LoRA policy's), run in the step
+  policy = lora.add(Transformer(GPT2, rngs=nnx.Rngs(0)), ALL)
+  graphdef, state, shardings = state_lib.place_state(policy, tx, mesh)
+  ref_graphdef, ref, ref_shardings = state_lib.place_state(Transformer(GPT2, rngs=nnx.Rngs(0)), None, mesh)
+  step = dpo.jit_train_step(graphdef, tx, c.dpo, 4, shardings, ref_shardings, mesh, ref_graphdef)
+  state, m = step(state, ref, batch)
+  np.testing.assert_allclose(float(m['loss']), np.log(2.0), rtol=1e-6)
 
 
 def test_grpo_shared_reference():

@@ -128,15 +128,14 @@ def reference_logps(graphdef, ref, batch, prompt_len: int):
 
 
 def dpo_train_step(graphdef, tx, dpo_cfg, prompt_len: int, state, ref, batch, ref_graphdef=None):
-  """One AdamW step of DPO. `ref` is the reference's TrainState (run in this step), or None when the batch
-  carries precomputed `ref_logps` [B, K] or, with LoRA, when the reference is the policy's own base: then
-  `ref_graphdef` (the policy's graphdef with its adapters off) runs on `state`. Returns (state, metrics)."""
+  """One AdamW step of DPO. `ref` is the reference's TrainState (run in this step under `ref_graphdef`, default
+  the policy's), or None when the batch carries precomputed `ref_logps` [B, K] or, with LoRA, when the reference
+  is the policy's own base: then `ref_graphdef` (the policy's graphdef with its adapters off) runs on `state`.
+  Returns (state, metrics)."""
   if 'ref_logps' in batch:
     ref_logps = batch['ref_logps']
-  elif ref is None:
-    ref_logps = reference_logps(ref_graphdef, state, batch, prompt_len)
-  else:
-    ref_logps = reference_logps(graphdef, ref, batch, prompt_len)
+  else:  # a LoRA policy's reference run has no adapters: always its own graphdef, never the policy's
+    ref_logps = reference_logps(ref_graphdef or graphdef, state if ref is None else ref, batch, prompt_len)
 
   def loss_fn(params):
     policy_logps = response_logps(nnx.merge(graphdef, params, state.rest), batch, prompt_len)
@@ -292,8 +291,9 @@ def run(config, workdir: str, name: str = 'dpo', inputs: Mapping[str, str] | Non
                               ref_graphdef)
   logps_fn = shd.mesh_jit(mesh, lambda params, rest, b: response_logps(nnx.merge(graphdef, params, rest), b, p_len),
                      out_shardings=shd.replicated(mesh))  # policy and reference: the same rules place both
-  ref_logps_fn = shd.mesh_jit(mesh, lambda params, rest, b: response_logps(nnx.merge(ref_graphdef, params, rest), b, p_len),
-                         out_shardings=shd.replicated(mesh))
+  ref_logps_fn = logps_fn if ref_graphdef == graphdef else shd.mesh_jit(  # LoRA: another graph, its own program
+      mesh, lambda params, rest, b: response_logps(nnx.merge(ref_graphdef, params, rest), b, p_len),
+      out_shardings=shd.replicated(mesh))
   eval_loss_fn = jax.jit(lambda p, r, b: preference_loss(p, r, b, dc))
 
   def evaluate(state) -> dict[str, float]:
