@@ -173,9 +173,7 @@ class LMJudge:
     from transformers import AutoTokenizer
     lc = config.label
     self.config, self.lc = config, lc
-    if not os.path.isdir(os.path.expanduser(path)):
-      raise common.UserError(f'label.judge=lm:{path}: no such model folder')
-    path = self.path = model_folder(path, f'label.judge=lm:{path}')
+    path = self.path = model_folder(path, f'label.judge=lm:{path}')  # a missing folder: one line
     self.tok = AutoTokenizer.from_pretrained(path)
     # frozen: its parameters in model.frozen_dtype (bfloat16 halves a 7B judge's memory), compute in model.dtype
     self.model = common.load_lm(path, config, param_dtype=config.model.frozen_dtype)

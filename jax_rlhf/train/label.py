@@ -55,10 +55,11 @@ def label_rankings(config, workdir: str, policy_dir: str, judge) -> list[dict]:
   lc = config.label
   tok = common.load_tokenizer(config)
   every = prompt_records(config, workdir)
+  # the task's own prompts: its gold labeler scores the samples (never trained on: agreement measures)
+  gold_task = None if lc.prompts or config.data.prompts else common.get_task(config)
   offset = int(lc.prompt_offset)
   if offset < 0 or (offset and offset + lc.num_prompts > len(every)):
-    more = 'raise task.n_prompts_train' if common.get_task(config) and not (lc.prompts or config.data.prompts) \
-        else 'lower round_prompts or label.num_prompts'
+    more = 'raise task.n_prompts_train' if gold_task else 'lower round_prompts or label.num_prompts'
     raise common.UserError(f'label.prompt_offset={offset} with label.num_prompts={lc.num_prompts} needs '
                            f'{offset + lc.num_prompts} training prompts; there are {len(every)} ({more})')
   raw = every[offset:offset + lc.num_prompts]
@@ -80,13 +81,12 @@ def label_rankings(config, workdir: str, policy_dir: str, judge) -> list[dict]:
     groups.append(list(texts[i:i + k]))
     i += k
   ranked = judge([p['prompt'] for p in raw], groups, rng)
-  task = common.get_task(config)
   recs = []
   for p, q, responses, r in zip(prompts, raw, groups, ranked):
     rec = {'prompt': p['prompt'], 'responses': responses, **r}
-    if task is not None and not (lc.prompts or config.data.prompts):  # the gold labeler's scores (never trained
-      rec['gold'] = [task.gold_score(q['prompt'], x) for x in responses]  # on): agreement measures
-      rec['category'] = task.category(q['prompt'])
+    if gold_task is not None:
+      rec['gold'] = [gold_task.gold_score(q['prompt'], x) for x in responses]
+      rec['category'] = gold_task.category(q['prompt'])
     recs.append(rec)
   return recs
 
