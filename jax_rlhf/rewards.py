@@ -25,6 +25,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from jax_rlhf import sampling
+from jax_rlhf import sharding as shd
 from jax_rlhf.train import common
 from jax_rlhf.train import rollout as rollout_lib
 
@@ -140,7 +141,7 @@ class HostRewards:
     parts, metrics = {}, {}
     for name, _ in self.rewards:
       if name == 'rm':
-        s = rollout_lib.to_host(exp['rm_score']).astype(np.float64)
+        s = shd.to_host(exp['rm_score']).astype(np.float64)
       elif name == 'task:verify':
         s = np.asarray(self.fns[name](prompt_texts, responses), np.float64)  # NaN = cannot check
       else:

@@ -560,7 +560,6 @@ def test_host_scored_step_equals_the_in_graph_step_on_the_same_rewards():
   from jax_rlhf.models.transformer import Transformer
   from jax_rlhf.models.transformer_config import preset
   from jax_rlhf.train import grpo
-  from jax_rlhf.train.rollout import to_host
   c = _grpo_config(max_new_tokens=4, num_iterations=1, num_minibatches=1)
   cfg = preset('tiny', vocab_size=128, pad_token_id=1, eos_token_id=0)
   prompts = np.random.default_rng(1).integers(2, 128, (4, 5)).astype(np.int32)
@@ -572,7 +571,7 @@ def test_host_scored_step_equals_the_in_graph_step_on_the_same_rewards():
                                ScalarModel(cfg, rngs=nnx.Rngs(1)), (0, 1))
 
     def host(exp):
-      return to_host(exp['rm_score']), {'reward/rm': float(np.mean(to_host(exp['rm_score'])))}
+      return shd.to_host(exp['rm_score']), {'reward/rm': float(np.mean(shd.to_host(exp['rm_score'])))}
 
     m = trainer.step(shd.put_batch(batch, mesh), jax.random.key(7), 0.04, None if path == 'graph' else host)
     out[path] = (jax.device_get(m), jax.device_get(trainer.states['policy'].params))

@@ -360,7 +360,7 @@ def run(config, workdir: str, name: str = 'grpo', inputs: Mapping[str, str] | No
     batch = shd.put_batch(dict(next(prompts)), mesh, local=True)
     host_fn = None
     if host is not None:
-      idx = rollout_lib.to_host(batch['index'])
+      idx = shd.to_host(batch['index'])
       rows = rollout_lib.group_rows([texts[i] for i in idx], gc.num_generations, n_prompts * gc.num_generations)
       host_fn = lambda exp, rows=rows: host(exp, rows)  # noqa: E731
     m = metrics_lib.to_host(trainer.step(batch, jax.random.fold_in(rng, it), beta, host_fn))

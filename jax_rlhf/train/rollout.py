@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -154,18 +153,10 @@ def call_reward_fn(reward_fn: RewardFn, prompts: list, responses: list) -> np.nd
   return scores.astype(np.float32)
 
 
-def to_host(x) -> np.ndarray:
-  """A global device array on this host, whole (every process gets every row)."""
-  if getattr(x, 'is_fully_addressable', True):
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def host_responses(ro: Mapping[str, Any], decode: Callable[[np.ndarray, np.ndarray], list], eos_id: int) -> list:
   """A rollout's B*G response texts on this host, in row order: decode(tokens [R, N], mask [R, N]) with the
   mask of the real tokens less the EOS."""
-  tokens, mask = to_host(ro['tokens']), to_host(ro['mask']) > 0
+  tokens, mask = shd.to_host(ro['tokens']), shd.to_host(ro['mask']) > 0
   return decode(tokens, mask & (tokens != eos_id))
 
 
