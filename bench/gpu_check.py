@@ -55,18 +55,11 @@ def peak_flops() -> tuple[str, float | None]:
 
 
 def _timed(fn, runs: int, warmup: int = 1) -> tuple[float, float]:
-  """(first call s, median of `runs` later calls s); fn blocks on its results."""
+  """(first call s, median of `runs` later calls s, after `warmup` - 1 more); fn blocks on its results."""
   t = time.perf_counter()
   fn()
   first = time.perf_counter() - t
-  for _ in range(warmup - 1):
-    fn()
-  ts = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t)
-  return first, statistics.median(ts)
+  return first, statistics.median(common.time_runs(lambda i: fn(), runs, warmup=warmup - 1))
 
 
 # ---------------------------------------------------------------------------------------------------- parity
