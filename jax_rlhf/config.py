@@ -214,7 +214,8 @@ def base_config() -> ml_collections.ConfigDict:
       prompts_per_step=16,      # prompts (groups) per rollout that the update sees
       num_generations=8,        # G samples per prompt, one shared prefill (TRL 8; DeepSeekMath 64; DAPO 16)
       rewards=('rm',),          # reward functions, each 'name[:weight]' (weight > 0, default 1): rm (the reward model)
-                                # | task:verify (the task's exact checker; None = no opinion) | module.path:function
+                                # | task:verify (the task's exact checker; None = no opinion) | task:gold (the labeler's
+                                # own score: an oracle, for bounds) | module.path:function
                                 # (a user's (prompts, responses) -> list[float], on the host). Mixed per response
                                 # as sum w_k s_k / sum w_k over the functions that spoke (0 where none did)
       reward_mix='mean',        # mean: the weight-normalised mean of the functions that spoke | first: the first listed

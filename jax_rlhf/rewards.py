@@ -5,6 +5,10 @@ A reward spec is `name[:weight]` (weight > 0, default 1):
                         (`rollout.rollout`); here it is only read back and mixed.
   task:verify           the task's exact checker `task.verify(prompt, response)`: 1.0 / 0.0, or None where it
                         cannot check (that function then says nothing for that response).
+  task:gold             the task's own labeler score `task.gold_score(prompt, response)` in [0, 1]: an *oracle*
+                        reward (Gao et al. 2022's "gold reward model"). Not a training signal a real user has;
+                        it measures what RL on this policy reaches with a perfect reward model, the bound any
+                        learned RM (rounds of fresh rankings included) works under.
   module.path:function  a user's `(prompts: list[str], responses: list[str]) -> list[float]` on the host
                         (TRL's reward_funcs); a raise, NaN or wrong length is one line naming it
                         (`rollout.call_reward_fn`, common.UserError, exit 2).
@@ -30,12 +34,12 @@ from jax_rlhf.train import common
 from jax_rlhf.train import rollout as rollout_lib
 
 REWARD_MIXES = ('mean', 'first')
-BUILTIN = ('rm', 'task:verify')
+BUILTIN = ('rm', 'task:verify', 'task:gold')
 
 
 def parse_rewards(specs: Sequence[str]) -> list[tuple[str, float]]:
-  """`grpo.rewards` -> [(name, weight)]: each spec is `name[:weight]` (rm, task:verify, module.path:function);
-  a trailing `:<number>` is the weight (default 1). A bad spec raises ValueError (one line)."""
+  """`grpo.rewards` -> [(name, weight)]: each spec is `name[:weight]` (rm, task:verify, task:gold,
+  module.path:function); a trailing `:<number>` is the weight (default 1). A bad spec raises ValueError (one line)."""
   if isinstance(specs, str):
     specs = (specs,)
   out = []
@@ -46,15 +50,16 @@ def parse_rewards(specs: Sequence[str]) -> list[tuple[str, float]]:
     except ValueError:
       name, weight = str(spec).strip(), 1.0
     if not name or not weight > 0 or not np.isfinite(weight):
-      raise ValueError(f'grpo.rewards: {spec!r} must be name[:weight] with a weight > 0 (rm, task:verify or '
-                       f'module.path:function)')
+      raise ValueError(f'grpo.rewards: {spec!r} must be name[:weight] with a weight > 0 (rm, task:verify, '
+                       f'task:gold or module.path:function)')
     if name not in BUILTIN and (':' not in name or name.startswith(':') or name.endswith(':')):
-      raise ValueError(f'grpo.rewards: unknown reward {name!r}; use rm, task:verify or module.path:function')
+      raise ValueError(f'grpo.rewards: unknown reward {name!r}; use rm, task:verify, task:gold or '
+                       f'module.path:function')
     if name in [n for n, _ in out]:
       raise ValueError(f'grpo.rewards: {name} appears twice')
     out.append((name, weight))
   if not out:
-    raise ValueError('grpo.rewards is empty; use rm, task:verify or module.path:function')
+    raise ValueError('grpo.rewards is empty; use rm, task:verify, task:gold or module.path:function')
   return out
 
 
@@ -107,16 +112,24 @@ def verify_fn(task) -> Callable:
   return verify
 
 
+def gold_fn(task) -> Callable:
+  """task:gold as a host reward function: the labeler's noiseless score of each response (the oracle)."""
+  def gold(prompts, responses):
+    return [float(task.gold_score(p, r)) for p, r in zip(prompts, responses)]
+  return gold
+
+
 def host_functions(config, names: Sequence[str]) -> dict[str, Callable]:
-  """The host functions among `names` (parsed specs): task:verify from the config's embedded task, and each
-  user's module.path:function; rm is scored in the graph and has none. A missing task or an unloadable
+  """The host functions among `names` (parsed specs): task:verify and task:gold from the config's embedded task,
+  and each user's module.path:function; rm is scored in the graph and has none. A missing task or an unloadable
   function is a UserError (one line), raised before any model is loaded."""
   fns: dict[str, Callable] = {}
-  if 'task:verify' in names:
-    task = common.get_task(config)
-    if task is None:
-      raise common.UserError('grpo.rewards: task:verify needs an embedded task (task.name), and task.name is empty')
-    fns['task:verify'] = verify_fn(task)
+  for name, make in (('task:verify', verify_fn), ('task:gold', gold_fn)):
+    if name in names:
+      task = common.get_task(config)
+      if task is None:
+        raise common.UserError(f'grpo.rewards: {name} needs an embedded task (task.name), and task.name is empty')
+      fns[name] = make(task)
   for n in names:
     if n not in BUILTIN:
       fns[n] = load_user_fn(n)

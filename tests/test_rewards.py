@@ -75,6 +75,17 @@ def test_verify_fn_is_one_zero_or_nan_where_the_task_cannot_check():
   assert got[:2] == [1.0, 0.0] and math.isnan(got[2])
 
 
+def test_gold_fn_is_the_labelers_own_score_everywhere():
+  """task:gold speaks on every response, verifiable or not, with the labeler's exact score (the oracle)."""
+  task, helpful, honest = _world_prompts()
+  right, known = task.world.reference_answer(helpful), task.world.reference_answer(honest)
+  prompts, texts = [helpful, helpful, honest, honest], [right, right + ' x', known, "i don't know"]
+  got = rewards.gold_fn(task)(prompts, texts)
+  assert got == [task.gold_score(p, t) for p, t in zip(prompts, texts)]
+  assert got[0] == 1.0 and got[2] == 1.0 and 0.0 <= got[1] < 1.0 and 0.0 < got[3] < 1.0
+  assert rewards.parse_rewards(('task:gold',)) == [('task:gold', 1.0)]
+
+
 def test_host_functions_load_task_verify_and_a_users_function_or_say_why_in_one_line(tmp_path, monkeypatch):
   from jax_rlhf.config import stage_config
   from jax_rlhf.train import common
@@ -82,8 +93,8 @@ def test_host_functions_load_task_verify_and_a_users_function_or_say_why_in_one_
                                              'not_a_function = 3\n')
   monkeypatch.syspath_prepend(str(tmp_path))
   c = stage_config('grpo', 'quick')
-  fns = rewards.host_functions(c, ['rm', 'task:verify', 'my_rewards_14:length'])
-  assert sorted(fns) == ['my_rewards_14:length', 'task:verify']  # rm is scored in the graph
+  fns = rewards.host_functions(c, ['rm', 'task:verify', 'task:gold', 'my_rewards_14:length'])
+  assert sorted(fns) == ['my_rewards_14:length', 'task:gold', 'task:verify']  # rm is scored in the graph
   assert fns['my_rewards_14:length'](['p', 'p'], ['ab', 'abc']) == [2, 3]
   for spec, words in (('no_such_module_14:f', 'cannot load reward function no_such_module_14:f: ModuleNotFoundError'),
                       ('my_rewards_14:missing', 'cannot load reward function my_rewards_14:missing: AttributeError'),
@@ -91,8 +102,9 @@ def test_host_functions_load_task_verify_and_a_users_function_or_say_why_in_one_
     with pytest.raises(common.UserError, match=words):
       rewards.host_functions(c, [spec])
   c.task.name = ''
-  with pytest.raises(common.UserError, match='task.name is empty'):
-    rewards.host_functions(c, ['task:verify'])
+  for name in ('task:verify', 'task:gold'):
+    with pytest.raises(common.UserError, match=f'{name} needs an embedded task'):
+      rewards.host_functions(c, [name])
 
 
 def test_host_rewards_decode_score_and_mix_a_rollouts_rows():
