@@ -155,10 +155,12 @@ def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: 
            ) -> None:
   """Iterated RLHF (InstructGPT section 3.5, HH-RLHF's weekly refresh): round 1 is the plan's own label, rm
   and ppo; each round r >= 2 adds
-    label_r  samples of round r-1's policy on `prompts` fresh training prompts (default label.num_prompts),
-             past the earlier rounds' (label.prompt_offset), ranked by label.judge;
-    rm_r     a reward model trained on every ranking so far (label, label_2, ..., label_r), from the SFT body
-             (rm_init='sft') or continued from rm_{r-1}, head and all (rm_init='last');
+    label_r  samples of round r-1's policy on `prompts` fresh training prompts (default half of
+             label.num_prompts: the demo's 2,000), past the earlier rounds' (label.prompt_offset), ranked by
+             label.judge;
+    rm_r     a reward model trained for one epoch on every ranking so far (label, label_2, ..., label_r), from the
+             SFT body (rm_init='sft') or continued from rm_{r-1}, head and all (rm_init='last'); one pass over
+             round 1's 4,000 and round 2's 2,000 prompts is 6,000 prompts' steps, about round 1's two epochs;
     ppo_r    the policy continued from round r-1's, with SFT as its reference (the KL anchor) and rm_r's reward
              (policy_kind='grpo': grpo_r, the same inputs; 'dpo': dpo_r, online DPO on label_r's fresh rankings
              of the last policy's samples);
@@ -174,7 +176,7 @@ def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: 
   if not {'sft', 'label', 'rm', 'ppo'} <= names:
     raise ValueError('rounds=N needs a plan with sft, label, rm and ppo runs')
   first = int(c.label.num_prompts)
-  per = int(prompts) or first
+  per = int(prompts) or max(1, first // 2)
   c.task.n_prompts_train = max(int(c.task.n_prompts_train), first + (n - 1) * per)
   at = next(i for i, r in enumerate(c.plan) if r.kind == 'eval')
   runs, policy, rm, labels, rounds_ = [], 'ppo', 'rm', ['label'], ['ppo:rm:label']
@@ -183,7 +185,8 @@ def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: 
     labels.append(label)
     runs += [plan_run(label, 'label', {'policy': policy},
                       {'label': {'prompt_offset': first + (r - 2) * per, 'num_prompts': per}}),
-             plan_run(f'rm_{r}', 'rm', {'init': 'sft' if rm_init == 'sft' else rm, 'rankings': tuple(labels)}),
+             plan_run(f'rm_{r}', 'rm', {'init': 'sft' if rm_init == 'sft' else rm, 'rankings': tuple(labels)},
+                      {'rm': {'epochs': 1}}),
              plan_run(f'{policy_kind}_{r}', policy_kind,
                       {'policy': policy, 'reference': 'sft',
                        **({'rankings': label} if policy_kind == 'dpo' else {'reward': f'rm_{r}'})})]

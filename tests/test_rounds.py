@@ -1,7 +1,7 @@
 """Iterated RLHF (`configs/pipeline.py:rounds=N`): the plan it makes, and end to end on the quick config.
 
 Round 1 of `quick,rounds=2` is the quick pipeline itself (same task files: quick's 128 training prompts hold
-both rounds' 48), so the slow tests copy round 1 from conftest's `quick_pipeline` and make round 2: label_2
+round 1's 48 and round 2's 24), so the slow tests copy round 1 from conftest's `quick_pipeline` and make round 2: label_2
 samples the round-1 policy on fresh prompts, rm_2 trains on both rounds' rankings, ppo_2 continues the
 policy; killed in rm_2 and in ppo_2 and rerun, round 2 ends bit for bit where the uninterrupted run ends. With
 `rounds_policy=grpo` and `dpo` (on the same label_2 and rm_2), round 2's policy step starts from round 1's policy
@@ -33,8 +33,10 @@ def test_rounds_variant_makes_a_plan_of_rounds_that_composes_with_quick():
                         'ppo_3', 'eval']
   assert c.model.preset == 'tiny' and c.label.num_prompts == 48
   assert dict(runs['label_2'].inputs) == {'policy': 'ppo'} and dict(runs['label_3'].inputs) == {'policy': 'ppo_2'}
-  assert [runs[f'label_{r}'].overrides.label.prompt_offset for r in (2, 3)] == [48, 96]
-  assert c.task.n_prompts_train == 144  # quick's 128 grow to hold three rounds of 48 fresh prompts
+  assert [(runs[f'label_{r}'].overrides.label.prompt_offset, runs[f'label_{r}'].overrides.label.num_prompts)
+          for r in (2, 3)] == [(48, 24), (72, 24)]  # half of round 1's 48 fresh prompts per later round
+  assert c.task.n_prompts_train == 128  # quick's 128 already hold 48 + 2 x 24
+  assert runs['rm_2'].overrides.rm.epochs == 1 and runs['rm_3'].overrides.rm.epochs == 1  # one pass over all so far
   assert dict(runs['rm_3'].inputs) == {'init': 'sft', 'rankings': ('label', 'label_2', 'label_3')}
   assert dict(runs['ppo_3'].inputs) == {'policy': 'ppo_2', 'reference': 'sft', 'reward': 'rm_3'}
   assert tuple(c.eval.rounds) == ('ppo:rm:label', 'ppo_2:rm_2:label_2', 'ppo_3:rm_3:label_3')
@@ -48,7 +50,7 @@ def test_rounds_variant_makes_a_plan_of_rounds_that_composes_with_quick():
     assert dict(other[f'{kind}_2'].inputs) == {'policy': 'ppo', 'reference': 'sft', role[0]: role[1]}
     assert other[f'{kind}_2'].kind == kind
   assert [r.name for r in plan('rounds=1').plan] == [r.name for r in plan('').plan]
-  assert plan('rounds=2').task.n_prompts_train == 8000  # the demo's 4000 prompts per round
+  assert plan('rounds=3').task.n_prompts_train == 8000  # the demo's 4000 prompts, then 2000 per later round
 
 
 def test_bad_rounds_variants_and_plans_are_one_clear_line():
@@ -108,7 +110,7 @@ def read_rankings(path):
 
 @pytest.mark.slow
 def test_round_2_labels_samples_of_round_1s_policy_on_fresh_prompts(round2):
-  """label_2's prompts are the 48 training prompts after round 1's, its responses are the round-1 policy's
+  """label_2's prompts are the 24 training prompts after round 1's 48, its responses are the round-1 policy's
   samples (sampling that policy again with label_2's config gives them; SFT's samples differ), rm_2 trains on
   both rounds' rankings, and the eval compares round1 and round2 with the per-round measures."""
   from jax_rlhf import pipeline
@@ -117,13 +119,13 @@ def test_round_2_labels_samples_of_round_1s_policy_on_fresh_prompts(round2):
   assert '[ppo] already complete' in proc.stdout and '[label_2] done' in proc.stdout
   with open(w / 'label_2' / 'DONE') as f:
     done = json.load(f)
-  assert done['policy'] == 'ppo' and done['prompt_offset'] == 48 and done['rankings'] == 48
+  assert done['policy'] == 'ppo' and done['prompt_offset'] == 48 and done['rankings'] == 24
   config = plan('quick,rounds=2')
   rc = dict((r.name, rc) for r, rc in pipeline.plan_of(config))['label_2']
   prompts = common.read(rc, common.task_files(rc, str(w))['prompts_train'], 'prompt')
   got = read_rankings(w / 'label_2' / 'rankings.jsonl')
   first = read_rankings(w / 'label' / 'rankings.jsonl')
-  assert [r['prompt'] for r in got] == [p['prompt'] for p in prompts[48:96]]
+  assert [r['prompt'] for r in got] == [p['prompt'] for p in prompts[48:72]]
   assert [r['prompt'] for r in first] == [p['prompt'] for p in prompts[:48]]
   judge = lambda ps, gs, rng: [{'ranking': list(range(len(g)))} for g in gs]  # noqa: E731
   again = label.label_rankings(rc, str(w), str(w / 'ppo'), judge)
@@ -134,7 +136,7 @@ def test_round_2_labels_samples_of_round_1s_policy_on_fresh_prompts(round2):
   with open(w / 'rm_2' / 'DONE') as f:
     rm2 = json.load(f)
   assert rm2['rankings_from'] == ['label', 'label_2'] and rm2['init'] == 'sft'
-  assert rm2['train_rankings'] == 2 * (48 - 4)  # each run holds out its first 10%
+  assert rm2['train_rankings'] == (48 - 4) + (24 - 2)  # each run holds out its first 10%
   with open(w / 'ppo_2' / 'DONE') as f:
     assert json.load(f)['stage'] == 'ppo'
   with open(w / 'eval' / 'results.json') as f:
@@ -143,7 +145,7 @@ def test_round_2_labels_samples_of_round_1s_policy_on_fresh_prompts(round2):
   assert res['models']['round1']['run'] == 'ppo' and res['models']['round2']['run'] == 'ppo_2'
   r1, r2 = res['rounds']
   assert (r1['sampled_from'], r2['sampled_from']) == ('sft', 'ppo')
-  assert r1['labels_used']['prompts'] == 48 and r2['labels_used']['prompts'] == 96
+  assert r1['labels_used']['prompts'] == 48 and r2['labels_used']['prompts'] == 72
   assert r2['labels_used']['pairs'] == r1['labels_used']['pairs'] + done['pairs']
   assert 'rm_agreement_old' not in r1 and 'rm_agreement_old' in r2
   for key in ('rm_agreement_new', 'rm_agreement_old'):  # nan where no two samples differ in gold (tiny models)
