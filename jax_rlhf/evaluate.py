@@ -12,7 +12,8 @@ an HF export) on the held-out prompts:
   lm_loss_pretrain  token loss on held-out pretraining text (the alignment tax when it rises)
   win_rate_vs_sft   P(gold(model) > gold(SFT)) per prompt, ties counting half, with a 95% interval
 With `eval.rounds` (iterated RLHF, variant rounds=N), each round's policy is compared as model round<r>, and
-results.json's `rounds` holds per round its gold, win vs SFT, its own RM's score, the labels used so far and
+results.json's `rounds` holds per round its gold, win vs SFT, win vs the previous round's policy (head to head,
+the direct test of a rise), its own RM's score, the labels used so far and
 the new and old RM's agreement with the gold labeler on the samples of the policy that round labelled
 (`round_measures`); `win_rate_ceiling` is the win rate of a policy that is always right.
 and `best_of_n`: the reward model picks the best of n SFT samples (`eval.best_of_n`). It is the RM's ceiling:
@@ -319,8 +320,8 @@ def gold_agreement(scores: np.ndarray, gold: np.ndarray) -> tuple[float, int]:
 
 def round_measures(config, workdir, rounds, results, golds, kept, graphdef, score_fn, world, tok, prompt_recs,
                    prompt_arrays, cats) -> list[dict]:
-  """Per round r of iterated RLHF: the round's policy (model round<r>: gold, win vs SFT, its own RM's score of
-  its samples), the labels used so far (ranked prompts, responses and pairs of label runs 1..r), and how
+  """Per round r of iterated RLHF: the round's policy (model round<r>: gold, win vs SFT, win vs round r-1's
+  policy head to head on the same held-out prompts, its own RM's score of its samples), the labels used so far (ranked prompts, responses and pairs of label runs 1..r), and how
   stale the reward models are: on `eval.round_samples` fresh samples per held-out prompt of the policy the
   round's label run sampled (round r-1's policy; SFT in round 1), the share of pairs the new RM (rm_r) and
   the old RM (rm_{r-1}) order as the gold labeler does. Without a task (no gold) only the first two."""
@@ -374,6 +375,9 @@ def round_measures(config, workdir, rounds, results, golds, kept, graphdef, scor
         row['rm_agreement_old'] = gold_agreement(old, gold)[0]
         row['rm_agreement_old_per_category'] = {c: gold_agreement(old[cats_rep == c], gold[cats_rep == c])[0]
                                                 for c in sorted(set(cats))}
+    if r > 1 and world:  # head to head on the same held-out prompts: did this round beat the last?
+      rate, lo, hi = win_rate(golds[name], golds[f'round{r - 1}'])
+      row['win_rate_vs_previous'], row['win_rate_vs_previous_ci95'] = rate, [lo, hi]
     out.append(row)
   return out
 

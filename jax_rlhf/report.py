@@ -197,11 +197,11 @@ def fmt_results_table(workdir: str, results: dict) -> tuple[list[str], list[list
 
 def fmt_rounds_table(results: dict) -> tuple[list[str], list[list[str]]]:
   """Iterated RLHF, one row per round: the policy's gold, win vs SFT (95% CI) and its share of the ceiling,
-  its own RM's score, the labels used so far, and the new and old RM's agreement with the gold labeler on
+  its win vs the last round's policy head to head, its own RM's score, the labels used so far, and the new and old RM's agreement with the gold labeler on
   the samples that round labelled."""
   ceiling = results.get('win_rate_ceiling')
-  header = ['round', 'policy', 'gold', 'win vs SFT (95% CI)', 'share of ceiling', 'own RM score', 'KL to ref',
-            'labels so far (prompts / pairs)', 'RM agreement new / old']
+  header = ['round', 'policy', 'gold', 'win vs SFT (95% CI)', 'share of ceiling', 'win vs last round (95% CI)',
+            'own RM score', 'KL to ref', 'labels so far (prompts / pairs)', 'RM agreement new / old']
   rows = []
   for r in results.get('rounds', []):
     win = share = '-'
@@ -215,7 +215,12 @@ def fmt_rounds_table(results: dict) -> tuple[list[str], list[list[str]]]:
       old = f'{r["rm_agreement_old"]:.3f}' if 'rm_agreement_old' in r else '-'
       agree = f'{r["rm_agreement_new"]:.3f} / {old}'
     gold = '-' if r['gold_score'] is None else f'{r["gold_score"]:.3f}'
-    rows.append([str(r['round']), r['policy'], gold, win, share, f'{r["rm_score_own"]:+.3f}', f'{r["kl_to_ref"]:.3f}',
+    prev = '-'
+    if 'win_rate_vs_previous' in r:
+      lo, hi = r['win_rate_vs_previous_ci95']
+      prev = f'{r["win_rate_vs_previous"]:.3f} [{lo:.3f}, {hi:.3f}]'
+    rows.append([str(r['round']), r['policy'], gold, win, share, prev, f'{r["rm_score_own"]:+.3f}',
+                 f'{r["kl_to_ref"]:.3f}',
                  f'{r["labels_used"]["prompts"]} / {r["labels_used"]["pairs"]}', agree])
   return header, rows
 

@@ -152,6 +152,13 @@ def test_round_2_labels_samples_of_round_1s_policy_on_fresh_prompts(round2):
     assert (0 <= r2[key] <= 1) if r2['agreement_pairs'] else np.isnan(r2[key])
   for r, m in ((r1, 'round1'), (r2, 'round2')):
     assert r['win_rate_vs_sft'] == res['models'][m]['win_rate_vs_sft']
+  # round 2 against round 1 head to head on the eval's own samples: the per-prompt gold of both, ties half
+  samples = [json.loads(line) for line in (w / 'eval' / 'samples.jsonl').read_text().splitlines()]
+  g2, g1 = (np.array([s[m]['gold'] for s in samples]) for m in ('round2', 'round1'))
+  assert 'win_rate_vs_previous' not in r1
+  assert r2['win_rate_vs_previous'] == pytest.approx(np.mean((g2 > g1) + 0.5 * (g2 == g1)), abs=1e-12)
+  lo, hi = r2['win_rate_vs_previous_ci95']
+  assert lo <= r2['win_rate_vs_previous'] <= hi
   report = (w / 'eval' / 'report.md').read_text()
   assert 'Rounds of iterated RLHF' in report and (w / 'eval' / 'plots' / 'rounds.png').exists()
 
