@@ -84,6 +84,46 @@ def test_no_task_unknown_task_and_bad_knob():
     iw.InstructWorldTask({'demo_eror_rate': 0.5})
 
 
+def _lines(path):
+  with open(path) as f:
+    return f.read().splitlines()
+
+
+def test_world_files_are_prefix_stable_streams_so_a_larger_size_only_appends(tmp_path):
+  """Every size of `file_sizes` raised at once: each file of the smaller write is a prefix of the larger's."""
+  sizes = dict(n_pretrain=60, n_sft_train=30, n_sft_eval=8, n_prompts_train=40, n_prompts_eval=10)
+  small = iw.World(iw.WorldConfig()).write(str(tmp_path / 'a'), **sizes)
+  large = iw.World(iw.WorldConfig()).write(str(tmp_path / 'b'), **{k: 2 * v for k, v in sizes.items()})
+  assert set(iw.InstructWorldTask.file_sizes) == set(sizes) and set(small) == set(large)
+  for name in small:
+    a, b = _lines(small[name]), _lines(large[name])
+    assert len(b) > len(a) and b[:len(a)] == a, name
+
+
+def test_task_files_grow_with_a_larger_size_and_refuse_any_other_change_in_one_line(tmp_path):
+  """W/data records the knobs that wrote it: a larger n_prompts_train (what rounds=N raises) rewrites the files,
+  the records earlier runs read unchanged; another seed, or fewer prompts, is one line naming the knob; a
+  workdir from before task.json is read as it is."""
+  from jax_rlhf.train import common
+  c = stage_config('pipeline', 'quick')
+  first = common.task_files(c, str(tmp_path))
+  before = _lines(first['prompts_train'])
+  assert len(before) == c.task.n_prompts_train == 128
+  c.task.n_prompts_train = 200
+  grown = common.task_files(c, str(tmp_path))
+  after = _lines(grown['prompts_train'])
+  assert len(after) == 200 and after[:128] == before
+  assert common.task_files(c, str(tmp_path)) == grown  # the same knobs again: read, not rewritten
+  for key, value in (('seed', 1), ('n_prompts_train', 150)):
+    bad = stage_config('pipeline', 'quick')
+    bad.task.update({'n_prompts_train': 200, key: value})
+    with pytest.raises(common.UserError, match=f'written with task.{key}=.*this run has task.{key}={value}'):
+      common.task_files(bad, str(tmp_path))
+  (tmp_path / 'data' / 'task.json').unlink()
+  c.task.seed = 5
+  assert common.task_files(c, str(tmp_path)) == grown
+
+
 def stage_of():
   """module -> the stage (run kind's module) it belongs to: each KINDS module, and the files a stage is split into
   (train/dpo_online.py is the online half of the dpo stage)."""

@@ -28,6 +28,11 @@ class Task(Protocol):
   def write_files(self, out_dir: str) -> dict[str, str]:
     """Write the task's JSONL files into `out_dir`; returns {file name: path} with the names of FILE_ROLES."""
 
+  # Optional: the knobs that only set how many records a prefix-stable stream writes (a larger value appends
+  # records and changes none). A workdir whose files were written with smaller ones gets them rewritten
+  # (`train.common.task_files`); any other knob change there is an error.
+  file_sizes: tuple[str, ...] = ()
+
   def gold_score(self, prompt: str, response: str) -> float:
     """The labeler's exact score of `response` to `prompt`, in [0, 1] (never seen in training)."""
 

@@ -338,6 +338,7 @@ class InstructWorldTask:
   """instruct_world behind the `jax_rlhf.tasks.Task` protocol. `knobs`: `WorldConfig` fields and FILE_SIZES."""
 
   name = 'instruct_world'
+  file_sizes = FILE_SIZES  # every file is a prefix-stable stream: a larger size only appends records
 
   def __init__(self, knobs):
     from jax_rlhf.tasks import check_knobs

@@ -68,27 +68,57 @@ def load_tokenizer(config: ml_collections.ConfigDict):
 
 
 def task_files(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-  """The task's JSONL files under W/data, written once (deterministic from task.seed)."""
+  """The task's JSONL files under W/data, written once (deterministic from the task's knobs), with the knobs that
+  wrote them in W/data/task.json. A later run whose knobs differ only by a larger file size the task grows
+  prefix-stably (`task.file_sizes`: instruct_world's n_prompts_train, ..., as rounds=N raises) rewrites them,
+  every record an earlier run read unchanged; any other difference is a UserError naming the knob, since the
+  runs already in the workdir read the old files. A workdir from before task.json is taken as it is."""
   d = stage_dir(workdir, 'data')
   index = os.path.join(d, 'files.json')
   task = get_task(config)
   if task is None and not os.path.exists(index):
     raise UserError('task.name is empty: there are no task files (set the data.* sources)')
-  if jax.process_index() == 0 and not os.path.exists(index):
+  knobs = config.task.to_dict()
+  write = not os.path.exists(index)
+  if task is not None and not write:
+    write = _files_outgrown(d, knobs, getattr(task, 'file_sizes', ()))
+  if jax.process_index() == 0 and write:
     os.makedirs(d, exist_ok=True)
     try:
       paths = task.write_files(d)
     except ValueError as e:
       raise UserError(str(e)) from None
     paths = {k: os.path.abspath(v) for k, v in paths.items()}
-    with open(index + '.tmp', 'w') as f:
-      json.dump(paths, f, indent=1)
-    os.replace(index + '.tmp', index)
+    for name, obj in (('task.json', knobs), ('files.json', paths)):
+      with open(os.path.join(d, name) + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=1)
+      os.replace(os.path.join(d, name) + '.tmp', os.path.join(d, name))
   if jax.process_count() > 1:  # the others wait until process 0 has written them
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('task_files')
   with open(index) as f:
     return json.load(f)
+
+
+def _files_outgrown(data_dir: str, knobs: dict, grows: Sequence[str]) -> bool:
+  """Whether W/data's files (written with the knobs in task.json) must be rewritten for `knobs`: True when the
+  only differences are larger sizes in `grows`; a UserError for any other difference; False when equal or when
+  there is no task.json (a workdir from before it)."""
+  path = os.path.join(data_dir, 'task.json')
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    have = json.load(f)
+  differ = sorted(k for k in set(have) | set(knobs) if have.get(k) != knobs.get(k))
+  for k in differ:
+    if not (k in grows and isinstance(have.get(k), int) and isinstance(knobs.get(k), int) and knobs[k] > have[k]):
+      raise UserError(f'{data_dir} holds the task files written with task.{k}={have.get(k)!r}, and this run has '
+                      f'task.{k}={knobs.get(k)!r}: the runs in this workdir read those files; use a new workdir '
+                      f'or the same task.{k}')
+  if differ and jax.process_index() == 0:
+    print(f'[data] task files grow ({", ".join(f"task.{k} {have[k]} -> {knobs[k]}" for k in differ)}); the '
+          f'records earlier runs read are unchanged', flush=True)
+  return bool(differ)
 
 
 def read(config: ml_collections.ConfigDict, path: str, kind: str) -> list[dict[str, Any]]:
