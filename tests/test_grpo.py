@@ -583,6 +583,41 @@ def test_host_scored_step_equals_the_in_graph_step_on_the_same_rewards():
     np.testing.assert_allclose(b, a, atol=1e-6)
 
 
+def test_host_scored_steps_with_dynamic_sampling_on_8_devices_equal_one_device():
+  """Two host-scored steps with DAPO's dynamic sampling (8 groups sampled, the 4 informative kept: a gathered
+  row selection) chain on a (2, 2, 2) mesh, each step's experience batch-sharded as the update takes it, and
+  give one device's metrics and policy."""
+  from flax import nnx
+  from jax_rlhf import sharding as shd
+  from jax_rlhf.models.transformer import Transformer
+  from jax_rlhf.models.transformer_config import preset
+  from jax_rlhf.train import grpo
+  c = _grpo_config(max_new_tokens=4, drop_equal_groups=True, oversample=2)
+  cfg = preset('tiny', vocab_size=128, pad_token_id=1, eos_token_id=0)
+  prompts = np.random.default_rng(2).integers(2, 128, (8, 5)).astype(np.int32)
+  batch = {'prompt': prompts, 'prompt_mask': np.ones_like(prompts)}
+  rows = np.arange(32)
+  rewards = np.where((rows // 4) % 2 == 0, 0.5, (rows % 4) / 4.0)  # the even groups all equal: dropped
+
+  def host(exp):
+    return rewards, {}
+
+  out = {}
+  for shape in [(1, 1, 1), (2, 2, 2)]:
+    mesh = shd.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+    trainer = grpo.GRPOTrainer(c, mesh, Transformer(cfg, rngs=nnx.Rngs(0)), Transformer(cfg, rngs=nnx.Rngs(0)),
+                               None, (0, 1))
+    ms = [jax.device_get(trainer.step(shd.put_batch(batch, mesh), jax.random.key(k), 0.04, host)) for k in (5, 6)]
+    out[shape] = (ms, jax.device_get(trainer.states['policy'].params))
+  (m1, p1), (m8, p8) = out[(1, 1, 1)], out[(2, 2, 2)]
+  for a, b in zip(m1, m8):
+    assert float(a['frac_reward_zero_std']) == 0.5 and float(a['kept_fraction']) == 1.0
+    for k in ('loss', 'kl', 'entropy', 'grad_norm'):
+      assert float(b[k]) == pytest.approx(float(a[k]), rel=1e-4, abs=1e-6), k
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(b, a, atol=2e-5)
+
+
 def test_grpo_rollout_is_the_shared_rollout_less_what_it_does_not_read():
   """grpo.rollout is rollout.rollout: with one update per rollout and no KL it skips the policy and reference
   forwards and, without an RM, scores 0; the tokens are those of the full rollout under the same key.

@@ -252,12 +252,15 @@ class GRPOTrainer:
       exp, am = advantages(gc, exp, exp['rm_score'], beta)
       return exp, {**m, **am}
 
-    self.experience = shd.mesh_jit(mesh, experience, in_shardings=(sh, batch_sh, rep, rep))
+    # Each step's experience leaves batch-sharded, as the next step takes it: without out_shardings XLA may
+    # return a gathered row selection (DAPO's dynamic sampling) replicated, which the update's in_shardings refuse.
+    exp_out = (batch_sh, rep)
+    self.experience = shd.mesh_jit(mesh, experience, in_shardings=(sh, batch_sh, rep, rep), out_shardings=exp_out)
     # The host-scored path: the rollout alone, then (after the host's rewards) the advantages.
     self.sample = shd.mesh_jit(mesh, lambda states, batch, key: rollout(g, gc, self.settings, states, batch, key),
-                          in_shardings=(sh, batch_sh, rep))
+                               in_shardings=(sh, batch_sh, rep), out_shardings=exp_out)
     self.advantages = jax.jit(lambda exp, rewards, beta: advantages(gc, exp, rewards, beta),
-                              in_shardings=(batch_sh, batch_sh, rep))
+                              in_shardings=(batch_sh, batch_sh, rep), out_shardings=exp_out)
     self.update = shd.mesh_jit(mesh, lambda p, e, k, beta: update(g, gc, self.tx, p, e, k, beta),
                           in_shardings=(sh['policy'], batch_sh, rep, rep), out_shardings=(sh['policy'], rep),
                           donate_argnums=(0,))
