@@ -226,7 +226,8 @@ def fmt_rounds_table(results: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def plot_rounds(results: dict, path: str) -> bool:
-  """Gold score and the round's own RM score of each round's policy against the round (SFT at round 0)."""
+  """Gold score, win vs SFT (95% interval; the ceiling dotted) and the round's own RM score of each round's policy
+  against the round (SFT at round 0), with the new and old RM's agreement with the gold labeler."""
   rounds = results.get('rounds') or []
   if not rounds or rounds[0].get('gold_score') is None:
     return False
@@ -234,7 +235,16 @@ def plot_rounds(results: dict, path: str) -> bool:
   xs = [0] + [r['round'] for r in rounds]
   sft = results['models'].get('sft', {})
   ax[0].plot(xs, [sft.get('gold_score', float('nan'))] + [r['gold_score'] for r in rounds], 'o-', label='gold')
-  ax[0].set_title('gold score (task labeler)')
+  if all(r.get('win_rate_vs_sft') is not None for r in rounds):  # the win with its 95% interval, and its ceiling
+    win = [0.5] + [r['win_rate_vs_sft'] for r in rounds]
+    lo = [0.5] + [r['win_rate_vs_sft_ci95'][0] for r in rounds]
+    hi = [0.5] + [r['win_rate_vs_sft_ci95'][1] for r in rounds]
+    ax[0].errorbar(xs, win, yerr=[[w - a for w, a in zip(win, lo)], [b - w for w, b in zip(win, hi)]], fmt='s--',
+                   color='C4', capsize=3, label='win vs SFT')
+    if results.get('win_rate_ceiling'):
+      ax[0].axhline(results['win_rate_ceiling'], color='C4', lw=0.8, ls=':', label='win ceiling')
+  ax[0].legend(loc='lower right', fontsize=7)
+  ax[0].set_title('gold score and win vs SFT (task labeler)')
   ax[1].plot(xs[1:], [r['rm_score_own'] for r in rounds], 'o-', color='C1', label="the round's RM")
   if any('rm_agreement_new' in r for r in rounds):
     ax2 = ax[1].twinx()
