@@ -99,6 +99,9 @@ def ablation(c: ml_collections.ConfigDict) -> None:
 #    (0.80 allows 3.35). The RM prefers the right value for 4 of 24 facts (SFT's own modal answer is right for 23),
 #    so the policy keeps SFT's guesses (exact ~0.6); at 480 iterations the other rows together miss only 3.45.
 GRPO_DEMO = {'overlong': 'penalty', 'kl': {'coef': 0.2, 'where': 'reward', 'estimator': 'k1'}}
+# Online DPO as compare's dpo_online and rounds_policy=dpo_online run it: the RM judges; pairs it scores within 0.5
+# are skipped and refilled from twice the prompts (its near ties are wrong by gold more often than right).
+DPO_ONLINE_DEMO = {'online': True, 'beta': 1.0, 'online_min_gap': 0.5, 'online_oversample': 2}
 
 
 def compare(c: ml_collections.ConfigDict) -> None:
@@ -113,8 +116,7 @@ def compare(c: ml_collections.ConfigDict) -> None:
   sft_ref = {'policy': 'sft', 'reference': 'sft'}
   runs = (plan_run('dpo', 'dpo', {**sft_ref, 'rankings': 'label'}),
           plan_run('dpo_listwise', 'dpo', {**sft_ref, 'rankings': 'label'}, {'dpo': {'mode': 'listwise'}}),
-          plan_run('dpo_online', 'dpo', {**sft_ref, 'reward': 'rm'},
-                   {'dpo': {'online': True, 'beta': 1.0, 'online_min_gap': 0.5, 'online_oversample': 2}}),
+          plan_run('dpo_online', 'dpo', {**sft_ref, 'reward': 'rm'}, {'dpo': DPO_ONLINE_DEMO}),
           plan_run('grpo', 'grpo', {**sft_ref, 'reward': 'rm'}, {'grpo': {**GRPO_DEMO, 'scale_rewards': 'batch'}}),
           plan_run('grpo_verifier', 'grpo', {**sft_ref, 'reward': 'rm'},
                    {'grpo': {**GRPO_DEMO, 'rewards': ('task:verify', 'rm'), 'reward_mix': 'first',
@@ -151,6 +153,9 @@ def apply_cpu_bf16(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+ROUND_POLICIES = ('ppo', 'grpo', 'dpo', 'dpo_online')
+
+
 def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: int = 0, policy_kind: str = 'ppo'
            ) -> None:
   """Iterated RLHF (InstructGPT section 3.5, HH-RLHF's weekly refresh): round 1 is the plan's own label, rm
@@ -162,16 +167,17 @@ def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: 
              SFT body (rm_init='sft') or continued from rm_{r-1}, head and all (rm_init='last'); one pass over
              round 1's 4,000 and round 2's 2,000 prompts is 6,000 prompts' steps, about round 1's two epochs;
     ppo_r    the policy continued from round r-1's, with SFT as its reference (the KL anchor) and rm_r's reward
-             (policy_kind='grpo': grpo_r, the same inputs; 'dpo': dpo_r, online DPO on label_r's fresh rankings
-             of the last policy's samples);
+             (policy_kind='grpo': grpo_r, the same inputs; 'dpo': dpo_r, DPO on label_r's fresh rankings of
+             the last policy's samples, iterative DPO; 'dpo_online': dpo_online_r, online DPO (DPO_ONLINE_DEMO)
+             sampling the policy as it trains, rm_r its judge);
   and the eval compares each round's policy as model round<r> (eval.rounds). task.n_prompts_train grows to
   hold every round's prompts (the task's prompt stream is prefix-stable: round 1's prompts do not change)."""
   if n < 1:
     raise ValueError(f'rounds={n}: need at least one round')
   if rm_init not in ('sft', 'last'):
     raise ValueError(f'rounds_rm={rm_init}: choose sft or last')
-  if policy_kind not in ('ppo', 'grpo', 'dpo'):
-    raise ValueError(f'rounds_policy={policy_kind}: choose ppo, grpo or dpo')
+  if policy_kind not in ROUND_POLICIES:
+    raise ValueError(f'rounds_policy={policy_kind}: choose {", ".join(ROUND_POLICIES)}')
   names = {r.name for r in c.plan}
   if not {'sft', 'label', 'rm', 'ppo'} <= names:
     raise ValueError('rounds=N needs a plan with sft, label, rm and ppo runs')
@@ -187,9 +193,10 @@ def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: 
                       {'label': {'prompt_offset': first + (r - 2) * per, 'num_prompts': per}}),
              plan_run(f'rm_{r}', 'rm', {'init': 'sft' if rm_init == 'sft' else rm, 'rankings': tuple(labels)},
                       {'rm': {'epochs': 1}}),
-             plan_run(f'{policy_kind}_{r}', policy_kind,
+             plan_run(f'{policy_kind}_{r}', 'dpo' if policy_kind == 'dpo_online' else policy_kind,
                       {'policy': policy, 'reference': 'sft',
-                       **({'rankings': label} if policy_kind == 'dpo' else {'reward': f'rm_{r}'})})]
+                       **({'rankings': label} if policy_kind == 'dpo' else {'reward': f'rm_{r}'})},
+                      {'dpo': DPO_ONLINE_DEMO} if policy_kind == 'dpo_online' else None)]
     rounds_.append(f'{policy_kind}_{r}:rm_{r}:{label}')
     policy, rm = f'{policy_kind}_{r}', f'rm_{r}'
   c.plan = (*c.plan[:at], *runs, *c.plan[at:])
@@ -204,14 +211,14 @@ VARIANTS = {'quick': quick, 'instructgpt': instructgpt, 'ablation': ablation, 'c
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """`arg` is a comma list: flags (`quick`) or `key=value` (`model=tiny` sets model.preset, `ptx=27.8`,
   `rounds=3` iterated RLHF with its options `rounds_rm=sft|last`, `round_prompts=M` and
-  `rounds_policy=ppo|grpo|dpo`, applied after the rest whatever their place in the list)."""
+  `rounds_policy=ppo|grpo|dpo|dpo_online`, applied after the rest whatever their place in the list)."""
   round_args = {}
   for item in filter(None, (arg or '').split(',')):
     key, _, value = item.partition('=')
     if key in ('rounds', 'round_prompts') and value.isdigit():
       round_args[key] = int(value)
-    elif (key, value) in {('rounds_rm', 'sft'), ('rounds_rm', 'last'), ('rounds_policy', 'ppo'),
-                          ('rounds_policy', 'grpo'), ('rounds_policy', 'dpo')}:
+    elif (key, value) in {('rounds_rm', 'sft'), ('rounds_rm', 'last')} or (key == 'rounds_policy' and
+                                                                            value in ROUND_POLICIES):
       round_args[key] = value
     elif not value and key in VARIANTS:
       VARIANTS[key](c)
@@ -221,7 +228,7 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
       c.ppo.ptx.coef = float(value)
     else:
       known = sorted(VARIANTS) + ['model=<preset>', 'ptx=<coef>', 'rounds=<N>', 'rounds_rm=sft|last',
-                                  'round_prompts=<M>', 'rounds_policy=ppo|grpo|dpo']
+                                  'round_prompts=<M>', 'rounds_policy=' + '|'.join(ROUND_POLICIES)]
       raise ValueError(f'unknown config variant {item!r}; known: {", ".join(known)}')
   if round_args:
     if 'rounds' not in round_args:

@@ -15,6 +15,8 @@ import pytest
 
 from conftest import run_main
 
+from jax_rlhf import variants
+
 ROUND1 = ('pretrain', 'sft', 'label', 'rm', 'ppo')
 CONFIG = 'configs/pipeline.py:quick,rounds=2'
 OVERRIDES = ('--config.checkpoint.every=2',)
@@ -45,10 +47,13 @@ def test_rounds_variant_makes_a_plan_of_rounds_that_composes_with_quick():
   assert last['rm_2'].inputs.init == 'rm' and last['rm_3'].inputs.init == 'rm_2'
   assert [(last[f'label_{r}'].overrides.label.prompt_offset, last[f'label_{r}'].overrides.label.num_prompts)
           for r in (2, 3)] == [(48, 20), (68, 20)]
-  for kind, role in (('grpo', ('reward', 'rm_2')), ('dpo', ('rankings', 'label_2'))):
+  for kind, role in (('grpo', ('reward', 'rm_2')), ('dpo', ('rankings', 'label_2')),
+                     ('dpo_online', ('reward', 'rm_2'))):
     other = {r.name: r for r in plan(f'quick,rounds=2,rounds_policy={kind}').plan}
     assert dict(other[f'{kind}_2'].inputs) == {'policy': 'ppo', 'reference': 'sft', role[0]: role[1]}
-    assert other[f'{kind}_2'].kind == kind
+    assert other[f'{kind}_2'].kind == kind.removesuffix('_online')
+    assert other[f'{kind}_2'].overrides.to_dict() == ({'dpo': variants.DPO_ONLINE_DEMO} if kind == 'dpo_online'
+                                                      else {})
   assert [r.name for r in plan('rounds=1').plan] == [r.name for r in plan('').plan]
   assert plan('rounds=3').task.n_prompts_train == 8000  # the demo's 4000 prompts, then 2000 per later round
 
@@ -222,14 +227,15 @@ class Loaded(Exception):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('kind', ['grpo', 'dpo'])
+@pytest.mark.parametrize('kind', ['grpo', 'dpo', 'dpo_online'])
 def test_rounds_policy_grpo_and_dpo_continue_round_1s_policy_with_sft_as_reference(round2, kind, tmp_path,
                                                                                     monkeypatch):
-  """`quick,rounds=2,rounds_policy=grpo|dpo` end to end (round 1 and round 2's label_2 and rm_2, the same runs
-  in every policy's plan, copied from the PPO rounds run): the policy step of round 2 loads round 1's policy
-  (ppo) as the model it trains and SFT as its frozen reference (GRPO: rm_2 as its reward; DPO: label_2's
-  rankings of ppo's samples), trains it, and the eval compares it as round2."""
+  """`quick,rounds=2,rounds_policy=grpo|dpo|dpo_online` end to end (round 1 and round 2's label_2 and rm_2, the
+  same runs in every policy's plan, copied from the PPO rounds run): the policy step of round 2 loads round 1's
+  policy (ppo) as the model it trains and SFT as its frozen reference (GRPO and online DPO: rm_2 as the reward
+  or judge; DPO: label_2's rankings of ppo's samples), trains it, and the eval compares it as round2."""
   from jax_rlhf import pipeline
+  from jax_rlhf.models import hf
   from jax_rlhf.train import dpo, grpo
   ref, _ = round2
   w = tmp_path / 'W'
@@ -249,12 +255,11 @@ def test_rounds_policy_grpo_and_dpo_continue_round_1s_policy_with_sft_as_referen
   assert dict(run.inputs) == want
   with open(w / f'{kind}_2' / 'DONE') as f:
     done = json.load(f)
-  assert {k: done['inputs'][k] for k in want} == want and done.get('online', False) is False
+  assert {k: done['inputs'][k] for k in want} == want and done.get('online', False) is (kind == 'dpo_online')
   with open(w / 'eval' / 'results.json') as f:
     res = json.load(f)
   assert list(res['models']) == ['sft', 'round1', 'round2'] and res['models']['round2']['run'] == f'{kind}_2'
   assert [r['sampled_from'] for r in res['rounds']] == ['sft', 'ppo']
-  from jax_rlhf.models import hf
   from jax_rlhf.train import common
   trained = hf.load_pretrained(str(w / f'{kind}_2' / 'hf'), **common.model_kw(rc))
   assert not same_weights(trained, w / 'ppo' / 'hf', rc)  # it trained
@@ -266,7 +271,7 @@ def test_rounds_policy_grpo_and_dpo_continue_round_1s_policy_with_sft_as_referen
       seen.update(policy=policy, reference=ref_model, reward=reward)
       raise Loaded
     monkeypatch.setattr(grpo, 'GRPOTrainer', trainer)
-  else:
+  elif kind == 'dpo':
     real_load, real_read = dpo.load_policy_and_reference, dpo.read_rankings
 
     def read(config, workdir, run_name, tok, info):
@@ -278,13 +283,26 @@ def test_rounds_policy_grpo_and_dpo_continue_round_1s_policy_with_sft_as_referen
       raise Loaded
     monkeypatch.setattr(dpo, 'read_rankings', read)
     monkeypatch.setattr(dpo, 'load_policy_and_reference', load)
+  else:  # online: policy and reference, then the RM judge, which stops it
+    real_load, real_rm = dpo.load_policy_and_reference, hf.load_scalar_model
+
+    def load(*args, **kw):
+      seen['policy'], seen['reference'] = real_load(*args, **kw)
+      return seen['policy'], seen['reference']
+
+    def judge(path, **kw):
+      seen['reward'] = real_rm(path, **kw)
+      raise Loaded
+    monkeypatch.setattr(dpo, 'load_policy_and_reference', load)
+    monkeypatch.setattr(hf, 'load_scalar_model', judge)
   with pytest.raises(Loaded):
     (grpo if kind == 'grpo' else dpo).run(rc, str(w), run.name, dict(run.inputs))
+  monkeypatch.undo()  # the spies off: same_weights loads the HF folders itself
   assert not same_weights(seen['policy'], w / 'sft' / 'hf', rc)  # round 1's policy is not SFT: the check can fail
   assert same_weights(seen['policy'], w / 'ppo' / 'hf', rc)
   assert same_weights(seen['reference'], w / 'sft' / 'hf', rc)
-  if kind == 'grpo':
-    assert same_weights(seen['reward'], w / 'rm_2' / 'hf', rc, scalar=True)
-  else:
+  if kind == 'dpo':
     assert seen['rankings'] == 'label_2'
+  else:
+    assert same_weights(seen['reward'], w / 'rm_2' / 'hf', rc, scalar=True)
 
