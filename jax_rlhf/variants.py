@@ -185,6 +185,10 @@ def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: 
   per = int(prompts) or max(1, first // 2)
   c.task.n_prompts_train = max(int(c.task.n_prompts_train), first + (n - 1) * per)
   at = next(i for i, r in enumerate(c.plan) if r.kind == 'eval')
+  # online DPO's steps default to epochs over every training prompt, which the rounds grow: fixed at what they
+  # are over round 1's prompts (compare's dpo_online budget), each round from an already trained policy
+  steps = int(c.dpo.steps) or max(int(c.dpo.epochs) * first // int(c.dpo.batch_size), 1)
+  online_steps = {**DPO_ONLINE_DEMO, 'steps': steps}
   runs, policy, rm, labels, rounds_ = [], 'ppo', 'rm', ['label'], ['ppo:rm:label']
   for r in range(2, n + 1):
     label = f'label_{r}'
@@ -196,7 +200,7 @@ def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: 
              plan_run(f'{policy_kind}_{r}', 'dpo' if policy_kind == 'dpo_online' else policy_kind,
                       {'policy': policy, 'reference': 'sft',
                        **({'rankings': label} if policy_kind == 'dpo' else {'reward': f'rm_{r}'})},
-                      {'dpo': DPO_ONLINE_DEMO} if policy_kind == 'dpo_online' else None)]
+                      {'dpo': online_steps} if policy_kind == 'dpo_online' else None)]
     rounds_.append(f'{policy_kind}_{r}:rm_{r}:{label}')
     policy, rm = f'{policy_kind}_{r}', f'rm_{r}'
   c.plan = (*c.plan[:at], *runs, *c.plan[at:])

@@ -52,8 +52,10 @@ def test_rounds_variant_makes_a_plan_of_rounds_that_composes_with_quick():
     other = {r.name: r for r in plan(f'quick,rounds=2,rounds_policy={kind}').plan}
     assert dict(other[f'{kind}_2'].inputs) == {'policy': 'ppo', 'reference': 'sft', role[0]: role[1]}
     assert other[f'{kind}_2'].kind == kind.removesuffix('_online')
-    assert other[f'{kind}_2'].overrides.to_dict() == ({'dpo': variants.DPO_ONLINE_DEMO} if kind == 'dpo_online'
-                                                      else {})
+    # online DPO: compare's settings, its steps quick's 4 (the demo: 2 epochs x round 1's 4000 prompts // 32)
+    assert other[f'{kind}_2'].overrides.to_dict() == ({'dpo': {**variants.DPO_ONLINE_DEMO, 'steps': 4}}
+                                                      if kind == 'dpo_online' else {})
+  assert plan('rounds=3,rounds_policy=dpo_online').plan[-2].overrides.dpo.steps == 2 * 4000 // 32
   assert [r.name for r in plan('rounds=1').plan] == [r.name for r in plan('').plan]
   assert plan('rounds=3').task.n_prompts_train == 8000  # the demo's 4000 prompts, then 2000 per later round
 
