@@ -5,6 +5,13 @@ _flag = '--xla_force_host_platform_device_count=8'
 if _flag not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# XLA:CPU's LLVM at -O0: three quarters of the suite's time is XLA compiling tiny programs, mostly in LLVM's
+# optimisation passes, which -O0 skips (the same programs and results up to float rounding; the tests'
+# steps are too small for the slower code to matter). On the CPU only (bench/gpu_check.sh runs tests on a GPU);
+# JAX_RLHF_TEST_XLA_O0=0 compiles as users do.
+if (os.environ.get('JAX_RLHF_TEST_XLA_O0', '1') != '0' and os.environ['JAX_PLATFORMS'] == 'cpu'
+    and 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', '')):
+  os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 # One persistent compilation cache per test session (an empty folder each time, so a run's time is honest): the
@@ -30,6 +37,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The quick pipeline that several end-to-end tests read (never write): checkpoints every 2 steps, so that
 # every stage can be resumed from its middle.
 QUICK = ('configs/pipeline.py:quick', '--config.checkpoint.every=2')
+
+
+def xla_flags(devices=None):
+  """This session's XLA_FLAGS for a child process with `devices` fake CPU devices (None: XLA's one)."""
+  flags = [f for f in os.environ['XLA_FLAGS'].split() if not f.startswith('--xla_force_host_platform_device_count')]
+  return ' '.join(flags + ([f'--xla_force_host_platform_device_count={devices}'] if devices else []))
 
 
 def run_main(config, workdir, *overrides, timeout=1800, env=None):

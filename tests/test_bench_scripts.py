@@ -7,12 +7,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import xla_flags
 
 from bench import real_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the scripts' processes see one CPU device, as on a user's machine (conftest gives this process 8)
-ONE_DEVICE = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'JAX_PLATFORMS': 'cpu'}
+ONE_DEVICE = {**os.environ, 'XLA_FLAGS': xla_flags(), 'JAX_PLATFORMS': 'cpu'}
 
 
 def test_gpu_check_dry_run_prints_every_step_and_one_json_line():

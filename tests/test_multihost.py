@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import QUICK, ROOT
+from conftest import QUICK, ROOT, xla_flags
 
 from jax_rlhf.config import stage_config
 
@@ -24,7 +24,7 @@ def free_port() -> int:
 
 def run_two_processes(config, workdir, *overrides, timeout=1800):
   port = free_port()
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(4), 'JAX_PLATFORMS': 'cpu'}
   procs = [subprocess.Popen([sys.executable, '-m', 'jax_rlhf.main', '--config', config, '--workdir', str(workdir),
                              f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}', *overrides],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
