@@ -5,13 +5,14 @@ _flag = '--xla_force_host_platform_device_count=8'
 if _flag not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# XLA:CPU's LLVM at -O0: three quarters of the suite's time is XLA compiling tiny programs, mostly in LLVM's
-# optimisation passes, which -O0 skips (the same programs and results up to float rounding; the tests'
-# steps are too small for the slower code to matter). On the CPU only (bench/gpu_check.sh runs tests on a GPU);
-# JAX_RLHF_TEST_XLA_O0=0 compiles as users do.
-if (os.environ.get('JAX_RLHF_TEST_XLA_O0', '1') != '0' and os.environ['JAX_PLATFORMS'] == 'cpu'
-    and 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', '')):
-  os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
+# Fast XLA:CPU compiles: three quarters of the suite's time is XLA compiling tiny programs. LLVM at -O0 skips its
+# optimisation passes, and the classic loop emitters (instead of the MLIR fusion emitters) give it far less to
+# compile: the same programs, results equal up to float rounding, the tests' steps too small for slower code to
+# matter. On the CPU only (bench/gpu_check.sh runs tests on a GPU); JAX_RLHF_TEST_FAST_COMPILE=0 compiles as
+# users do.
+if (os.environ.get('JAX_RLHF_TEST_FAST_COMPILE', '1') != '0' and os.environ['JAX_PLATFORMS'] == 'cpu'
+    and 'xla_backend_optimization_level' not in os.environ['XLA_FLAGS']):
+  os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 # One persistent compilation cache per test session (an empty folder each time, so a run's time is honest): the
