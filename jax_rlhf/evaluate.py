@@ -321,10 +321,11 @@ def gold_agreement(scores: np.ndarray, gold: np.ndarray) -> tuple[float, int]:
 def round_measures(config, workdir, rounds, results, golds, kept, graphdef, score_fn, world, tok, prompt_recs,
                    prompt_arrays, cats) -> list[dict]:
   """Per round r of iterated RLHF: the round's policy (model round<r>: gold, win vs SFT, win vs round r-1's
-  policy head to head on the same held-out prompts, its own RM's score of its samples), the labels used so far (ranked prompts, responses and pairs of label runs 1..r), and how
-  stale the reward models are: on `eval.round_samples` fresh samples per held-out prompt of the policy the
-  round's label run sampled (round r-1's policy; SFT in round 1), the share of pairs the new RM (rm_r) and
-  the old RM (rm_{r-1}) order as the gold labeler does. Without a task (no gold) only the first two."""
+  policy head to head on the same held-out prompts, its own RM's score of its samples), the labels used so far
+  (ranked prompts, responses and pairs of label runs 1..r), and how stale the reward models are: on
+  `eval.round_samples` fresh samples per held-out prompt of the policy the round's label run sampled (round
+  r-1's policy; SFT in round 1), the share of pairs the new RM (rm_r) and the old RM (rm_{r-1}) order as the
+  gold labeler does. Without a task (no gold) only the first two."""
   ec = config.eval
   kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
   n = int(ec.round_samples)

@@ -197,8 +197,8 @@ def fmt_results_table(workdir: str, results: dict) -> tuple[list[str], list[list
 
 def fmt_rounds_table(results: dict) -> tuple[list[str], list[list[str]]]:
   """Iterated RLHF, one row per round: the policy's gold, win vs SFT (95% CI) and its share of the ceiling,
-  its win vs the last round's policy head to head, its own RM's score, the labels used so far, and the new and old RM's agreement with the gold labeler on
-  the samples that round labelled."""
+  its win vs the last round's policy head to head, its own RM's score, the labels used so far, and the new and
+  old RM's agreement with the gold labeler on the samples that round labelled."""
   ceiling = results.get('win_rate_ceiling')
   header = ['round', 'policy', 'gold', 'win vs SFT (95% CI)', 'share of ceiling', 'win vs last round (95% CI)',
             'own RM score', 'KL to ref', 'labels so far (prompts / pairs)', 'RM agreement new / old']

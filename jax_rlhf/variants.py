@@ -153,6 +153,7 @@ def apply_cpu_bf16(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+ROUND_RMS = ('sft', 'last')
 ROUND_POLICIES = ('ppo', 'grpo', 'dpo', 'dpo_online')
 
 
@@ -174,8 +175,8 @@ def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: 
   hold every round's prompts (the task's prompt stream is prefix-stable: round 1's prompts do not change)."""
   if n < 1:
     raise ValueError(f'rounds={n}: need at least one round')
-  if rm_init not in ('sft', 'last'):
-    raise ValueError(f'rounds_rm={rm_init}: choose sft or last')
+  if rm_init not in ROUND_RMS:
+    raise ValueError(f'rounds_rm={rm_init}: choose {" or ".join(ROUND_RMS)}')
   if policy_kind not in ROUND_POLICIES:
     raise ValueError(f'rounds_policy={policy_kind}: choose {", ".join(ROUND_POLICIES)}')
   names = {r.name for r in c.plan}
@@ -185,9 +186,9 @@ def rounds(c: ml_collections.ConfigDict, n: int, rm_init: str = 'sft', prompts: 
   per = int(prompts) or max(1, first // 2)
   c.task.n_prompts_train = max(int(c.task.n_prompts_train), first + (n - 1) * per)
   at = next(i for i, r in enumerate(c.plan) if r.kind == 'eval')
-  # online DPO's steps default to epochs over every training prompt, which the rounds grow: fixed at what they
-  # are over round 1's prompts (compare's dpo_online budget), each round from an already trained policy
-  steps = int(c.dpo.steps) or max(int(c.dpo.epochs) * first // int(c.dpo.batch_size), 1)
+  # online DPO's steps default to epochs over every training prompt, which the rounds grow: fixed at what dpo's
+  # rule gives over round 1's prompts (compare's dpo_online budget), each round from an already trained policy
+  steps = int(c.dpo.steps) or max(int(c.dpo.epochs) * (first // int(c.dpo.batch_size)), 1)
   online_steps = {**DPO_ONLINE_DEMO, 'steps': steps}
   runs, policy, rm, labels, rounds_ = [], 'ppo', 'rm', ['label'], ['ppo:rm:label']
   for r in range(2, n + 1):
@@ -221,8 +222,7 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
     key, _, value = item.partition('=')
     if key in ('rounds', 'round_prompts') and value.isdigit():
       round_args[key] = int(value)
-    elif (key, value) in {('rounds_rm', 'sft'), ('rounds_rm', 'last')} or (key == 'rounds_policy' and
-                                                                            value in ROUND_POLICIES):
+    elif value in {'rounds_rm': ROUND_RMS, 'rounds_policy': ROUND_POLICIES}.get(key, ()):
       round_args[key] = value
     elif not value and key in VARIANTS:
       VARIANTS[key](c)
@@ -231,7 +231,7 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
     elif key == 'ptx' and value:
       c.ppo.ptx.coef = float(value)
     else:
-      known = sorted(VARIANTS) + ['model=<preset>', 'ptx=<coef>', 'rounds=<N>', 'rounds_rm=sft|last',
+      known = sorted(VARIANTS) + ['model=<preset>', 'ptx=<coef>', 'rounds=<N>', 'rounds_rm=' + '|'.join(ROUND_RMS),
                                   'round_prompts=<M>', 'rounds_policy=' + '|'.join(ROUND_POLICIES)]
       raise ValueError(f'unknown config variant {item!r}; known: {", ".join(known)}')
   if round_args:

@@ -1,7 +1,8 @@
 """Iterated RLHF (`configs/pipeline.py:rounds=N`): the plan it makes, and end to end on the quick config.
 
 Round 1 of `quick,rounds=2` is the quick pipeline itself (same task files: quick's 128 training prompts hold
-round 1's 48 and round 2's 24), so the slow tests copy round 1 from conftest's `quick_pipeline` and make round 2: label_2
+round 1's 48 and round 2's 24), so the slow tests copy round 1 from conftest's `quick_pipeline` and make round 2:
+label_2
 samples the round-1 policy on fresh prompts, rm_2 trains on both rounds' rankings, ppo_2 continues the
 policy; killed in rm_2 and in ppo_2 and rerun, round 2 ends bit for bit where the uninterrupted run ends. With
 `rounds_policy=grpo` and `dpo` (on the same label_2 and rm_2), round 2's policy step starts from round 1's policy
